@@ -1,0 +1,410 @@
+"""Pure quantizer functions: fake quantization with straight-through gradients,
+integer storage, calibration of activation ranges, and storage size.
+
+No Flax and no state here. Every function that takes ``bits`` accepts a Python
+number or a traced JAX scalar, so a bit-width sweep is a ``jax.vmap`` (or a
+loop over one compiled function) and never a recompile.
+
+Conventions (b = bits, s = scale, z = zero point):
+  symmetric:            q in [-2^(b-1), 2^(b-1) - 1], z = 0, s = max|x| / (2^(b-1) - 1)
+  symmetric, narrow:    q in [-(2^(b-1) - 1), 2^(b-1) - 1]
+  asymmetric:           q in [0, 2^b - 1], s = (max - min) / (2^b - 1), z = -round(min / s)
+                        (the range is widened to include 0 so that 0 is exact)
+  q = clip(round_half_to_even(x / s) + z, qmin, qmax),   x_hat = (q - z) * s
+  one bit, symmetric:   x_hat = s * (+1 if x >= 0 else -1), s = max|x|
+  b >= 32 or None:      x_hat = x, bit for bit.
+All quantizer arithmetic is float32 whatever the input dtype, so the grid is exact.
+"""
+from __future__ import annotations
+
+import numbers
+from typing import Any, Callable, Iterable, Mapping, NamedTuple, Optional, Sequence, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+Bits = Union[int, float, Array, None]
+
+FULL_PRECISION_BITS = 32
+STE_MODES = ("clipped", "identity")
+
+
+# ----------------------------------------------------------------------------
+# Validation helpers
+# ----------------------------------------------------------------------------
+
+def _is_concrete(value) -> bool:
+  return not isinstance(value, jax.core.Tracer)
+
+
+def check_bits(bits: Bits, *, name: str = "bits") -> None:
+  """Raises ValueError if a concrete bit-width is not an integer >= 1.
+
+  Traced values are not checked (they cannot be without a host sync).
+  """
+  if bits is None or not _is_concrete(bits):
+    return
+  arr = np.asarray(bits)
+  if arr.ndim != 0:
+    raise ValueError(
+        f"{name} must be a scalar, got an array of shape {arr.shape}; "
+        "to sweep bit-widths, jax.vmap over a 1-D array of them.")
+  if arr.dtype == bool or not np.issubdtype(arr.dtype, np.number):
+    raise ValueError(f"{name} must be an integer >= 1 (or None / >= 32 for full precision), got {bits!r}.")
+  value = float(arr)
+  if not np.isfinite(value) or value != np.floor(value) or value < 1:
+    raise ValueError(
+        f"{name} must be an integer >= 1 (or None / >= 32 for full precision), got {bits!r}. "
+        "Allowed: 1, 2, ..., 32.")
+
+
+def _check_ste(ste: str) -> None:
+  if ste not in STE_MODES:
+    raise ValueError(f"ste must be one of {STE_MODES}, got {ste!r}.")
+
+
+def _normalize_axis(axis: Optional[int], ndim: int) -> Optional[int]:
+  if axis is None:
+    return None
+  if not isinstance(axis, numbers.Integral) or isinstance(axis, bool):
+    raise ValueError(f"axis must be an int or None, got {axis!r}.")
+  if not -ndim <= axis < ndim:
+    raise ValueError(
+        f"axis {axis} is out of range for a tensor of rank {ndim}; allowed: {-ndim}..{ndim - 1} or None.")
+  return axis % ndim
+
+
+def is_full_precision(bits: Bits) -> bool:
+  """True when ``bits`` is statically known to mean full precision (None or >= 32)."""
+  if bits is None:
+    return True
+  if _is_concrete(bits) and np.ndim(bits) == 0:
+    return float(np.asarray(bits)) >= FULL_PRECISION_BITS
+  return False
+
+
+# ----------------------------------------------------------------------------
+# Integer ranges, scales and zero points
+# ----------------------------------------------------------------------------
+
+def int_range(bits: Bits, *, symmetric: bool = True, narrow_range: bool = False) -> tuple[Array, Array]:
+  """Returns (qmin, qmax) as float32 scalars for a (possibly traced) bit-width.
+
+  For one symmetric bit the pair is (-1, 1): the binary grid {-1, +1}.
+  """
+  b = jnp.asarray(bits, jnp.float32)
+  if symmetric:
+    qmax = jnp.exp2(b - 1.0) - 1.0
+    qmin = -qmax if narrow_range else -jnp.exp2(b - 1.0)
+    one_bit = b <= 1.0
+    return jnp.where(one_bit, -1.0, qmin), jnp.where(one_bit, 1.0, qmax)
+  return jnp.zeros((), jnp.float32), jnp.exp2(b) - 1.0
+
+
+def _reduce_axes(ndim: int, axis: Optional[int]) -> tuple[int, ...]:
+  return tuple(i for i in range(ndim) if i != axis)
+
+
+def _broadcast_param(param: Array, ndim: int, axis: Optional[int]) -> Array:
+  """Reshapes a per-channel parameter [C] so it broadcasts against a tensor along ``axis``."""
+  param = jnp.asarray(param, jnp.float32)
+  if axis is None or param.ndim == 0:
+    return param
+  if param.ndim == ndim:
+    return param
+  shape = [1] * ndim
+  shape[axis] = -1
+  return param.reshape(shape)
+
+
+def scale_zero_point_from_range(lo: Array, hi: Array, bits: Bits, *, symmetric: bool = True,
+                                narrow_range: bool = False) -> tuple[Array, Array]:
+  """Scale and zero point from a value range [lo, hi] (any matching shapes).
+
+  Returns float32 (scale, zero_point), zero_point already rounded and clipped to
+  [qmin, qmax]. A degenerate range (all zeros) gets scale 1, so 0 maps to 0.
+  """
+  lo = jnp.asarray(lo, jnp.float32)
+  hi = jnp.asarray(hi, jnp.float32)
+  qmin, qmax = int_range(bits, symmetric=symmetric, narrow_range=narrow_range)
+  if symmetric:
+    absmax = jnp.maximum(jnp.abs(lo), jnp.abs(hi))
+    # max|x| maps to qmax; for one bit qmax is 1, so x_hat = +-max|x|.
+    scale = absmax / qmax
+    zero_point = jnp.zeros_like(scale)
+  else:
+    lo = jnp.minimum(lo, 0.0)
+    hi = jnp.maximum(hi, 0.0)
+    scale = (hi - lo) / (qmax - qmin)
+    safe = jnp.where(scale > 0, scale, 1.0)
+    zero_point = jnp.clip(qmin - jnp.round(lo / safe), qmin, qmax)
+  scale = jnp.where(scale > 0, scale, 1.0)
+  return scale, zero_point
+
+
+def tensor_range(x: Array, axis: Optional[int] = None) -> tuple[Array, Array]:
+  """(min, max) of ``x`` over all axes except ``axis`` (shape [] or [C]), float32."""
+  x = jnp.asarray(x, jnp.float32)
+  axis = _normalize_axis(axis, x.ndim)
+  axes = _reduce_axes(x.ndim, axis)
+  return jnp.min(x, axis=axes), jnp.max(x, axis=axes)
+
+
+def compute_scale_zero_point(x: Array, bits: Bits, *, symmetric: bool = True, narrow_range: bool = False,
+                             axis: Optional[int] = None) -> tuple[Array, Array]:
+  """Min/max calibration of one tensor. Returns (scale, zero_point), each [] or [C] float32."""
+  lo, hi = tensor_range(x, axis)
+  return scale_zero_point_from_range(lo, hi, bits, symmetric=symmetric, narrow_range=narrow_range)
+
+
+# ----------------------------------------------------------------------------
+# Fake quantization with a straight-through estimator
+# ----------------------------------------------------------------------------
+
+def _prepare_params(x, bits, symmetric, narrow_range, axis, scale, zero_point):
+  axis = _normalize_axis(axis, x.ndim)
+  if scale is None or (zero_point is None and not symmetric):
+    auto_scale, auto_zp = compute_scale_zero_point(
+        x, bits, symmetric=symmetric, narrow_range=narrow_range, axis=axis)
+    scale = auto_scale if scale is None else scale
+    zero_point = auto_zp if zero_point is None else zero_point
+  if zero_point is None:
+    zero_point = jnp.zeros((), jnp.float32)
+  if axis is not None:
+    for pname, p in (("scale", scale), ("zero_point", zero_point)):
+      p_ndim = np.ndim(p)
+      if p_ndim not in (0, 1, x.ndim):
+        raise ValueError(f"{pname} must be a scalar, a [C] vector or broadcastable to x; got shape {np.shape(p)}.")
+      if p_ndim == 1 and np.shape(p)[0] not in (1, x.shape[axis]):
+        raise ValueError(
+            f"{pname} has {np.shape(p)[0]} entries but x has {x.shape[axis]} channels along axis {axis}.")
+  return axis, _broadcast_param(scale, x.ndim, axis), _broadcast_param(zero_point, x.ndim, axis)
+
+
+def _quantize_float(xf, bits, symmetric, narrow_range, scale, zero_point):
+  """Integer grid values (float32) and the dequantized values, no gradients attached."""
+  qmin, qmax = int_range(bits, symmetric=symmetric, narrow_range=narrow_range)
+  q = jnp.clip(jnp.round(xf / scale) + zero_point, qmin, qmax)
+  if symmetric:
+    one_bit = jnp.asarray(bits, jnp.float32) <= 1.0
+    q = jnp.where(one_bit, jnp.where(xf >= 0, 1.0, -1.0), q)
+  return q, (q - zero_point) * scale, qmin, qmax
+
+
+def fake_quant(x: Array, bits: Bits, *, symmetric: bool = True, narrow_range: bool = False,
+               axis: Optional[int] = None, scale: Optional[Array] = None,
+               zero_point: Optional[Array] = None, ste: str = "clipped") -> Array:
+  """Quantize-dequantize ``x`` at ``bits`` with a straight-through gradient.
+
+  Args:
+    x: any shape, floating dtype. The output has the same shape and dtype.
+    bits: Python number, traced scalar or None. None or >= 32 returns ``x`` unchanged.
+    symmetric: signed grid around 0 (weights) or asymmetric unsigned grid (activations).
+    narrow_range: symmetric only; drop -2^(b-1) so the grid is symmetric.
+    axis: None for one scale per tensor, an int for one scale per slice along ``axis``.
+    scale, zero_point: given ([] or [C]), or None to take them from min/max of ``x``.
+    ste: "clipped": d x_hat / d x = 1 where (qmin - z) s <= x <= (qmax - z) s, else 0.
+      "identity": d x_hat / d x = 1 everywhere. Scale and zero point get no gradient.
+  """
+  _check_ste(ste)
+  check_bits(bits)
+  if is_full_precision(bits):
+    _normalize_axis(axis, jnp.ndim(x))
+    return x
+  x = jnp.asarray(x)
+  axis, scale, zero_point = _prepare_params(x, bits, symmetric, narrow_range, axis, scale, zero_point)
+  scale = jax.lax.stop_gradient(scale)
+  zero_point = jax.lax.stop_gradient(zero_point)
+  xf = x.astype(jnp.float32)
+  _, x_hat, qmin, qmax = _quantize_float(jax.lax.stop_gradient(xf), bits, symmetric, narrow_range, scale,
+                                         zero_point)
+  if ste == "clipped":
+    lo, hi = (qmin - zero_point) * scale, (qmax - zero_point) * scale
+    mask = jax.lax.stop_gradient(((xf >= lo) & (xf <= hi)).astype(jnp.float32))
+  else:
+    mask = 1.0
+  # Forward: x_hat exactly (xf - stop_gradient(xf) == 0). Backward: mask.
+  out = x_hat + mask * (xf - jax.lax.stop_gradient(xf))
+  out = out.astype(x.dtype)
+  if _is_concrete(bits):
+    return out
+  return jnp.where(jnp.asarray(bits) >= FULL_PRECISION_BITS, x, out)
+
+
+# ----------------------------------------------------------------------------
+# Real integer storage
+# ----------------------------------------------------------------------------
+
+def storage_dtype(bits: int, symmetric: bool = True):
+  """Smallest NumPy integer dtype that holds the grid of a concrete bit-width."""
+  check_bits(bits)
+  if bits is None or bits >= FULL_PRECISION_BITS:
+    raise ValueError(f"integer storage needs bits in 1..31, got {bits!r} (full precision has no integer form).")
+  if symmetric:
+    return np.int8 if bits <= 8 else np.int16 if bits <= 16 else np.int32
+  return np.uint8 if bits <= 8 else np.uint16 if bits <= 16 else np.uint32
+
+
+def quantize(x: Array, bits: int, *, symmetric: bool = True, narrow_range: bool = False,
+             axis: Optional[int] = None, scale: Optional[Array] = None,
+             zero_point: Optional[Array] = None) -> tuple[Array, Array, Array]:
+  """Real quantization for storage: returns (int_values, scale, zero_point).
+
+  ``bits`` must be concrete (it picks the integer dtype). int_values has the
+  shape of ``x``; scale and zero_point are [] (per tensor) or [C] (per channel).
+  ``dequantize(*quantize(x, b, ...), axis=...) == fake_quant(x, b, ...)``.
+  """
+  if not _is_concrete(bits):
+    raise ValueError("quantize() picks an integer dtype from bits, so bits must be a concrete number, "
+                     "not a traced value; use fake_quant for traced bit-widths.")
+  dtype = storage_dtype(bits, symmetric)
+  x = jnp.asarray(x)
+  axis, scale_b, zp_b = _prepare_params(x, bits, symmetric, narrow_range, axis, scale, zero_point)
+  q, _, _, _ = _quantize_float(x.astype(jnp.float32), bits, symmetric, narrow_range, scale_b, zp_b)
+  squeeze = (lambda p: p.reshape(-1)) if axis is not None else (lambda p: p.reshape(()))
+  return q.astype(dtype), squeeze(scale_b), squeeze(zp_b)
+
+
+def dequantize(int_values: Array, scale: Array, zero_point: Array, *, axis: Optional[int] = None,
+               dtype=jnp.float32) -> Array:
+  """x_hat = (q - z) * s, with per-channel [C] scale/zero point broadcast along ``axis``."""
+  q = jnp.asarray(int_values)
+  axis = _normalize_axis(axis, q.ndim)
+  s = _broadcast_param(scale, q.ndim, axis)
+  z = _broadcast_param(zero_point, q.ndim, axis)
+  return ((q.astype(jnp.float32) - z) * s).astype(dtype)
+
+
+# ----------------------------------------------------------------------------
+# Storage size of a params pytree
+# ----------------------------------------------------------------------------
+
+def _path_names(path) -> list[str]:
+  names = []
+  for key in path:
+    names.append(str(getattr(key, "key", getattr(key, "name", getattr(key, "idx", key)))))
+  return names
+
+
+def storage_size(params: Any, weight_bits: Union[Mapping[str, Optional[int]], Callable[[str], Optional[int]]],
+                 *, default_bits: Optional[int] = FULL_PRECISION_BITS, per_channel: bool = True,
+                 quantized_leaf: str = "kernel", scale_bits: int = 32) -> dict:
+  """Storage size of a params pytree under a per-layer weight bit assignment.
+
+  A leaf named ``quantized_leaf`` ("kernel") inside layer ``a/b`` is stored at
+  ``weight_bits["a/b"]`` bits per element plus one ``scale_bits`` scale per output
+  channel (last axis) or per tensor; every other leaf (biases, BatchNorm) stays
+  at 32 bits, as deployed integer models keep them.
+
+  Args:
+    params: pytree of arrays (e.g. ``variables["params"]``).
+    weight_bits: mapping layer name -> bits (None / >= 32 means float32), or a callable.
+    default_bits: bits for layers the mapping does not name.
+
+  Returns:
+    {"bits": int, "bytes": float, "float32_bytes": float, "compression": float,
+     "per_layer": {layer: {"params": int, "bits": int, "weight_bits": int|None}}}
+  """
+  lookup = weight_bits if callable(weight_bits) else (lambda name: weight_bits.get(name, default_bits))
+  per_layer: dict[str, dict] = {}
+  total_bits = 0
+  total_params = 0
+  for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+    names = _path_names(path)
+    layer, leaf_name = "/".join(names[:-1]), names[-1]
+    n = int(np.prod(np.shape(leaf)))
+    total_params += n
+    entry = per_layer.setdefault(layer, {"params": 0, "bits": 0, "weight_bits": None})
+    entry["params"] += n
+    bits = lookup(layer) if leaf_name == quantized_leaf else None
+    if bits is not None:
+      check_bits(bits, name=f"bits for layer {layer!r}")
+    if bits is None or bits >= FULL_PRECISION_BITS:
+      leaf_bits = 32 * n
+    else:
+      n_scales = np.shape(leaf)[-1] if (per_channel and np.ndim(leaf) >= 1) else 1
+      leaf_bits = int(bits) * n + scale_bits * n_scales
+      entry["weight_bits"] = int(bits)
+    entry["bits"] += leaf_bits
+    total_bits += leaf_bits
+  fp_bytes = total_params * 4.0
+  return {"bits": total_bits, "bytes": total_bits / 8.0, "float32_bytes": fp_bytes,
+          "compression": fp_bytes / max(total_bits / 8.0, 1e-12), "per_layer": per_layer}
+
+
+# ----------------------------------------------------------------------------
+# Activation calibration: pure functions over calibration batches
+# ----------------------------------------------------------------------------
+
+class RangeState(NamedTuple):
+  """A running activation range. lo, hi: [] or [C] float32; count: [] int32 (batches seen)."""
+  lo: Array
+  hi: Array
+  count: Array
+
+
+def init_range(shape: Sequence[int] = ()) -> RangeState:
+  """An empty range: lo=+inf, hi=-inf, count=0."""
+  return RangeState(jnp.full(shape, jnp.inf, jnp.float32), jnp.full(shape, -jnp.inf, jnp.float32),
+                    jnp.zeros((), jnp.int32))
+
+
+def update_minmax(state: RangeState, x: Array, axis: Optional[int] = None) -> RangeState:
+  """Running min/max: lo = min(lo, min x), hi = max(hi, max x)."""
+  lo, hi = tensor_range(x, axis)
+  return RangeState(jnp.minimum(state.lo, lo), jnp.maximum(state.hi, hi), state.count + 1)
+
+
+def update_ema(state: RangeState, x: Array, decay: float = 0.9, axis: Optional[int] = None) -> RangeState:
+  """Exponential moving average of per-batch min/max: r <- decay * r + (1 - decay) * r_batch.
+
+  The first batch initializes the average directly (no bias toward the empty range).
+  """
+  if not 0.0 <= decay < 1.0:
+    raise ValueError(f"decay must be in [0, 1), got {decay!r}.")
+  lo, hi = tensor_range(x, axis)
+  first = state.count == 0
+  new_lo = jnp.where(first, lo, decay * state.lo + (1.0 - decay) * lo)
+  new_hi = jnp.where(first, hi, decay * state.hi + (1.0 - decay) * hi)
+  return RangeState(new_lo, new_hi, state.count + 1)
+
+
+def percentile_range(x: Array, lower: float = 0.01, upper: float = 99.99,
+                     axis: Optional[int] = None) -> RangeState:
+  """Percentile clipping range of the concatenated calibration values ``x``.
+
+  ``lower``/``upper`` are percentiles in [0, 100]; per channel along ``axis``.
+  """
+  if not 0.0 <= lower < upper <= 100.0:
+    raise ValueError(f"need 0 <= lower < upper <= 100, got lower={lower!r}, upper={upper!r}.")
+  x = jnp.asarray(x, jnp.float32)
+  axis = _normalize_axis(axis, x.ndim)
+  if axis is None:
+    flat = x.reshape(-1)
+    lo, hi = jnp.percentile(flat, lower), jnp.percentile(flat, upper)
+  else:
+    moved = jnp.moveaxis(x, axis, -1).reshape(-1, x.shape[axis])
+    lo, hi = jnp.percentile(moved, lower, axis=0), jnp.percentile(moved, upper, axis=0)
+  return RangeState(lo, hi, jnp.ones((), jnp.int32))
+
+
+CALIBRATION_METHODS = ("minmax", "ema", "percentile")
+
+
+def calibrate(batches: Iterable[Array], method: str = "minmax", *, axis: Optional[int] = None,
+              decay: float = 0.9, lower: float = 0.01, upper: float = 99.99) -> RangeState:
+  """Range of activations over calibration batches by one of CALIBRATION_METHODS."""
+  if method not in CALIBRATION_METHODS:
+    raise ValueError(f"calibration method must be one of {CALIBRATION_METHODS}, got {method!r}.")
+  batches = list(batches)
+  if not batches:
+    raise ValueError("calibrate() got no batches; pass at least one calibration batch.")
+  if method == "percentile":
+    return percentile_range(jnp.concatenate([jnp.asarray(b) for b in batches], axis=0), lower, upper, axis)
+  shape = tensor_range(batches[0], axis)[0].shape
+  state = init_range(shape)
+  for b in batches:
+    state = update_minmax(state, b, axis) if method == "minmax" else update_ema(state, b, decay, axis)
+  return state
