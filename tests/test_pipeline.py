@@ -1,0 +1,221 @@
+"""Tests for fqjax.data.pipeline: epoch plans, the on-device gather and the prefetcher."""
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fqjax.data import pipeline
+
+
+@pytest.mark.parametrize("n,batch_size", [(10, 4), (12, 4), (3, 8), (1, 1)])
+def test_every_sample_exactly_once_and_mask(n, batch_size):
+  plan = pipeline.epoch_batches(n, batch_size, seed=0)
+  num_batches = -(-n // batch_size)
+  assert plan.idx.shape == plan.mask.shape == (num_batches, batch_size)
+  assert plan.idx.dtype == np.int32 and plan.mask.dtype == np.float32
+  real = plan.idx[plan.mask == 1]
+  np.testing.assert_array_equal(np.sort(real), np.arange(n))
+  # Padding only at the end of the last batch, and it points at valid rows.
+  flat_mask = plan.mask.reshape(-1)
+  np.testing.assert_array_equal(flat_mask, np.r_[np.ones(n), np.zeros(num_batches * batch_size - n)])
+  assert ((plan.idx >= 0) & (plan.idx < n)).all()
+
+
+def test_given_indices_with_repeats_are_all_kept():
+  rows = np.array([7, 7, 3, 9, 3, 0, 1])
+  plan = pipeline.epoch_batches(rows, 3, seed=1)
+  np.testing.assert_array_equal(np.sort(plan.idx[plan.mask == 1]), np.sort(rows))
+
+
+def test_deterministic_and_seed_dependent():
+  a = pipeline.epoch_batches(100, 16, seed=5)
+  b = pipeline.epoch_batches(100, 16, seed=5)
+  c = pipeline.epoch_batches(100, 16, seed=6)
+  np.testing.assert_array_equal(a.idx, b.idx)
+  assert not np.array_equal(a.idx, c.idx)
+  g = pipeline.epoch_batches(100, 16, seed=np.random.default_rng(5))
+  np.testing.assert_array_equal(a.idx, g.idx)
+
+
+def test_no_shuffle_keeps_order():
+  plan = pipeline.epoch_batches(np.array([5, 2, 8, 1, 0]), 2, shuffle=False)
+  np.testing.assert_array_equal(plan.idx[plan.mask == 1], [5, 2, 8, 1, 0])
+  assert not np.array_equal(pipeline.epoch_batches(50, 50, seed=0).idx[0], np.arange(50))
+
+
+def test_drop_remainder():
+  plan = pipeline.epoch_batches(10, 4, seed=0, drop_remainder=True)
+  assert plan.idx.shape == (2, 4) and plan.mask.all()
+  assert len(np.unique(plan.idx)) == 8
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda: pipeline.epoch_batches(10, 0, seed=0), "batch_size must be an int >= 1"),
+    (lambda: pipeline.epoch_batches(10, 4), "shuffle=True needs a seed"),
+    (lambda: pipeline.epoch_batches(np.array([1.0, 2.0]), 4, seed=0), "1-D int array"),
+    (lambda: pipeline.epoch_batches(np.array([], np.int64), 4, seed=0), "empty"),
+    (lambda: pipeline.epoch_batches(np.array([0, -1]), 4, seed=0), "rows must be in"),
+    (lambda: pipeline.epoch_batches(3, 4, seed=0, drop_remainder=True), "leaves no batch"),
+])
+def test_epoch_batches_errors(call, match):
+  with pytest.raises(ValueError, match=match):
+    call()
+
+
+def _arrays(n=10):
+  x = np.arange(n * 2 * 2 * 3, dtype=np.float32).reshape(n, 2, 2, 3)
+  return x, np.arange(n, dtype=np.int32) % 3, np.arange(n, dtype=np.int32) % 2
+
+
+def test_device_arrays_gather_matches_numpy():
+  x, y, g = _arrays()
+  data = pipeline.DeviceArrays(x, y, g, weight=np.linspace(0, 1, 10, dtype=np.float32))
+  assert len(data) == 10
+  plan = pipeline.epoch_batches(10, 4, seed=0)
+  for idx, mask in zip(plan.idx, plan.mask):
+    batch = data.gather(idx, mask)
+    assert set(batch) == {"x", "y", "group", "weight", "mask"}
+    np.testing.assert_array_equal(batch["x"], x[idx])
+    np.testing.assert_array_equal(batch["y"], y[idx])
+    np.testing.assert_array_equal(batch["group"], g[idx])
+    np.testing.assert_array_equal(batch["mask"], mask)
+  assert "mask" not in data.gather(plan.idx[0])
+
+
+def test_device_arrays_batches_cover_epoch():
+  x, y, g = _arrays()
+  data = pipeline.DeviceArrays(x, y, g)
+  seen = [b["y"][b["mask"] == 1] for b in data.batches(pipeline.epoch_batches(10, 3, seed=2))]
+  np.testing.assert_array_equal(np.sort(np.concatenate(seen)), np.sort(y))
+
+
+def test_gather_compiles_once_for_a_fixed_batch_shape():
+  x, y, g = _arrays()
+  data = pipeline.DeviceArrays(x, y, g)
+  plan = pipeline.epoch_batches(10, 2, seed=0)
+  data.gather(plan.idx[0], plan.mask[0])
+  before = pipeline._gather._cache_size()
+  for idx, mask in zip(plan.idx, plan.mask):
+    data.gather(idx, mask)
+  # The indices are an argument, not a constant: new batches reuse the compiled gather.
+  assert pipeline._gather._cache_size() == before
+
+
+def test_device_arrays_from_split_and_errors():
+  x, y, g = _arrays()
+
+  class FakeSplit:
+    pass
+
+  split = FakeSplit()
+  split.x, split.y, split.group = x, y, g
+  np.testing.assert_array_equal(pipeline.DeviceArrays.from_split(split).gather(np.array([3]))["group"], g[[3]])
+  with pytest.raises(ValueError, match="same number of rows as x"):
+    pipeline.DeviceArrays(x, y[:5], g)
+  data = pipeline.DeviceArrays(x, y, g)
+  with pytest.raises(ValueError, match=r"idx must be in \[0, 10\)"):
+    data.gather(np.array([0, 10]))
+
+
+def test_source_batches_from_random_access_source():
+  records = [{"image": np.full((2, 2), i, np.uint8), "label": i % 4} for i in range(7)]
+  plan = pipeline.epoch_batches(7, 3, seed=0)
+  batches = list(pipeline.source_batches(records, plan))
+  assert len(batches) == 3
+  for batch, idx, mask in zip(batches, plan.idx, plan.mask):
+    np.testing.assert_array_equal(batch["image"][:, 0, 0], idx)
+    np.testing.assert_array_equal(batch["label"], idx % 4)
+    np.testing.assert_array_equal(batch["mask"], mask)
+
+
+def test_source_batches_uses_batched_read():
+  calls = []
+
+  class Source:
+    def __len__(self):
+      return 5
+
+    def __getitems__(self, rows):
+      calls.append(list(rows))
+      return [{"v": r} for r in rows]
+
+  plan = pipeline.epoch_batches(5, 5, shuffle=False)
+  (batch,) = pipeline.source_batches(Source(), plan)
+  assert calls == [[0, 1, 2, 3, 4]]
+  np.testing.assert_array_equal(batch["v"], np.arange(5))
+
+
+def test_prefetch_preserves_order_and_transform():
+  out = list(pipeline.prefetch(iter(range(20)), size=3, transform=lambda v: v * 2))
+  assert out == [2 * v for v in range(20)]
+  batches = list(pipeline.prefetch(({"a": np.ones(2) * i} for i in range(3)), transform=jax.device_put))
+  assert isinstance(batches[0]["a"], jax.Array)
+
+
+def test_prefetch_runs_ahead_in_background():
+  produced = []
+
+  def slow_source():
+    for i in range(4):
+      produced.append(i)
+      yield i
+
+  it = pipeline.prefetch(slow_source(), size=2)
+  deadline = time.time() + 5
+  while len(produced) < 3 and time.time() < deadline:  # 2 in the queue + 1 waiting to be put
+    time.sleep(0.01)
+  assert produced == [0, 1, 2]
+  assert list(it) == [0, 1, 2, 3]
+
+
+def test_prefetch_reraises_producer_errors_in_order():
+  def broken():
+    yield 1
+    raise KeyError("record 7 is corrupt")
+
+  it = pipeline.prefetch(broken())
+  assert next(it) == 1
+  with pytest.raises(KeyError, match="record 7 is corrupt"):
+    next(it)
+
+
+def test_prefetch_close_stops_thread():
+  def endless():
+    i = 0
+    while True:
+      yield i
+      i += 1
+
+  with pipeline.prefetch(endless(), size=1) as it:
+    assert next(it) == 0
+    thread = it._thread
+  assert not thread.is_alive()
+  with pytest.raises(StopIteration):
+    next(it)
+  with pytest.raises(ValueError, match="size must be an int >= 1"):
+    pipeline.prefetch(iter([]), size=0)
+
+
+def test_dropped_prefetcher_thread_ends():
+  it = pipeline.prefetch(iter(range(10**9)), size=1)
+  thread = it._thread
+  del it
+  thread.join(timeout=5)
+  assert not thread.is_alive()
+
+
+def test_masked_loss_over_padded_epoch_equals_full_mean():
+  # End to end: padded batches + mask give exactly the mean over the real samples.
+  from fqjax import losses
+  x, y, g = _arrays(10)
+  logits_all = jnp.asarray(np.random.default_rng(0).normal(size=(10, 3)), jnp.float32)
+  data = pipeline.DeviceArrays(logits_all, y, g)
+  plan = pipeline.epoch_batches(10, 4, seed=0)
+  total = 0.0
+  for idx, mask in zip(plan.idx, plan.mask):
+    b = data.gather(idx, mask)
+    total += float(losses.weighted_cross_entropy(b["x"], b["y"], mask=b["mask"])) * float(mask.sum())
+  expected = float(losses.weighted_cross_entropy(logits_all, jnp.asarray(y)))
+  np.testing.assert_allclose(total / 10, expected, rtol=1e-5)
