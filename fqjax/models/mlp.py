@@ -1,0 +1,26 @@
+"""Multi-layer perceptron for tabular features (or flattened images)."""
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+
+from fqjax.layers import QuantDense
+
+
+class MLP(nn.Module):
+  """x: [batch, ...] float32 (flattened) -> logits [batch, num_classes].
+
+  Hidden layers are QuantDense + ReLU; ``train`` is accepted for a uniform model API.
+  """
+  num_classes: int
+  hidden: Sequence[int] = (256, 128)
+  per_channel: bool = True
+  ste: str = "clipped"
+  fold_bn: bool = False  # no BatchNorm here; accepted for a uniform model API
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    x = x.reshape((x.shape[0], -1))
+    for i, width in enumerate(self.hidden):
+      x = nn.relu(QuantDense(width, per_channel=self.per_channel, ste=self.ste, name=f"dense{i}")(x))
+    return QuantDense(self.num_classes, per_channel=self.per_channel, ste=self.ste, name="head")(x)

@@ -1,0 +1,160 @@
+"""Tests for fqjax.layers: equivalence with Flax at full precision, BitSpec, BN folding, calibration."""
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fqjax import layers, quant
+from fqjax.layers import BitSpec, QuantConv, QuantConvBN, QuantDense
+from fqjax.models import SmallCNN
+
+
+def _key(i=0):
+  return jax.random.PRNGKey(i)
+
+
+def test_quant_dense_equals_flax_dense_at_32_bits():
+  x = jax.random.normal(_key(1), (4, 12))
+  ref = nn.Dense(7)
+  params = ref.init(_key(), x)
+  ours = QuantDense(7)
+  np.testing.assert_array_equal(ours.apply(params, x), ref.apply(params, x))
+  bits = {"bits": {"w": jnp.float32(32), "a": jnp.float32(32)}}
+  np.testing.assert_array_equal(ours.apply({**params, **bits}, x), ref.apply(params, x))
+
+
+@pytest.mark.parametrize("padding,strides", [("SAME", 1), ("VALID", 2), (1, 1)])
+def test_quant_conv_equals_flax_conv_at_32_bits(padding, strides):
+  x = jax.random.normal(_key(1), (2, 9, 9, 3))
+  ref = nn.Conv(5, (3, 3), strides=strides, padding=padding)
+  params = ref.init(_key(), x)
+  ours = QuantConv(5, (3, 3), strides=strides, padding=padding)
+  np.testing.assert_array_equal(ours.apply(params, x), ref.apply(params, x))
+
+
+def test_quant_dense_quantizes_weights_per_channel():
+  x = jax.random.normal(_key(1), (4, 12))
+  layer = QuantDense(6)
+  params = layer.init(_key(), x)
+  bits = {"bits": {"w": jnp.float32(3), "a": jnp.float32(32)}}
+  y = layer.apply({**params, **bits}, x)
+  kq = quant.fake_quant(params["params"]["kernel"], 3, axis=1)
+  np.testing.assert_allclose(y, x @ kq + params["params"]["bias"], rtol=1e-5, atol=1e-6)
+
+
+def test_activation_quantization_uses_calibrated_range():
+  x = jnp.linspace(-1.0, 3.0, 24).reshape(2, 12)
+  layer = QuantDense(4)
+  params = layer.init(_key(), x)
+  stats = {"quant_stats": {"lo": jnp.float32(0.0), "hi": jnp.float32(1.0)}}
+  bits = {"bits": {"w": jnp.float32(32), "a": jnp.float32(2)}}
+  y = layer.apply({**params, **bits, **stats}, x)
+  s, z = quant.scale_zero_point_from_range(0.0, 1.0, 2, symmetric=False)
+  xq = quant.fake_quant(x, 2, symmetric=False, scale=s, zero_point=z)
+  np.testing.assert_allclose(y, xq @ params["params"]["kernel"], rtol=1e-5, atol=1e-6)
+  assert float(jnp.max(xq)) == pytest.approx(1.0)  # values above the calibrated range are clipped
+
+
+def test_bitspec_mixed_quantizes_exactly_named_layers():
+  model = SmallCNN(num_classes=10, width=4)
+  x = jax.random.normal(_key(1), (3, 8, 8, 1))
+  variables = model.init(_key(), x)
+  names = layers.quant_layer_names(model, x)
+  assert names == ["conv1", "conv2", "conv3", "head"]
+  spec = BitSpec(w_bits=None, layers={"conv2": (2, None)})
+  resolved = spec.resolve(names)
+  assert resolved == {"conv1": (None, None), "conv2": (2, None), "conv3": (None, None), "head": (None, None)}
+
+  # Capture every layer's effective kernel by interception: only conv2's differs from FP.
+  seen = {}
+
+  def interceptor(next_fun, args, kwargs, context):
+    out = next_fun(*args, **kwargs)
+    if context.method_name == "__call__" and isinstance(context.module, layers.QUANT_LAYER_TYPES):
+      seen[context.module.name] = out
+    return out
+
+  with nn.intercept_methods(interceptor):
+    model.apply({**variables, "bits": spec.bits_tree(names)}, x)
+  fp_seen = dict(seen)
+  with nn.intercept_methods(interceptor):
+    model.apply(variables, x)
+  assert not np.allclose(fp_seen["conv2"], seen["conv2"])
+  np.testing.assert_array_equal(fp_seen["conv1"], seen["conv1"])
+
+
+def test_bitspec_first_last():
+  names = ["stem", "b/conv1", "b/conv2", "head"]
+  resolved = BitSpec.first_last(4, edge_bits=8, a_bits=8).resolve(names)
+  assert resolved["stem"] == (8, 8) and resolved["head"] == (8, 8)
+  assert resolved["b/conv1"] == (4, 8) and resolved["b/conv2"] == (4, 8)
+  tree = BitSpec.first_last(4).bits_tree(names)
+  assert float(tree["b"]["conv1"]["w"]) == 4.0 and float(tree["b"]["conv1"]["a"]) == 32.0
+
+
+def test_bitspec_errors():
+  with pytest.raises(ValueError, match="does not have.*'nope'"):
+    BitSpec(layers={"nope": (4, None)}).resolve(["conv1", "head"])
+  with pytest.raises(ValueError, match="w_bits"):
+    BitSpec(w_bits=0)
+  with pytest.raises(ValueError, match="pair"):
+    BitSpec(layers={"conv1": 4})
+
+
+def test_bn_folding_preserves_fp_output():
+  x = jax.random.normal(_key(1), (8, 6, 6, 3))
+  layer = QuantConvBN(5)
+  variables = layer.init(_key(), x)
+  # Make running stats non-trivial by a few training-mode calls.
+  for i in range(3):
+    _, upd = layer.apply(variables, x * (1 + i), train=True, mutable=["batch_stats"])
+    variables = {**variables, **upd}
+  variables["params"] = {**variables["params"], "scale": jnp.linspace(0.5, 2.0, 5),
+                         "bias": jnp.linspace(-1.0, 1.0, 5)}
+  unfolded = layer.apply(variables, x, train=False)
+  folded = QuantConvBN(5, fold_bn=True).apply(variables, x, train=False)
+  np.testing.assert_allclose(folded, unfolded, rtol=1e-4, atol=1e-5)
+
+
+def test_fold_bn_function_matches_formula():
+  k = jnp.ones((1, 1, 1, 2))
+  kf, bf = layers.fold_bn(k, jnp.array([1.0, 0.0]), gamma=jnp.array([2.0, 1.0]), beta=jnp.array([0.5, 0.0]),
+                          mean=jnp.array([1.0, 2.0]), var=jnp.array([3.0, 0.0]), eps=1.0)
+  np.testing.assert_allclose(kf.reshape(-1), [1.0, 1.0])
+  np.testing.assert_allclose(bf, [0.5 + (1.0 - 1.0) * 1.0, 0.0 + (0.0 - 2.0) * 1.0])
+
+
+def test_batchnorm_train_uses_batch_stats_and_updates_running():
+  x = jax.random.normal(_key(1), (16, 4, 4, 2)) * 3.0 + 1.0
+  layer = QuantConvBN(3)
+  variables = layer.init(_key(), x)
+  y, upd = layer.apply(variables, x, train=True, mutable=["batch_stats"])
+  chex.assert_trees_all_close(jnp.mean(y, axis=(0, 1, 2)), jnp.zeros(3), atol=1e-4)
+  assert not np.allclose(upd["batch_stats"]["mean"], 0.0)
+
+
+def test_calibrate_activations_ranges():
+  model = SmallCNN(num_classes=10, width=4)
+  x = jax.random.normal(_key(1), (5, 8, 8, 1))
+  variables = model.init(_key(), x)
+  stats = layers.calibrate_activations(model, variables, [x[:2], x[2:]], method="minmax")
+  assert set(stats) == {"conv1", "conv2", "conv3", "head"}
+  assert float(stats["conv1"]["lo"]) == pytest.approx(float(x.min()))
+  assert float(stats["conv1"]["hi"]) == pytest.approx(float(x.max()))
+  assert float(stats["conv2"]["lo"]) >= 0.0  # after ReLU
+
+
+def test_vmap_over_bits_tree_equals_loop():
+  model = SmallCNN(num_classes=10, width=4)
+  x = jax.random.normal(_key(1), (3, 8, 8, 1))
+  variables = model.init(_key(), x)
+  names = layers.quant_layer_names(model, x)
+  specs = [BitSpec.uniform(b, 8) for b in (2, 4, 8)] + [BitSpec.uniform(None)]
+  stacked = layers.stack_bits_trees([s.bits_tree(names) for s in specs])
+  fn = jax.jit(lambda bits: model.apply({**variables, "bits": bits}, x))
+  swept = jax.vmap(fn)(stacked)
+  for i, s in enumerate(specs):
+    np.testing.assert_allclose(swept[i], fn(s.bits_tree(names)), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(swept[-1], model.apply(variables, x), rtol=1e-6, atol=1e-6)

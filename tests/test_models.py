@@ -1,0 +1,69 @@
+"""Every model builds, runs forward at full and low precision, and has the expected size."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fqjax import layers, quant
+from fqjax.layers import BitSpec
+from fqjax.models import MODEL_NAMES, get_model
+
+# (model, input shape, expected parameter count range)
+CASES = [
+    ("mlp", (2, 8, 8, 1), (3e4, 1e5)),
+    ("small_cnn", (2, 8, 8, 1), (5e4, 2e5)),
+    ("small_cnn", (2, 28, 28, 1), (5e4, 2e5)),
+    ("resnet18", (2, 32, 32, 3), (11.0e6, 11.3e6)),  # ResNet-18 CIFAR: 11.17M
+    ("resnet34", (2, 32, 32, 3), (21.0e6, 21.5e6)),
+    ("resnet50", (2, 32, 32, 3), (23.0e6, 24.0e6)),
+    ("vgg11", (2, 32, 32, 3), (9.0e6, 9.5e6)),
+    ("vgg16", (2, 32, 32, 3), (14.5e6, 15.0e6)),
+]
+
+
+def _count(tree):
+  return sum(int(np.prod(a.shape)) for a in jax.tree_util.tree_leaves(tree))
+
+
+@pytest.mark.parametrize("name,shape,bounds", CASES)
+def test_parameter_count(name, shape, bounds):
+  model = get_model(name, 10)
+  variables = jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x), jnp.zeros(shape))
+  n = _count(variables["params"])
+  assert bounds[0] <= n <= bounds[1], f"{name}: {n} parameters"
+
+
+@pytest.mark.parametrize("name,shape", [("mlp", (2, 8, 8, 1)), ("small_cnn", (2, 28, 28, 1)),
+                                        ("resnet18", (2, 16, 16, 3)), ("vgg11", (2, 16, 16, 3))])
+def test_forward_full_and_quantized(name, shape):
+  model = get_model(name, 10, **({"width": 8} if name.startswith("resnet") else {}))
+  x = jax.random.normal(jax.random.PRNGKey(1), shape)
+  variables = jax.jit(model.init)(jax.random.PRNGKey(0), x)
+  names = layers.quant_layer_names(model, x)
+  apply = jax.jit(model.apply)
+  y_fp = apply(variables, x)
+  y_q = apply({**variables, "bits": BitSpec.first_last(2, a_bits=8).bits_tree(names)}, x)
+  assert y_fp.shape == (shape[0], 10) and y_q.shape == (shape[0], 10)
+  assert np.all(np.isfinite(y_q))
+  assert not np.allclose(y_fp, y_q)
+
+
+def test_resnet_imagenet_stem_and_size_helper():
+  model = get_model("resnet18", 7, stem="imagenet", width=8)
+  x = jnp.zeros((1, 64, 64, 3))
+  variables = model.init(jax.random.PRNGKey(0), x)
+  assert model.apply(variables, x).shape == (1, 7)
+  names = layers.quant_layer_names(model, x)
+  assert names[0] == "stem" and names[-1] == "head"
+  spec = BitSpec.first_last(4)
+  size = quant.storage_size(variables["params"], layers.weight_bits_by_layer(spec, names))
+  fp = quant.storage_size(variables["params"], {})
+  assert 4.0 < fp["bytes"] / size["bytes"] < 8.0
+
+
+def test_unknown_model_and_depth():
+  with pytest.raises(ValueError, match="unknown model"):
+    get_model("resnet19", 10)
+  with pytest.raises(ValueError, match="num_classes"):
+    get_model("mlp", 1)
+  assert "resnet18" in MODEL_NAMES
