@@ -244,6 +244,11 @@ def test_folders_deduplicate_and_archive_next_to_folder_is_skipped(tmp_path):
   assert stats["skipped_malformed"] == 0
   data = utkface.read_prepared(str(tmp_path / "data"), SIZE)
   assert sorted(data["file_name"]) == sorted(name for name, _, _ in VALID[:4])
+  # overwrite=True rebuilds from the current manual dir.
+  (manual / "crop_part1" / VALID[4][0]).write_bytes(_jpeg(VALID[4][1], VALID[4][2]))
+  assert utkface.prepare(str(tmp_path / "data"), str(manual), SIZE)["num_examples"] == 4
+  assert utkface.prepare(str(tmp_path / "data"), str(manual), SIZE, overwrite=True)["num_examples"] == 5
+  assert len(utkface.read_prepared(str(tmp_path / "data"), SIZE)["age"]) == 5
 
 
 def test_prepare_errors(tmp_path):
