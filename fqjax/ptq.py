@@ -1,0 +1,112 @@
+"""Post-training quantization: evaluate a trained model at a sweep of bit-widths from one compiled function.
+
+The bit-widths of a sweep are a stacked "bits" tree [K] (see fqjax.layers). One
+jitted function maps it over the K bit-widths for each input batch:
+  mode "vmap": jax.vmap over K (one wide program; wins when launch overhead dominates),
+  mode "map":  jax.lax.map over K (one program, K sequential passes; wins for large
+               conv nets on CPU, where vmap turns convs into batched-kernel convs).
+Either way the sweep compiles once per batch shape, never once per bit-width.
+"auto" picks per backend from measurements in benchmarks/ptq_sweep.py.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Iterable, Mapping, Optional, Sequence, Union
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fqjax import layers, quant
+from fqjax.layers import BitSpec
+
+SWEEP_MODES = ("auto", "vmap", "map")
+
+
+def resolve_mode(mode: str, num_params: int) -> str:
+  """The sweep mode for this backend and model size.
+
+  Measured (benchmarks/ptq_sweep.py): on CPU, lax.map beats vmap for conv
+  nets, and the two are within noise for models under ~1e5 parameters; on GPU,
+  vmap is at least as fast for small models. So: vmap on accelerators for
+  small models, map otherwise.
+  """
+  if mode not in SWEEP_MODES:
+    raise ValueError(f"sweep mode must be one of {SWEEP_MODES}, got {mode!r}.")
+  if mode != "auto":
+    return mode
+  if jax.default_backend() != "cpu" and num_params < 2_000_000:
+    return "vmap"
+  return "map"
+
+
+def sweep_specs(bit_widths: Sequence[int], a_bits: Union[int, str, None] = None,
+                edge_bits: Optional[int] = None) -> list[BitSpec]:
+  """One BitSpec per weight bit-width. a_bits: None, an int, or "same" (= weight bits).
+
+  edge_bits: keep first and last layer at this width (mixed precision), or None.
+  """
+  specs = []
+  for b in bit_widths:
+    a = b if a_bits == "same" else a_bits
+    w = None if b is None or b >= quant.FULL_PRECISION_BITS else int(b)
+    a = None if a is None or a >= quant.FULL_PRECISION_BITS else int(a)
+    if edge_bits is None:
+      specs.append(BitSpec.uniform(w, a))
+    else:
+      specs.append(BitSpec.first_last(w, edge_bits=edge_bits, a_bits=a))
+  return specs
+
+
+@functools.lru_cache(maxsize=32)
+def sweep_fn(model: nn.Module, mode: str):
+  """jitted f(variables, stacked_bits [K], x [B, ...]) -> logits [K, B, C]."""
+
+  def one(variables, bits, x):
+    return model.apply({**variables, layers.BITS: bits}, x, train=False)
+
+  if mode == "vmap":
+    return jax.jit(jax.vmap(one, in_axes=(None, 0, None)))
+  if mode == "map":
+    return jax.jit(lambda variables, bits, x: jax.lax.map(lambda b: one(variables, b, x), bits))
+  raise ValueError(f"sweep_fn mode must be 'vmap' or 'map', got {mode!r}.")
+
+
+def sweep_logits(model: nn.Module, variables: Mapping, x: np.ndarray, bits_trees: Sequence[dict], *,
+                 batch_size: int = 512, mode: str = "auto") -> np.ndarray:
+  """Inference logits of every bit assignment: [K, N, C] float32.
+
+  x: [N, ...]; bits_trees: K "bits" trees (e.g. ``[s.bits_tree(names) for s in specs]``).
+  ``variables`` may hold "quant_stats" (calibrated activation ranges).
+  """
+  num_params = sum(int(np.prod(a.shape)) for a in jax.tree_util.tree_leaves(variables.get("params", {})))
+  fn = sweep_fn(model, resolve_mode(mode, num_params))
+  stacked = layers.stack_bits_trees(bits_trees)
+  n = len(x)
+  batch_size = min(batch_size, n)
+  out = []
+  for start in range(0, n, batch_size):
+    chunk = np.asarray(x[start:start + batch_size])
+    pad = batch_size - len(chunk)
+    if pad:  # pad to the fixed batch shape: one compilation for the whole sweep
+      chunk = np.concatenate([chunk, np.repeat(chunk[:1], pad, axis=0)])
+    out.append(fn(variables, stacked, chunk)[:, :batch_size - pad])
+  return np.asarray(jnp.concatenate(out, axis=1))
+
+
+def calibration_batches(x: np.ndarray, batch_size: int, num_batches: int, seed: int) -> list[np.ndarray]:
+  """``num_batches`` random training batches [batch_size, ...] for activation calibration."""
+  rng = np.random.default_rng(seed)
+  order = rng.permutation(len(x))
+  return [np.asarray(x[order[i * batch_size:(i + 1) * batch_size]])
+          for i in range(num_batches) if len(order[i * batch_size:(i + 1) * batch_size])]
+
+
+def prepare_variables(model: nn.Module, variables: Mapping, calib_x: Optional[Iterable[np.ndarray]],
+                      calibration: str = "minmax") -> dict:
+  """Adds calibrated "quant_stats" (activation ranges) when calibration batches are given."""
+  variables = {k: v for k, v in variables.items() if k not in (layers.BITS, layers.QUANT_STATS)}
+  if calib_x is None:
+    return variables
+  return {**variables, layers.QUANT_STATS: layers.calibrate_activations(model, variables, calib_x, calibration)}

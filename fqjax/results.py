@@ -1,0 +1,176 @@
+"""results.json and results.csv: schema, atomic writes, validation and the flat table.
+
+results.json (schema_version 1), top level:
+  schema_version: 1
+  fqjax_version, created, updated: strings (ISO 8601 times, UTC)
+  config:   the study config as a dict
+  dataset:  fqjax.data DatasetInfo.to_dict() plus split sizes
+  model:    {"name", "num_params", "layer_names": [forward order]}
+  seeds:    [int]
+  train:    {"fingerprint", "per_seed": {seed: TrainRecord}, "summary": Summary}
+  ptq:      {"fingerprint", "bit_widths", "a_bits", "per_channel", "fold_bn", "sweep_mode",
+             "per_seed": {seed: {bits: Metrics}}, "summary": {bits: Summary}}
+  timings:  {stage: seconds of its last run}
+where
+  Metrics = fqjax.metrics.group_metrics output (accuracy, loss, worst_group_accuracy,
+            fairness_violation, groups{count, accuracy, loss, accuracy_drop}, ...)
+            plus "size_bytes" and, for test metrics, "fairness_violation_ci" {low, high}.
+  TrainRecord = {"history": [epoch dicts], "val": Metrics, "test": Metrics, "wall_s", "epochs_run",
+                 "resumed_from", "sample_counts"}
+  Summary = fqjax.metrics.summarize_over_seeds output ({"accuracy": {"mean", "std", "n"}, ...}).
+Seeds and bit-widths are JSON object keys, so they are strings ("0", "32").
+Later stages (explain, mitigate) add their own top-level keys.
+"""
+from __future__ import annotations
+
+import csv
+import datetime
+import io
+import json
+import math
+import os
+import tempfile
+from typing import Any, Iterable, Mapping
+
+SCHEMA_VERSION = 1
+CSV_COLUMNS = ("variant", "bits", "seed", "split", "group", "group_name", "count", "accuracy", "loss",
+               "accuracy_drop", "fairness_violation", "worst_group_accuracy")
+
+
+def now() -> str:
+  return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def _clean(value: Any) -> Any:
+  """JSON-safe copy: NaN/inf become None (JSON has no NaN), tuples become lists."""
+  if isinstance(value, Mapping):
+    return {str(k): _clean(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [_clean(v) for v in value]
+  if isinstance(value, float) and not math.isfinite(value):
+    return None
+  if hasattr(value, "item") and getattr(value, "ndim", 1) == 0:
+    return _clean(value.item())
+  return value
+
+
+def atomic_write_text(path: str, text: str) -> None:
+  """Writes to a temporary file in the same folder, then renames: readers never see half a file."""
+  folder = os.path.dirname(os.path.abspath(path))
+  os.makedirs(folder, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp_", suffix=os.path.basename(path))
+  try:
+    with os.fdopen(fd, "w") as f:
+      f.write(text)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+
+
+def write_json(path: str, payload: Mapping) -> None:
+  atomic_write_text(path, json.dumps(_clean(payload), indent=1, allow_nan=False) + "\n")
+
+
+def read_json(path: str) -> dict:
+  with open(path) as f:
+    return json.load(f)
+
+
+def new_results() -> dict:
+  from fqjax import __version__
+  t = now()
+  return {"schema_version": SCHEMA_VERSION, "fqjax_version": __version__, "created": t, "updated": t,
+          "timings": {}}
+
+
+# ----------------------------------------------------------------------------
+# Validation
+# ----------------------------------------------------------------------------
+
+def _require(cond: bool, where: str, what: str) -> None:
+  if not cond:
+    raise ValueError(f"results.json is invalid at {where}: {what}")
+
+
+def _check_metrics(m: Any, where: str, num_groups: int) -> None:
+  _require(isinstance(m, Mapping), where, "expected an object of metrics")
+  for key in ("accuracy", "loss", "worst_group_accuracy", "fairness_violation"):
+    _require(key in m, where, f"missing {key!r}")
+    _require(m[key] is None or isinstance(m[key], (int, float)), f"{where}.{key}", "expected a number")
+  groups = m.get("groups")
+  _require(isinstance(groups, Mapping), f"{where}.groups", "missing per-group metrics")
+  for key in ("count", "accuracy", "loss"):
+    _require(isinstance(groups.get(key), list) and len(groups[key]) == num_groups, f"{where}.groups.{key}",
+             f"expected a list of {num_groups} values")
+
+
+def validate(results: Mapping) -> None:
+  """Raises ValueError naming the first place where ``results`` breaks the schema above."""
+  _require(results.get("schema_version") == SCHEMA_VERSION, "schema_version", f"expected {SCHEMA_VERSION}")
+  for key in ("fqjax_version", "created", "updated", "config", "dataset", "model", "seeds", "timings"):
+    _require(key in results, key, "missing")
+  num_groups = results["dataset"].get("num_groups")
+  _require(isinstance(num_groups, int) and num_groups >= 1, "dataset.num_groups", "expected an int >= 1")
+  _require(isinstance(results["seeds"], list) and results["seeds"], "seeds", "expected a non-empty list")
+  _require(isinstance(results["model"].get("layer_names"), list), "model.layer_names", "expected a list")
+  if "train" in results:
+    for seed, rec in results["train"]["per_seed"].items():
+      for key in ("history", "val", "test", "wall_s"):
+        _require(key in rec, f"train.per_seed.{seed}", f"missing {key!r}")
+      _check_metrics(rec["test"], f"train.per_seed.{seed}.test", num_groups)
+  if "ptq" in results:
+    p = results["ptq"]
+    for key in ("bit_widths", "per_seed", "summary"):
+      _require(key in p, "ptq", f"missing {key!r}")
+    for seed, by_bits in p["per_seed"].items():
+      _require(sorted(by_bits) == sorted(str(b) for b in p["bit_widths"]), f"ptq.per_seed.{seed}",
+               "expected one entry per bit-width")
+      for bits, m in by_bits.items():
+        _check_metrics(m, f"ptq.per_seed.{seed}.{bits}", num_groups)
+        _require(isinstance(m.get("size_bytes"), (int, float)), f"ptq.per_seed.{seed}.{bits}.size_bytes",
+                 "expected a number")
+
+
+# ----------------------------------------------------------------------------
+# The flat table
+# ----------------------------------------------------------------------------
+
+def metric_rows(variant: str, bits: Any, seed: Any, split: str, m: Mapping,
+                group_names: Iterable[str]) -> list[dict]:
+  """One row for the whole model (group "all") and one per group."""
+  rows = [{"variant": variant, "bits": bits, "seed": seed, "split": split, "group": "all", "group_name": "all",
+           "count": m.get("n"), "accuracy": m["accuracy"], "loss": m["loss"],
+           "accuracy_drop": m.get("accuracy_drop"), "fairness_violation": m["fairness_violation"],
+           "worst_group_accuracy": m["worst_group_accuracy"]}]
+  g = m["groups"]
+  drops = g.get("accuracy_drop", [None] * len(g["count"]))
+  for i, name in enumerate(group_names):
+    rows.append({"variant": variant, "bits": bits, "seed": seed, "split": split, "group": i, "group_name": name,
+                 "count": g["count"][i], "accuracy": g["accuracy"][i], "loss": g["loss"][i],
+                 "accuracy_drop": drops[i], "fairness_violation": None, "worst_group_accuracy": None})
+  return rows
+
+
+def csv_rows(results: Mapping) -> list[dict]:
+  names = results["dataset"]["group_names"]
+  rows: list[dict] = []
+  for seed, rec in results.get("train", {}).get("per_seed", {}).items():
+    for split in ("val", "test"):
+      rows += metric_rows("fp", 32, seed, split, rec[split], names)
+  for seed, by_bits in results.get("ptq", {}).get("per_seed", {}).items():
+    for bits, m in by_bits.items():
+      rows += metric_rows("ptq", bits, seed, "test", m, names)
+  return rows
+
+
+def write_csv(path: str, rows: Iterable[Mapping]) -> None:
+  buf = io.StringIO()
+  writer = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+  writer.writeheader()
+  for row in rows:
+    writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in CSV_COLUMNS})
+  atomic_write_text(path, buf.getvalue())

@@ -1,0 +1,256 @@
+"""The study runner: stages that talk only through the workdir.
+
+workdir/
+  config.json          the config of the latest run
+  results.json         see fqjax.results (written atomically after every stage)
+  results.csv          one row per variant, bit-width, seed, split and group
+  fqjax.log            the log
+  checkpoints/seed_<s>/train/   orbax CheckpointManager of each training run
+
+A stage whose outputs are in the workdir and were made from the same config
+sections (a fingerprint) is skipped unless forced; a stale one is rerun.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from typing import Callable, Optional, Sequence
+
+import jax
+import ml_collections
+import numpy as np
+
+from fqjax import config as config_lib
+from fqjax import data as data_lib
+from fqjax import layers, metrics, ptq, quant, results, train
+from fqjax.models import get_model
+
+log = logging.getLogger("fqjax")
+
+TRAIN_SECTIONS = ("data", "model", "train")
+PTQ_SECTIONS = ("data", "model", "train", "ptq", "eval")
+
+
+class Study:
+  """One study: config, workdir, loaded data, model and the results dict, shared by the stages."""
+
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str, *, progress: bool = True):
+    self.config = config
+    self.workdir = workdir
+    self.progress = progress
+    self.seeds = config_lib.seeds_of(config)
+    self.is_writer = jax.process_index() == 0
+    t0 = time.perf_counter()
+    self.splits = data_lib.load(config)
+    self.data_s = time.perf_counter() - t0
+    self.info = self.splits.info
+    self.model = build_model(config, self.info)
+    sample = self.splits.train.x[:2]
+    self.layer_names = layers.quant_layer_names(self.model, sample)
+    path = os.path.join(workdir, "results.json")
+    self.results = results.read_json(path) if os.path.exists(path) else results.new_results()
+    self.results.update({"config": config.to_dict(), "seeds": self.seeds,
+                         "dataset": self.splits.to_dict(),
+                         "model": {"name": resolved_model_name(config, self.info),
+                                   "num_params": _num_params(self.model, sample),
+                                   "layer_names": self.layer_names}})
+
+  def ckpt_dir(self, seed: int, stage: str = "train") -> str:
+    return os.path.abspath(os.path.join(self.workdir, "checkpoints", f"seed_{seed}", stage))
+
+  def save(self) -> None:
+    if not self.is_writer:
+      return  # multi-host: only process 0 writes results
+    self.results["updated"] = results.now()
+    results.validate(self.results)
+    results.write_json(os.path.join(self.workdir, "results.json"), self.results)
+    results.write_csv(os.path.join(self.workdir, "results.csv"), results.csv_rows(self.results))
+
+
+def resolved_model_name(config, info) -> str:
+  if config.model.name != "auto":
+    return config.model.name
+  return "mlp" if len(info.input_shape) == 1 else "small_cnn"
+
+
+def build_model(config, info):
+  kwargs = dict(config.model.kwargs.to_dict()) if hasattr(config.model.kwargs, "to_dict") else dict(
+      config.model.kwargs or {})
+  return get_model(resolved_model_name(config, info), info.num_classes, **kwargs)
+
+
+def _num_params(model, sample) -> int:
+  shapes = jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x), sample)
+  return int(sum(np.prod(a.shape) for a in jax.tree_util.tree_leaves(shapes["params"])))
+
+
+# ----------------------------------------------------------------------------
+# Stages
+# ----------------------------------------------------------------------------
+
+def stage_train(study: Study, force: bool) -> bool:
+  cfg = study.config
+  fp = config_lib.fingerprint(cfg, TRAIN_SECTIONS)
+  section = study.results.get("train")
+  if section is not None and section.get("fingerprint") != fp:
+    if not force:
+      raise ValueError(
+          f"{study.workdir} holds a training run made with a different data/model/train config. "
+          "Use a new --workdir, or --force to delete those checkpoints and retrain.")
+    section = None
+  if section is None or force:
+    section = {"fingerprint": fp, "per_seed": {}}
+  ran = False
+  for seed in study.seeds:
+    key = str(seed)
+    if force and key not in section["per_seed"]:
+      shutil.rmtree(study.ckpt_dir(seed), ignore_errors=True)
+    if key in section["per_seed"] and not force:
+      log.info("train seed %d: done already, skipped", seed)
+      continue
+    log.info("train seed %d: %d epochs of %s on %s", seed, cfg.train.epochs, study.results["model"]["name"],
+             study.info.name)
+    ran = True
+    out = train.fit(study.model, study.splits, cfg.train, seed, study.ckpt_dir(seed), progress=study.progress)
+    kw = dict(group_is_label=study.info.group_is_label, batch_size=cfg.eval.batch_size)
+    val = train.evaluate(study.model, out["variables"], study.splits.val, study.info.num_groups, **kw)
+    test = train.evaluate(study.model, out["variables"], study.splits.test, study.info.num_groups, **kw)
+    section["per_seed"][key] = {"history": out["history"], "val": val, "test": test, "wall_s": out["wall_s"],
+                                "epochs_run": out["epochs_run"], "resumed_from": out["resumed_from"],
+                                "sample_counts": out["sample_counts"]}
+    log.info("train seed %d: test accuracy %.4f, worst group %.4f, fairness violation %.4f", seed,
+             test["accuracy"], test["worst_group_accuracy"], test["fairness_violation"])
+    study.results["train"] = section
+    study.save()  # after each seed, so a killed multi-seed run keeps finished seeds
+  section["summary"] = metrics.summarize_over_seeds([section["per_seed"][str(s)]["test"] for s in study.seeds])
+  study.results["train"] = section
+  return ran
+
+
+def load_trained_variables(study: Study, seed: int) -> dict:
+  loaded = train.load_trained(study.model, study.splits, study.config.train, seed, study.ckpt_dir(seed))
+  if loaded is None:
+    raise FileNotFoundError(
+        f"no finished training checkpoint for seed {seed} in {study.ckpt_dir(seed)}; "
+        "run the train stage first (--stages=train,ptq).")
+  return loaded["variables"]
+
+
+def stage_ptq(study: Study, force: bool) -> bool:
+  cfg = study.config
+  p = cfg.ptq
+  fp = config_lib.fingerprint(cfg, PTQ_SECTIONS)
+  section = study.results.get("ptq")
+  done = section is not None and section.get("fingerprint") == fp and all(
+      str(s) in section["per_seed"] for s in study.seeds)
+  if done and not force:
+    log.info("ptq: done already for this config, skipped")
+    return False
+  bit_widths = [int(b) for b in p.bit_widths]
+  specs = ptq.sweep_specs(bit_widths, p.a_bits)
+  bits_trees = [s.bits_tree(study.layer_names) for s in specs]
+  model = study.model.clone(per_channel=p.per_channel, fold_bn=p.fold_bn)
+  num_params = study.results["model"]["num_params"]
+  mode = ptq.resolve_mode(p.sweep_mode, num_params)
+  test = study.splits.test
+  section = {"fingerprint": fp, "bit_widths": bit_widths, "a_bits": p.a_bits, "per_channel": p.per_channel,
+             "fold_bn": p.fold_bn, "sweep_mode": mode, "per_seed": {}}
+  for seed in study.seeds:
+    variables = load_trained_variables(study, seed)
+    needs_calibration = any(s.a_bits is not None for s in specs)
+    calib = ptq.calibration_batches(study.splits.train.x, p.calibration_batch_size, p.calibration_batches,
+                                    seed) if needs_calibration else None
+    variables = ptq.prepare_variables(model, variables, calib, p.calibration)
+    t0 = time.perf_counter()
+    logits = ptq.sweep_logits(model, variables, test.x, bits_trees, batch_size=cfg.eval.batch_size, mode=mode)
+    sweep_s = time.perf_counter() - t0
+    # Reference: the trained model as it was trained (no folding, no quantizer in the graph).
+    ref_logits = train.predict(study.model, {k: variables[k] for k in ("params", "batch_stats")}, test.x,
+                               cfg.eval.batch_size)
+    ref = metrics.group_metrics(ref_logits, test.y, test.group, study.info.num_groups,
+                                group_is_label=study.info.group_is_label)
+    by_bits = {}
+    for i, (b, spec) in enumerate(zip(bit_widths, specs)):
+      m = metrics.group_metrics(logits[i], test.y, test.group, study.info.num_groups,
+                                group_is_label=study.info.group_is_label, reference=ref)
+      size = quant.storage_size(variables["params"], layers.weight_bits_by_layer(spec, study.layer_names))
+      m["size_bytes"] = size["bytes"]
+      if cfg.eval.bootstrap_resamples:
+        correct = logits[i].argmax(-1) == test.y
+        m["fairness_violation_ci"] = metrics.bootstrap_fairness_violation(
+            correct, test.group, study.info.num_groups, num_resamples=cfg.eval.bootstrap_resamples, seed=seed)
+      by_bits[str(b)] = m
+    section["per_seed"][str(seed)] = by_bits
+    section.setdefault("sweep_s", {})[str(seed)] = sweep_s
+    log.info("ptq seed %d: %s", seed, ", ".join(
+        f"{b}b acc {by_bits[str(b)]['accuracy']:.3f} fv {by_bits[str(b)]['fairness_violation']:.3f}"
+        for b in bit_widths))
+  section["summary"] = {str(b): metrics.summarize_over_seeds([section["per_seed"][str(s)][str(b)]
+                                                              for s in study.seeds]) for b in bit_widths}
+  study.results["ptq"] = section
+  return True
+
+
+# Each stage returns whether it did any work (False: skipped, outputs already in the workdir).
+STAGE_FUNCTIONS: dict[str, Callable[[Study, bool], bool]] = {"train": stage_train, "ptq": stage_ptq}
+
+
+def available_stages() -> list[str]:
+  return [s for s in config_lib.STAGES if s in STAGE_FUNCTIONS]
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, stages: Optional[Sequence[str]] = None, *,
+        force: bool = False, progress: bool = True) -> dict:
+  """Runs the selected stages (default: every available stage) and returns the results dict."""
+  config_lib.validate_config(config)
+  if stages is None:
+    stages = available_stages()
+  else:
+    stages = config_lib.check_stages(stages)
+    missing = [s for s in stages if s not in STAGE_FUNCTIONS]
+    if missing:
+      raise ValueError(f"stage(s) {missing} are not implemented in this version of fqjax; "
+                       f"available: {available_stages()}.")
+  os.makedirs(workdir, exist_ok=True)
+  _attach_log_file(workdir)
+  if jax.process_index() == 0:
+    results.atomic_write_text(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=1) + "\n")
+  study = Study(config, workdir, progress=progress)
+  study.results["timings"]["data"] = study.data_s
+  for stage in stages:
+    t0 = time.perf_counter()
+    if STAGE_FUNCTIONS[stage](study, force):
+      study.results["timings"][stage] = time.perf_counter() - t0
+      log.info("stage %s finished in %.1f s", stage, study.results["timings"][stage])
+    study.save()
+  return study.results
+
+
+def _attach_log_file(workdir: str) -> None:
+  path = os.path.abspath(os.path.join(workdir, "fqjax.log"))
+  log.setLevel(logging.INFO)
+  if not any(isinstance(h, logging.FileHandler) and h.baseFilename == path for h in log.handlers):
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    log.addHandler(handler)
+
+
+def format_table(res: dict) -> str:
+  """A plain-text table of the PTQ sweep: accuracy, worst group, fairness violation (mean +- std)."""
+  if "ptq" not in res:
+    return "(no ptq results)"
+  names = res["dataset"]["group_names"]
+  lines = [f"{'bits':>4} {'size KB':>8} {'accuracy':>14} {'worst group':>14} {'fairness viol.':>15}  "
+           + " ".join(f"{n[:8]:>8}" for n in names)]
+  first_seed = str(res["seeds"][0])
+  for b in res["ptq"]["bit_widths"]:
+    s = res["ptq"]["summary"][str(b)]
+    size = res["ptq"]["per_seed"][first_seed][str(b)]["size_bytes"] / 1024
+    cell = lambda k: f"{s[k]['mean']:.3f}±{s[k]['std']:.3f}"
+    groups = " ".join(f"{g['mean']:>8.3f}" for g in s["groups"]["accuracy"])
+    lines.append(f"{b:>4} {size:>8.1f} {cell('accuracy'):>14} {cell('worst_group_accuracy'):>14} "
+                 f"{cell('fairness_violation'):>15}  {groups}")
+  return "\n".join(lines)

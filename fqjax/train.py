@@ -1,0 +1,300 @@
+"""Training: TrainState, one train_step for full precision and QAT, eval, the epoch loop, checkpoints.
+
+The epoch loop is restartable: after every epoch the state, the epoch number,
+the loss-weight table and the history go to an orbax CheckpointManager, and
+``fit`` resumes from the latest one. Epoch order and resampling are drawn
+from (seed, epoch), so a resumed run ends with the same numbers as an
+uninterrupted one. Host syncs happen once per epoch, not per step.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from typing import Any, Callable, Mapping, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from flax.training import train_state
+from tqdm import tqdm
+
+from fqjax import losses, metrics, sampling
+from fqjax.data.pipeline import DeviceArrays, epoch_batches
+
+log = logging.getLogger("fqjax")
+
+OPTIMIZERS = ("sgd", "adamw")
+WEIGHT_TARGETS = ("group", "class")
+
+
+class TrainState(train_state.TrainState):
+  """flax TrainState plus BatchNorm running statistics."""
+  batch_stats: Any = None
+
+
+class TrainingDiverged(RuntimeError):
+  """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+def make_optimizer(tcfg: ml_collections.ConfigDict, steps_per_epoch: int) -> optax.GradientTransformation:
+  """SGD with momentum or AdamW, linear warmup then cosine decay, with weight decay.
+
+  Schedule: lr rises linearly from 0 over ``warmup_epochs`` and decays by a
+  cosine to 0 at the end of ``epochs``. SGD's weight decay is L2 added to the
+  gradient (before momentum); AdamW's is decoupled.
+  """
+  total = max(int(tcfg.epochs * steps_per_epoch), 1)
+  warmup = min(int(tcfg.warmup_epochs * steps_per_epoch), total - 1)
+  schedule = optax.warmup_cosine_decay_schedule(0.0, tcfg.learning_rate, warmup, total, end_value=0.0)
+  if tcfg.optimizer == "sgd":
+    return optax.chain(optax.add_decayed_weights(tcfg.weight_decay),
+                       optax.sgd(schedule, momentum=tcfg.momentum, nesterov=False))
+  if tcfg.optimizer == "adamw":
+    return optax.adamw(schedule, weight_decay=tcfg.weight_decay)
+  raise ValueError(f"config.train.optimizer must be one of {OPTIMIZERS}, got {tcfg.optimizer!r}.")
+
+
+def create_train_state(model: nn.Module, key: jax.Array, sample_x: jax.Array,
+                       tx: optax.GradientTransformation, variables: Optional[Mapping] = None) -> TrainState:
+  """Initializes params and batch stats (or takes ``variables``) and the optimizer state."""
+  if variables is None:
+    variables = jax.jit(functools.partial(model.init, train=False))(key, sample_x)
+  return TrainState.create(apply_fn=model.apply, params=variables["params"],
+                           batch_stats=variables.get("batch_stats", {}), tx=tx)
+
+
+def model_variables(state: TrainState) -> dict:
+  return {"params": state.params, "batch_stats": state.batch_stats}
+
+
+def make_train_step(model: nn.Module, weight_key: str = "group") -> Callable:
+  """Jitted step(state, batch, weight_table, bits) -> (state, {"loss", "correct", "count"}).
+
+  batch: {"x": [B, ...], "y": [B], "group": [B], "mask": [B]}; weight_table: [G]
+  (or [num_classes] when weight_key == "y"); bits: a bits tree for QAT, or None
+  for full precision. The loss is fqjax.losses.weighted_cross_entropy over the
+  real (mask 1) samples. The state is donated.
+  """
+
+  def loss_fn(params, state, batch, weight_table, bits):
+    variables = {"params": params, "batch_stats": state.batch_stats}
+    if bits is not None:
+      variables["bits"] = bits
+    logits, updates = model.apply(variables, batch["x"], train=True, mutable=["batch_stats"])
+    weights = losses.gather_weights(weight_table, batch[weight_key])
+    loss = losses.weighted_cross_entropy(logits, batch["y"], weights, batch["mask"])
+    return loss, (logits, updates.get("batch_stats", {}))
+
+  @functools.partial(jax.jit, donate_argnums=(0,))
+  def step(state, batch, weight_table, bits=None):
+    (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params, state, batch, weight_table, bits)
+    state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+    correct = jnp.sum((jnp.argmax(logits, -1) == batch["y"]) * batch["mask"])
+    return state, {"loss": loss, "correct": correct, "count": jnp.sum(batch["mask"])}
+
+  return step
+
+
+@functools.lru_cache(maxsize=32)
+def _logits_fn(model: nn.Module) -> Callable:
+  return jax.jit(lambda variables, x: model.apply(variables, x, train=False))
+
+
+def predict(model: nn.Module, variables: Mapping, x: np.ndarray, batch_size: int = 512) -> np.ndarray:
+  """Inference-mode logits [N, C] float32 of ``x`` [N, ...] in padded fixed-size batches (one compile)."""
+  fn = _logits_fn(model)
+  n = len(x)
+  out = []
+  batch_size = min(batch_size, n)
+  for start in range(0, n, batch_size):
+    chunk = np.asarray(x[start:start + batch_size])
+    pad = batch_size - len(chunk)
+    if pad:
+      chunk = np.concatenate([chunk, np.repeat(chunk[:1], pad, axis=0)])
+    out.append(fn(variables, chunk)[:batch_size - pad])
+  return np.asarray(jnp.concatenate(out))
+
+
+def evaluate(model: nn.Module, variables: Mapping, split, num_groups: int, *, group_is_label: bool = True,
+             batch_size: int = 512, reference: Optional[Mapping] = None) -> dict:
+  """fqjax.metrics.group_metrics of the model on a Split."""
+  logits = predict(model, variables, split.x, batch_size)
+  return metrics.group_metrics(logits, split.y, split.group, num_groups, group_is_label=group_is_label,
+                               reference=reference)
+
+
+# ----------------------------------------------------------------------------
+# Checkpoints
+# ----------------------------------------------------------------------------
+
+def checkpoint_manager(directory: str, max_to_keep: int = 2) -> ocp.CheckpointManager:
+  options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
+  return ocp.CheckpointManager(directory, options=options)
+
+
+def save_checkpoint(mngr: ocp.CheckpointManager, epoch: int, state: TrainState, meta: dict) -> None:
+  tree = {"step": state.step, "params": state.params, "batch_stats": state.batch_stats,
+          "opt_state": state.opt_state}
+  mngr.save(epoch, args=ocp.args.Composite(state=ocp.args.StandardSave(tree), meta=ocp.args.JsonSave(meta)))
+
+
+def restore_checkpoint(mngr: ocp.CheckpointManager, state: TrainState, epoch: Optional[int] = None):
+  """(state, meta) from checkpoint ``epoch`` (default: latest) or None when there is none."""
+  epoch = mngr.latest_step() if epoch is None else epoch
+  if epoch is None:
+    return None
+  target = {"step": state.step, "params": state.params, "batch_stats": state.batch_stats,
+            "opt_state": state.opt_state}
+  abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, target)
+  restored = mngr.restore(epoch, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
+                                                         meta=ocp.args.JsonRestore()))
+  tree = restored["state"]
+  state = state.replace(step=tree["step"], params=tree["params"], batch_stats=tree["batch_stats"],
+                        opt_state=tree["opt_state"])
+  return state, restored["meta"]
+
+
+# ----------------------------------------------------------------------------
+# The epoch loop
+# ----------------------------------------------------------------------------
+
+def _weight_table(tcfg, counts: np.ndarray, group_losses: Optional[np.ndarray]) -> np.ndarray:
+  scheme = tcfg.loss_weights
+  if scheme == "hardness" and group_losses is None:
+    scheme = "uniform"  # no validation loss yet: the first epoch trains unweighted
+  kwargs = {"beta": tcfg.effective_beta}
+  if scheme == "hardness":
+    kwargs.update(group_losses=group_losses, power=tcfg.hardness_power, floor=tcfg.hardness_floor)
+  return np.asarray(losses.weight_table(scheme, counts, **kwargs), np.float32)
+
+
+def _epoch_rows(train_split, num_ids: int, ids: np.ndarray, tcfg, seed: int, epoch: int) -> np.ndarray:
+  if tcfg.sampling == "none":
+    return np.arange(len(train_split), dtype=np.int64)
+  kw = {} if tcfg.sampling_target is None else (
+      {"n_per_group": tcfg.sampling_target} if tcfg.sampling == "balanced" else {"target": tcfg.sampling_target})
+  return sampling.sample_indices(ids, num_ids, tcfg.sampling, seed=seed * 100_003 + epoch, **kw).indices
+
+
+def fit(model: nn.Module, splits, tcfg: ml_collections.ConfigDict, seed: int, ckpt_dir: str, *,
+        bits: Optional[Mapping] = None, init_variables: Optional[Mapping] = None,
+        on_epoch_end: Optional[Callable[[int, dict], None]] = None, progress: bool = True) -> dict:
+  """Trains ``model`` on splits.train, validating each epoch; resumes from ``ckpt_dir``.
+
+  Args:
+    tcfg: config.train (epochs, batch_size, optimizer, learning_rate, momentum,
+      weight_decay, warmup_epochs, sampling, sampling_target, loss_weights,
+      weight_target, effective_beta, hardness_power, hardness_floor, eval_batch_size).
+    bits: a bits tree for quantization-aware training, None for full precision.
+    init_variables: start from these (fine-tuning) instead of a fresh init.
+    on_epoch_end: called with (epoch, history entry) after each checkpoint.
+
+  Returns:
+    {"variables", "history": [per-epoch dicts], "epochs_run", "resumed_from", "wall_s", "sample_counts"}.
+  Raises:
+    TrainingDiverged naming the first step whose loss was not finite.
+  """
+  info = splits.info
+  train = splits.train
+  if tcfg.weight_target not in WEIGHT_TARGETS:
+    raise ValueError(f"config.train.weight_target must be one of {WEIGHT_TARGETS}, got {tcfg.weight_target!r}.")
+  by_group = tcfg.weight_target == "group"
+  num_ids = info.num_groups if by_group else info.num_classes
+  ids = train.group if by_group else train.y
+  weight_key = "group" if by_group else "y"
+  steps_per_epoch = -(-len(_epoch_rows(train, num_ids, ids, tcfg, seed, 0)) // tcfg.batch_size)
+  tx = make_optimizer(tcfg, steps_per_epoch)
+  state = create_train_state(model, jax.random.PRNGKey(seed), train.x[:2], tx, init_variables)
+  data = DeviceArrays(train.x, train.y, train.group)
+  step_fn = make_train_step(model, weight_key)
+  mngr = checkpoint_manager(ckpt_dir)
+
+  history: list = []
+  group_losses = None
+  start_epoch = 0
+  restored = restore_checkpoint(mngr, state)
+  if restored is not None:
+    state, meta = restored
+    history = meta["history"]
+    group_losses = None if meta["val_group_losses"] is None else np.asarray(meta["val_group_losses"])
+    start_epoch = int(meta["epoch"]) + 1
+    log.info("resuming from checkpoint of epoch %d in %s", start_epoch - 1, ckpt_dir)
+
+  t0 = time.perf_counter()
+  bar = tqdm(range(start_epoch, tcfg.epochs), desc=f"train seed {seed}", disable=not progress,
+             initial=start_epoch, total=tcfg.epochs, leave=False)
+  sample_counts = None
+  for epoch in bar:
+    rows = _epoch_rows(train, num_ids, ids, tcfg, seed, epoch)
+    sample_counts = np.bincount(ids[rows], minlength=num_ids)
+    table = jnp.asarray(_weight_table(tcfg, np.bincount(ids[rows], minlength=num_ids), group_losses))
+    plan = epoch_batches(rows, tcfg.batch_size, seed=seed * 1_000_003 + epoch)
+    step_metrics = []
+    for idx, mask in zip(plan.idx, plan.mask):
+      state, m = step_fn(state, data.gather(idx, mask), table, bits)
+      step_metrics.append(m)
+    stacked = jax.device_get(jax.tree_util.tree_map(lambda *v: jnp.stack(v), *step_metrics))
+    bad = np.flatnonzero(~np.isfinite(stacked["loss"]))
+    if bad.size:
+      first = epoch * len(plan.idx) + int(bad[0])
+      last_good = mngr.latest_step()
+      mngr.wait_until_finished()
+      raise TrainingDiverged(
+          f"loss became {stacked['loss'][bad[0]]} at step {first} (epoch {epoch}, batch {int(bad[0])}); "
+          f"training stopped. The last good checkpoint is epoch {last_good} in {ckpt_dir}. "
+          "Lower config.train.learning_rate or check the data for NaN/inf.")
+    eval_vars = model_variables(state) if bits is None else {**model_variables(state), "bits": bits}
+    val = evaluate(model, eval_vars, splits.val, info.num_groups, group_is_label=info.group_is_label,
+                   batch_size=tcfg.eval_batch_size)
+    per_id = val["groups"]["loss"] if by_group else _class_losses(model, eval_vars, splits.val, info, tcfg)
+    group_losses = np.nan_to_num(np.asarray(per_id, np.float64), nan=0.0)
+    entry = {"epoch": epoch,
+             "train_loss": float(np.sum(stacked["loss"] * stacked["count"]) / np.sum(stacked["count"])),
+             "train_accuracy": float(np.sum(stacked["correct"]) / np.sum(stacked["count"])),
+             "val_accuracy": val["accuracy"], "val_loss": val["loss"],
+             "val_worst_group_accuracy": val["worst_group_accuracy"],
+             "weights": np.asarray(table).tolist()}
+    history.append(entry)
+    save_checkpoint(mngr, epoch, state, {"epoch": epoch, "history": history,
+                                         "val_group_losses": group_losses.tolist()})
+    bar.set_postfix(loss=f"{entry['train_loss']:.3f}", acc=f"{entry['train_accuracy']:.3f}",
+                    val_acc=f"{entry['val_accuracy']:.3f}")
+    if on_epoch_end is not None:
+      mngr.wait_until_finished()
+      on_epoch_end(epoch, entry)
+  mngr.wait_until_finished()
+  mngr.close()
+  return {"variables": jax.device_get(model_variables(state)), "history": history,
+          "epochs_run": tcfg.epochs - start_epoch, "resumed_from": start_epoch if restored else None,
+          "wall_s": time.perf_counter() - t0,
+          "sample_counts": None if sample_counts is None else sample_counts.tolist()}
+
+
+def _class_losses(model, variables, split, info, tcfg) -> list:
+  """Per-class validation loss (for class-weighted hardness)."""
+  logits = predict(model, variables, split.x, tcfg.eval_batch_size)
+  loss = metrics.per_sample_loss(logits, split.y)
+  count = np.bincount(split.y, minlength=info.num_classes)
+  with np.errstate(invalid="ignore", divide="ignore"):
+    return (np.bincount(split.y, weights=loss, minlength=info.num_classes) / count).tolist()
+
+
+def load_trained(model: nn.Module, splits, tcfg, seed: int, ckpt_dir: str) -> Optional[dict]:
+  """Variables of the finished training run in ``ckpt_dir`` (latest epoch == epochs - 1), else None."""
+  mngr = checkpoint_manager(ckpt_dir)
+  latest = mngr.latest_step()
+  if latest is None or latest != tcfg.epochs - 1:
+    mngr.close()
+    return None
+  # Only the optimizer state's structure must match the checkpoint; the schedule length does not matter.
+  tx = make_optimizer(tcfg, -(-len(splits.train) // tcfg.batch_size))
+  state = create_train_state(model, jax.random.PRNGKey(seed), splits.train.x[:2], tx)
+  state, meta = restore_checkpoint(mngr, state, latest)
+  mngr.close()
+  return {"variables": jax.device_get(model_variables(state)), "history": meta["history"]}
