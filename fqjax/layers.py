@@ -14,6 +14,7 @@ Collections used here:
   "quant_stats": {layer path...: {"lo": [] float32, "hi": [] float32}}: calibrated input ranges.
                  Absent: activations are quantized with the batch's own min/max.
   "act_inputs":  sown layer inputs, only when made mutable (calibration).
+  "quantized_kernels": sown effective kernels (after folding and quantization), only when mutable.
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ from fqjax import quant
 BITS = "bits"
 QUANT_STATS = "quant_stats"
 ACT_INPUTS = "act_inputs"
+KERNELS = "quantized_kernels"
 Padding = Union[str, int, Sequence[tuple[int, int]]]
 
 
@@ -44,8 +46,14 @@ def _read_bits(module: nn.Module) -> tuple[Optional[jax.Array], Optional[jax.Arr
   return w, a
 
 
+def _sow(module: nn.Module, collection: str, name: str, value: jax.Array) -> None:
+  # Not at init: model.init makes every collection mutable, and captures would leak into the variables.
+  if not module.is_initializing() and module.is_mutable_collection(collection):
+    module.sow(collection, name, value)
+
+
 def _quantize_input(module: nn.Module, x: jax.Array, a_bits, ste: str) -> jax.Array:
-  module.sow(ACT_INPUTS, "x", x)
+  _sow(module, ACT_INPUTS, "x", x)
   if a_bits is None:
     return x
   if module.has_variable(QUANT_STATS, "lo"):
@@ -56,11 +64,13 @@ def _quantize_input(module: nn.Module, x: jax.Array, a_bits, ste: str) -> jax.Ar
   return quant.fake_quant(x, a_bits, symmetric=False, ste=ste)
 
 
-def _quantize_kernel(kernel: jax.Array, w_bits, per_channel: bool, narrow_range: bool, ste: str) -> jax.Array:
-  if w_bits is None:
-    return kernel
-  return quant.fake_quant(kernel, w_bits, symmetric=True, narrow_range=narrow_range,
-                          axis=kernel.ndim - 1 if per_channel else None, ste=ste)
+def _quantize_kernel(module: nn.Module, kernel: jax.Array, w_bits, per_channel: bool, narrow_range: bool,
+                     ste: str) -> jax.Array:
+  if w_bits is not None:
+    kernel = quant.fake_quant(kernel, w_bits, symmetric=True, narrow_range=narrow_range,
+                              axis=kernel.ndim - 1 if per_channel else None, ste=ste)
+  _sow(module, KERNELS, "kernel", kernel)
+  return kernel
 
 
 def _conv_padding(padding: Padding, ndim: int):
@@ -103,7 +113,7 @@ class QuantDense(nn.Module):
     bias = self.param("bias", self.bias_init, (self.features,), jnp.float32) if self.use_bias else None
     w_bits, a_bits = _read_bits(self)
     x = _quantize_input(self, x, a_bits, self.ste)
-    kernel = _quantize_kernel(kernel, w_bits, self.per_channel, self.narrow_range, self.ste)
+    kernel = _quantize_kernel(self, kernel, w_bits, self.per_channel, self.narrow_range, self.ste)
     y = jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
     if bias is not None:
       y = y + jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
@@ -133,7 +143,7 @@ class QuantConv(nn.Module):
     bias = self.param("bias", self.bias_init, (self.features,), jnp.float32) if self.use_bias else None
     w_bits, a_bits = _read_bits(self)
     x = _quantize_input(self, x, a_bits, self.ste)
-    kernel = _quantize_kernel(kernel, w_bits, self.per_channel, self.narrow_range, self.ste)
+    kernel = _quantize_kernel(self, kernel, w_bits, self.per_channel, self.narrow_range, self.ste)
     y = _conv(x, kernel, self.strides, self.padding)
     if bias is not None:
       y = y + bias.reshape((1,) * (y.ndim - 1) + (-1,))
@@ -187,10 +197,10 @@ class QuantConvBN(nn.Module):
 
     if not train and self.fold_bn:
       folded, bias = fold_bn(kernel, None, gamma, beta, ra_mean.value, ra_var.value, self.epsilon)
-      folded = _quantize_kernel(folded, w_bits, self.per_channel, self.narrow_range, self.ste)
+      folded = _quantize_kernel(self, folded, w_bits, self.per_channel, self.narrow_range, self.ste)
       return _conv(x, folded, self.strides, self.padding) + bias
 
-    y = _conv(x, _quantize_kernel(kernel, w_bits, self.per_channel, self.narrow_range, self.ste),
+    y = _conv(x, _quantize_kernel(self, kernel, w_bits, self.per_channel, self.narrow_range, self.ste),
               self.strides, self.padding)
     if train:
       axes = tuple(range(y.ndim - 1))

@@ -1,0 +1,192 @@
+"""The forward chain of quantization's effect, per group: weights -> activations -> logits -> softmax.
+
+For a trained model and a bits tree (one bit assignment), against the same model at full precision:
+
+  weights (per layer and whole model; W = full-precision kernel, Q = its quantized value):
+    mean_abs_diff = mean |Q - W|,   rel_l2 = ||Q - W|| / ||W||,
+    induced_sparsity = #{W != 0 and Q == 0} / #{W != 0},   total_sparsity = #{Q == 0} / #Q
+  activations (per quantized layer, per sample i, then averaged per group):
+    rel_err_i = ||a_q(x_i) - a_fp(x_i)|| / (||a_fp(x_i)|| + eps)    (a = the layer's output)
+  logits z [C] per sample:
+    abs_shift = mean_c |z_q - z_fp|,   variance = Var_c(z) (population variance over classes)
+  softmax p per sample with label y:
+    true_prob = p_y,  top_prob = max_c p_c,  margin = p_y - max_{c != y} p_c  (< 0: misclassified)
+Per-group values are means over the group's samples; shifts are (quantized - full precision).
+"""
+from __future__ import annotations
+
+import functools
+from typing import Mapping, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fqjax import layers, metrics
+
+_EPS = 1e-12
+
+
+# ----------------------------------------------------------------------------
+# Per-sample quantities (pure, jit-friendly)
+# ----------------------------------------------------------------------------
+
+def logit_variance(logits: jax.Array) -> jax.Array:
+  """Var over classes of each sample's logits: [N, C] -> [N] (population variance)."""
+  return jnp.var(logits, axis=-1)
+
+
+def softmax_stats(logits: jax.Array, labels: jax.Array) -> dict:
+  """true_prob, top_prob and margin (p_y - max_{c != y} p_c) per sample: [N, C], [N] -> each [N]."""
+  p = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+  true_prob = jnp.take_along_axis(p, labels[:, None], axis=-1)[:, 0]
+  others = jnp.where(jax.nn.one_hot(labels, p.shape[-1], dtype=bool), -jnp.inf, p)
+  return {"true_prob": true_prob, "top_prob": jnp.max(p, axis=-1), "margin": true_prob - jnp.max(others, axis=-1)}
+
+
+def weight_stats(fp: jax.Array, q: jax.Array) -> dict:
+  """Error and sparsity of a quantized tensor ``q`` against its full-precision ``fp`` (same shape)."""
+  fp = np.asarray(fp, np.float64)
+  q = np.asarray(q, np.float64)
+  nonzero = fp != 0
+  return {"mean_abs_diff": float(np.mean(np.abs(q - fp))),
+          "rel_l2": float(np.linalg.norm(q - fp) / max(np.linalg.norm(fp), _EPS)),
+          "induced_sparsity": float(np.sum(nonzero & (q == 0)) / max(np.sum(nonzero), 1)),
+          "total_sparsity": float(np.mean(q == 0)),
+          "size": int(fp.size)}
+
+
+def _merge_weight_stats(per_layer: Mapping[str, dict], fp: Mapping, q: Mapping) -> dict:
+  """Whole-model weight statistics from the concatenated kernels."""
+  names = list(per_layer)
+  flat_fp = np.concatenate([np.asarray(fp[n]).reshape(-1) for n in names])
+  flat_q = np.concatenate([np.asarray(q[n]).reshape(-1) for n in names])
+  return weight_stats(flat_fp, flat_q)
+
+
+# ----------------------------------------------------------------------------
+# Capturing what the layers compute
+# ----------------------------------------------------------------------------
+
+def _is_quant_layer(module: nn.Module, method_name: str) -> bool:
+  return method_name == "__call__" and isinstance(module, layers.QUANT_LAYER_TYPES)
+
+
+def _layer_outputs(intermediates: Mapping, layer_names: Sequence[str]) -> dict:
+  out = {}
+  for name in layer_names:
+    node = intermediates
+    for part in name.split("/"):
+      node = node[part]
+    out[name] = node["__call__"][0]
+  return out
+
+
+def effective_kernels(model: nn.Module, variables: Mapping, bits_tree, sample_x, layer_names) -> dict:
+  """{layer: the kernel the layer multiplies by} at ``bits_tree`` (None: full precision).
+
+  Captured from the layers themselves (the "quantized_kernels" collection), so
+  per-channel scales and BatchNorm folding are exactly what inference uses.
+  """
+  v = {k: val for k, val in variables.items() if k != layers.BITS}
+  if bits_tree is not None:
+    v[layers.BITS] = bits_tree
+  _, state = jax.jit(functools.partial(model.apply, train=False, mutable=[layers.KERNELS]))(v, sample_x)
+  return _layer_outputs_flat(state[layers.KERNELS], layer_names)
+
+
+def _layer_outputs_flat(tree: Mapping, layer_names: Sequence[str]) -> dict:
+  out = {}
+  for name in layer_names:
+    node = tree
+    for part in name.split("/"):
+      node = node[part]
+    out[name] = np.asarray(node["kernel"][0])
+  return out
+
+
+@functools.lru_cache(maxsize=16)
+def _chain_fn(model: nn.Module, layer_names: tuple):
+  """jitted (variables, bits, x, y) -> per-sample chain quantities for FP and quantized."""
+
+  def run(variables, bits, x):
+    v = dict(variables)
+    if bits is not None:
+      v[layers.BITS] = bits
+    logits, state = model.apply(v, x, train=False, capture_intermediates=_is_quant_layer)
+    return logits, _layer_outputs(state["intermediates"], layer_names)
+
+  @jax.jit
+  def chain(variables, bits, x, y):
+    z_fp, a_fp = run(variables, None, x)
+    z_q, a_q = run(variables, bits, x)
+    act_err = {}
+    for name in layer_names:
+      diff = (a_q[name] - a_fp[name]).reshape(x.shape[0], -1)
+      ref = a_fp[name].reshape(x.shape[0], -1)
+      act_err[name] = jnp.linalg.norm(diff, axis=1) / (jnp.linalg.norm(ref, axis=1) + _EPS)
+    s_fp, s_q = softmax_stats(z_fp, y), softmax_stats(z_q, y)
+    out = {"abs_shift": jnp.mean(jnp.abs(z_q - z_fp), axis=-1),
+           "variance_fp": logit_variance(z_fp), "variance": logit_variance(z_q), "logits_q": z_q}
+    out.update({f"{k}_fp": v for k, v in s_fp.items()})
+    out.update(s_q)
+    return out, act_err
+
+  return chain
+
+
+def _group_mean(values: np.ndarray, group: np.ndarray, num_groups: int) -> list:
+  count = np.bincount(group, minlength=num_groups)
+  with np.errstate(invalid="ignore", divide="ignore"):
+    return (np.bincount(group, weights=np.asarray(values, np.float64), minlength=num_groups) / count).tolist()
+
+
+def forward_chain(model: nn.Module, variables: Mapping, bits_tree, x: np.ndarray, y: np.ndarray,
+                  group: np.ndarray, num_groups: int, layer_names: Sequence[str], *,
+                  batch_size: int = 512) -> dict:
+  """Every link of the forward chain for one bit assignment, per group.
+
+  Args:
+    variables: trained {"params", "batch_stats"[, "quant_stats"]}; bits_tree: a "bits" collection.
+    x: [N, ...] float32; y, group: [N] int. layer_names: quantizable layers in forward order.
+
+  Returns:
+    {"weights": {"per_layer": {layer: weight_stats}, "model": weight_stats},
+     "activations": {layer: [G] mean relative error},
+     "logits": {"abs_shift", "variance", "variance_fp", "variance_change": [G]},
+     "softmax": {"true_prob", "top_prob", "margin", and *_fp, *_shift: [G]},
+     "accuracy": [G], "loss": [G]}
+  """
+  layer_names = tuple(layer_names)
+  fp_k = effective_kernels(model, variables, None, x[:1], layer_names)
+  q_k = effective_kernels(model, variables, bits_tree, x[:1], layer_names)
+  per_layer = {n: weight_stats(fp_k[n], q_k[n]) for n in layer_names}
+  chain = _chain_fn(model, layer_names)
+  n = len(x)
+  batch_size = min(batch_size, n)
+  parts, act_parts = [], []
+  for start in range(0, n, batch_size):
+    xb, yb = np.asarray(x[start:start + batch_size]), np.asarray(y[start:start + batch_size])
+    real = len(xb)
+    if real < batch_size:  # fixed batch shape: one compilation
+      xb = np.concatenate([xb, np.repeat(xb[:1], batch_size - real, axis=0)])
+      yb = np.concatenate([yb, np.repeat(yb[:1], batch_size - real, axis=0)])
+    out, act = jax.device_get(chain(variables, bits_tree, xb, yb))
+    parts.append({k: v[:real] for k, v in out.items()})
+    act_parts.append({k: v[:real] for k, v in act.items()})
+  cat = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+  act = {k: np.concatenate([p[k] for p in act_parts]) for k in act_parts[0]}
+  gm = lambda v: _group_mean(v, group, num_groups)
+  logits = {"abs_shift": gm(cat["abs_shift"]), "variance": gm(cat["variance"]),
+            "variance_fp": gm(cat["variance_fp"]), "variance_change": gm(cat["variance"] - cat["variance_fp"])}
+  softmax = {}
+  for key in ("true_prob", "top_prob", "margin"):
+    softmax[key] = gm(cat[key])
+    softmax[f"{key}_fp"] = gm(cat[f"{key}_fp"])
+    softmax[f"{key}_shift"] = gm(cat[key] - cat[f"{key}_fp"])
+  gmetrics = metrics.group_metrics(cat["logits_q"], y, group, num_groups)
+  return {"weights": {"per_layer": per_layer, "model": _merge_weight_stats(per_layer, fp_k, q_k)},
+          "activations": {name: gm(v) for name, v in act.items()},
+          "logits": logits, "softmax": softmax,
+          "accuracy": gmetrics["groups"]["accuracy"], "loss": gmetrics["groups"]["loss"]}
