@@ -41,6 +41,11 @@ def main(argv):
   start = time.perf_counter()
   res = runner.run(config, workdir, _STAGES.value, force=_FORCE.value, progress=not _NO_PROGRESS.value)
   print(runner.format_table(res))
+  if "mitigate" in res:
+    from fqjax import mitigate
+    print(mitigate.format_ablation(res["mitigate"]))
+  if "claims" in res:
+    print("claims of the paper, checked on this run:\n" + runner.format_claims(res))
   timings = ", ".join(f"{k} {v:.1f}s" for k, v in res["timings"].items())
   print(f"stage wall times: {timings}; total {time.perf_counter() - start:.1f}s")
   print(f"results: {os.path.join(workdir, 'results.json')}, {os.path.join(workdir, 'results.csv')}")

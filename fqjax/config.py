@@ -10,6 +10,7 @@ A study config has these sections (each experiment file overrides a few fields):
           small_cnn for images) and kwargs for the module.
   train:  optimizer and the fair-base-model options (sampling, loss weights).
   ptq:    the post-training quantization sweep.
+  mitigate: QAT / mixed precision / FairQAT ablation (fqjax.mitigate).
   eval:   batch size and bootstrap settings.
   distributed: jax.distributed settings for multi-host runs.
 """
@@ -21,7 +22,7 @@ from typing import Iterable, Sequence
 
 import ml_collections
 
-from fqjax import losses, ptq, quant, sampling
+from fqjax import losses, mitigate, ptq, quant, sampling
 from fqjax.data.config import default_data_config, validate_data_config
 from fqjax.models import MODEL_NAMES
 from fqjax.train import OPTIMIZERS, WEIGHT_TARGETS
@@ -65,6 +66,7 @@ def base_config() -> ml_collections.ConfigDict:
       "calibration_batch_size": 128,
       "sweep_mode": "auto",
   })
+  c.mitigate = mitigate.default_mitigate_config()
   c.eval = ml_collections.ConfigDict({"batch_size": 512, "bootstrap_resamples": 1000})
   c.distributed = ml_collections.ConfigDict({
       "initialize": False,
@@ -107,8 +109,10 @@ def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
   t = config.train
   if not _is_int(t.epochs) or t.epochs < 1:
     _fail("train.epochs", t.epochs, "an int >= 1")
-  if not _is_int(t.batch_size) or t.batch_size < 1:
-    _fail("train.batch_size", t.batch_size, "an int >= 1")
+  for section, field in (("train", "batch_size"), ("train", "eval_batch_size"), ("eval", "batch_size"),
+                         ("ptq", "calibration_batch_size")):
+    if not _is_int(config[section][field]) or config[section][field] < 1:
+      _fail(f"{section}.{field}", config[section][field], "an int >= 1")
   if t.optimizer not in OPTIMIZERS:
     _fail("train.optimizer", t.optimizer, f"one of {OPTIMIZERS}")
   if not float(t.learning_rate) > 0:
@@ -136,6 +140,7 @@ def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
     _fail("ptq.sweep_mode", p.sweep_mode, f"one of {ptq.SWEEP_MODES}")
   if not _is_int(p.calibration_batches) or p.calibration_batches < 1:
     _fail("ptq.calibration_batches", p.calibration_batches, "an int >= 1")
+  mitigate.validate_mitigate_config(config.mitigate)
   if not _is_int(config.eval.bootstrap_resamples) or config.eval.bootstrap_resamples < 0:
     _fail("eval.bootstrap_resamples", config.eval.bootstrap_resamples, "an int >= 0 (0 = no interval)")
   return config

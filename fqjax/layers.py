@@ -66,9 +66,15 @@ def _quantize_input(module: nn.Module, x: jax.Array, a_bits, ste: str) -> jax.Ar
 
 def _quantize_kernel(module: nn.Module, kernel: jax.Array, w_bits, per_channel: bool, narrow_range: bool,
                      ste: str) -> jax.Array:
-  if w_bits is not None:
-    kernel = quant.fake_quant(kernel, w_bits, symmetric=True, narrow_range=narrow_range,
-                              axis=kernel.ndim - 1 if per_channel else None, ste=ste)
+  axis = kernel.ndim - 1 if per_channel else None
+  if getattr(module, "lsq", False):
+    # Learned step size: one "w_scale" param per output channel (or per tensor); see quant.lsq_fake_quant.
+    shape = (kernel.shape[-1],) if per_channel else ()
+    w_scale = module.param("w_scale", nn.initializers.ones_init(), shape, jnp.float32)
+    if w_bits is not None:
+      kernel = quant.lsq_fake_quant(kernel, w_scale, w_bits, axis=axis)
+  elif w_bits is not None:
+    kernel = quant.fake_quant(kernel, w_bits, symmetric=True, narrow_range=narrow_range, axis=axis, ste=ste)
   _sow(module, KERNELS, "kernel", kernel)
   return kernel
 
@@ -104,6 +110,7 @@ class QuantDense(nn.Module):
   per_channel: bool = True
   narrow_range: bool = False
   ste: str = "clipped"
+  lsq: bool = False
   kernel_init: Callable = nn.initializers.lecun_normal()
   bias_init: Callable = nn.initializers.zeros_init()
 
@@ -133,6 +140,7 @@ class QuantConv(nn.Module):
   per_channel: bool = True
   narrow_range: bool = False
   ste: str = "clipped"
+  lsq: bool = False
   kernel_init: Callable = nn.initializers.lecun_normal()
   bias_init: Callable = nn.initializers.zeros_init()
 
@@ -179,6 +187,7 @@ class QuantConvBN(nn.Module):
   per_channel: bool = True
   narrow_range: bool = False
   ste: str = "clipped"
+  lsq: bool = False
   momentum: float = 0.9
   epsilon: float = 1e-5
   kernel_init: Callable = nn.initializers.lecun_normal()
@@ -196,6 +205,9 @@ class QuantConvBN(nn.Module):
     x = _quantize_input(self, x, a_bits, self.ste)
 
     if not train and self.fold_bn:
+      if self.lsq:
+        raise ValueError(f"layer {'/'.join(self.scope.path)}: LSQ learned scales are not supported with "
+                         "fold_bn=True (the folded kernel's range differs); use fold_bn=False with LSQ.")
       folded, bias = fold_bn(kernel, None, gamma, beta, ra_mean.value, ra_var.value, self.epsilon)
       folded = _quantize_kernel(self, folded, w_bits, self.per_channel, self.narrow_range, self.ste)
       return _conv(x, folded, self.strides, self.padding) + bias
@@ -215,6 +227,28 @@ class QuantConvBN(nn.Module):
 
 
 QUANT_LAYER_TYPES = (QuantDense, QuantConv, QuantConvBN)
+
+
+def init_lsq_scales(params: Mapping, layer_bits: Mapping[str, tuple], per_channel: bool = True) -> dict:
+  """Params with every layer's "w_scale" set to LSQ's init 2 mean|w| / sqrt(qmax) at its weight bits.
+
+  layer_bits: BitSpec.resolve output {layer: (w_bits, a_bits)}; layers at full precision keep 1.
+  """
+  params = jax.tree_util.tree_map(lambda a: a, dict(params))  # shallow copies of the nested dicts
+
+  def node_of(tree, name):
+    for part in name.split("/"):
+      tree[part] = dict(tree[part])
+      tree = tree[part]
+    return tree
+
+  for name, (w_bits, _) in layer_bits.items():
+    node = node_of(params, name)
+    if "w_scale" not in node:
+      raise ValueError(f"layer {name!r} has no 'w_scale' param; build the model with lsq=True for LSQ.")
+    if w_bits is not None and w_bits < quant.FULL_PRECISION_BITS:
+      node["w_scale"] = quant.lsq_init_scale(node["kernel"], w_bits, axis=-1 if per_channel else None)
+  return params
 
 
 # ----------------------------------------------------------------------------

@@ -408,3 +408,55 @@ def calibrate(batches: Iterable[Array], method: str = "minmax", *, axis: Optiona
   for b in batches:
     state = update_minmax(state, b, axis) if method == "minmax" else update_ema(state, b, decay, axis)
   return state
+
+
+# ----------------------------------------------------------------------------
+# Learned step size quantization (LSQ, Esser et al., ICLR 2020)
+# ----------------------------------------------------------------------------
+
+def round_ste(x: Array) -> Array:
+  """round_half_to_even(x) forward, identity gradient backward."""
+  return x + jax.lax.stop_gradient(jnp.round(x) - x)
+
+
+def scale_gradient(x: Array, g) -> Array:
+  """x forward; gradient multiplied by g backward."""
+  return jax.lax.stop_gradient(x - x * g) + x * g
+
+
+def lsq_init_scale(w: Array, bits: Bits, axis: Optional[int] = None) -> Array:
+  """LSQ's initial step size s = 2 mean|w| / sqrt(qmax), per tensor ([]) or per slice along ``axis`` ([C])."""
+  w = jnp.asarray(w, jnp.float32)
+  axis = _normalize_axis(axis, w.ndim)
+  _, qmax = int_range(bits, symmetric=True)
+  mean_abs = jnp.mean(jnp.abs(w), axis=_reduce_axes(w.ndim, axis))
+  return jnp.maximum(2.0 * mean_abs / jnp.sqrt(jnp.maximum(qmax, 1.0)), 1e-8)
+
+
+def lsq_fake_quant(x: Array, scale: Array, bits: Bits, *, axis: Optional[int] = None) -> Array:
+  """Symmetric fake quantization with a learned step size ``scale`` ([] or [C] along ``axis``).
+
+  x_hat = clip(round(x / s), qmin, qmax) * s, with a straight-through round, so
+  d x_hat / d x = 1 inside the range and 0 outside, and d x_hat / d s is LSQ's
+  (round(x/s) - x/s inside, qmin or qmax outside). The step size's gradient is
+  scaled by g = 1 / sqrt(n * qmax), n = elements per scale, as LSQ prescribes.
+  One bit: x_hat = s * sign(x). bits None / >= 32: x unchanged.
+  """
+  check_bits(bits)
+  if is_full_precision(bits):
+    return x
+  xf = jnp.asarray(x).astype(jnp.float32)
+  axis = _normalize_axis(axis, xf.ndim)
+  qmin, qmax = int_range(bits, symmetric=True)
+  n_per_scale = xf.size // max(int(np.size(scale)), 1)
+  s = scale_gradient(jnp.asarray(scale, jnp.float32), jax.lax.rsqrt(n_per_scale * jnp.maximum(qmax, 1.0)))
+  s = _broadcast_param(s, xf.ndim, axis)
+  v = xf / s
+  multi = jnp.clip(round_ste(v), qmin, qmax)
+  v_in = jnp.clip(v, -1.0, 1.0)  # one bit: straight-through inside [-s, s]
+  binary = jnp.where(v >= 0, 1.0, -1.0) + (v_in - jax.lax.stop_gradient(v_in))
+  q = jnp.where(jnp.asarray(bits, jnp.float32) <= 1.0, binary, multi)
+  out = (q * s).astype(jnp.asarray(x).dtype)
+  if _is_concrete(bits):
+    return out
+  return jnp.where(jnp.asarray(bits) >= FULL_PRECISION_BITS, x, out)

@@ -25,13 +25,14 @@ import numpy as np
 
 from fqjax import config as config_lib
 from fqjax import data as data_lib
-from fqjax import layers, metrics, ptq, quant, results, train
+from fqjax import claims, layers, metrics, mitigate, ptq, quant, results, train
 from fqjax.models import get_model
 
 log = logging.getLogger("fqjax")
 
 TRAIN_SECTIONS = ("data", "model", "train")
 PTQ_SECTIONS = ("data", "model", "train", "ptq", "eval")
+MITIGATE_SECTIONS = ("data", "model", "train", "ptq", "mitigate", "eval")
 
 
 class Study:
@@ -176,7 +177,8 @@ def stage_ptq(study: Study, force: bool) -> bool:
     for i, (b, spec) in enumerate(zip(bit_widths, specs)):
       m = metrics.group_metrics(logits[i], test.y, test.group, study.info.num_groups,
                                 group_is_label=study.info.group_is_label, reference=ref)
-      size = quant.storage_size(variables["params"], layers.weight_bits_by_layer(spec, study.layer_names))
+      size = quant.storage_size(variables["params"], layers.weight_bits_by_layer(spec, study.layer_names),
+                                per_channel=p.per_channel)
       m["size_bytes"] = size["bytes"]
       if cfg.eval.bootstrap_resamples:
         correct = logits[i].argmax(-1) == test.y
@@ -194,8 +196,49 @@ def stage_ptq(study: Study, force: bool) -> bool:
   return True
 
 
+def stage_mitigate(study: Study, force: bool) -> bool:
+  cfg = study.config
+  m = cfg.mitigate
+  fp = config_lib.fingerprint(cfg, MITIGATE_SECTIONS)
+  section = study.results.get("mitigate")
+  if section is None or section.get("fingerprint") != fp or force:
+    if section is not None or force:
+      log.info("mitigate: config changed or --force; earlier QAT checkpoints are deleted")
+      for seed in study.seeds:
+        shutil.rmtree(study.ckpt_dir(seed, "mitigate"), ignore_errors=True)
+    section = {"fingerprint": fp, "bit_widths": list(m.bit_widths), "methods": list(m.methods), "per_seed": {}}
+  ran = False
+  t0 = time.perf_counter()
+  for seed in study.seeds:
+    fp_vars = None
+    entries = section["per_seed"].setdefault(str(seed), {})
+    for method in m.methods:
+      for bits in m.bit_widths:
+        if str(bits) in entries.get(method, {}):
+          continue
+        ran = True
+        if fp_vars is None:
+          fp_vars = load_trained_variables(study, seed)
+          fp_test = train.evaluate(study.model, fp_vars, study.splits.test, study.info.num_groups,
+                                   group_is_label=study.info.group_is_label, batch_size=cfg.eval.batch_size)
+        ckpt = os.path.join(study.ckpt_dir(seed, "mitigate"), f"{method}_w{bits}")
+        r = mitigate.run_method(study, method, int(bits), seed, fp_vars, fp_test, ckpt)
+        entries.setdefault(method, {})[str(bits)] = r
+        log.info("mitigate seed %d %s %d-bit: acc %.3f worst %.3f fv %.3f (%.1f s)", seed, method, bits,
+                 r["accuracy"], r["worst_group_accuracy"], r["fairness_violation"], r["train_s"])
+        study.results["mitigate"] = section
+        study.save()  # after every entry: a killed run keeps what it finished
+  section.update(mitigate.summarize(section["per_seed"], m.methods, m.bit_widths, study.seeds))
+  if ran:
+    section["wall_s"] = time.perf_counter() - t0
+  study.results["mitigate"] = section
+  study.results["claims"] = claims.check_claims(study.results)
+  return ran
+
+
 # Each stage returns whether it did any work (False: skipped, outputs already in the workdir).
-STAGE_FUNCTIONS: dict[str, Callable[[Study, bool], bool]] = {"train": stage_train, "ptq": stage_ptq}
+STAGE_FUNCTIONS: dict[str, Callable[[Study, bool], bool]] = {"train": stage_train, "ptq": stage_ptq,
+                                                             "mitigate": stage_mitigate}
 
 
 def available_stages() -> list[str]:
@@ -236,6 +279,12 @@ def _attach_log_file(workdir: str) -> None:
     handler = logging.FileHandler(path)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     log.addHandler(handler)
+
+
+def format_claims(res: dict) -> str:
+  if "claims" not in res:
+    return ""
+  return "\n".join(f"  {name}: {c['verdict']}" for name, c in res["claims"].items() if isinstance(c, dict))
 
 
 def format_table(res: dict) -> str:

@@ -46,17 +46,25 @@ def make_optimizer(tcfg: ml_collections.ConfigDict, steps_per_epoch: int) -> opt
 
   Schedule: lr rises linearly from 0 over ``warmup_epochs`` and decays by a
   cosine to 0 at the end of ``epochs``. SGD's weight decay is L2 added to the
-  gradient (before momentum); AdamW's is decoupled.
+  gradient (before momentum); AdamW's is decoupled. Equal settings return the
+  same object, so a jitted step that closes over the state's optimizer is reused
+  across runs (seeds, bit-widths) instead of recompiled.
   """
-  total = max(int(tcfg.epochs * steps_per_epoch), 1)
-  warmup = min(int(tcfg.warmup_epochs * steps_per_epoch), total - 1)
-  schedule = optax.warmup_cosine_decay_schedule(0.0, tcfg.learning_rate, warmup, total, end_value=0.0)
-  if tcfg.optimizer == "sgd":
-    return optax.chain(optax.add_decayed_weights(tcfg.weight_decay),
-                       optax.sgd(schedule, momentum=tcfg.momentum, nesterov=False))
-  if tcfg.optimizer == "adamw":
-    return optax.adamw(schedule, weight_decay=tcfg.weight_decay)
-  raise ValueError(f"config.train.optimizer must be one of {OPTIMIZERS}, got {tcfg.optimizer!r}.")
+  if tcfg.optimizer not in OPTIMIZERS:
+    raise ValueError(f"config.train.optimizer must be one of {OPTIMIZERS}, got {tcfg.optimizer!r}.")
+  return _optimizer(tcfg.optimizer, float(tcfg.learning_rate), float(tcfg.momentum), float(tcfg.weight_decay),
+                    float(tcfg.warmup_epochs), int(tcfg.epochs), int(steps_per_epoch))
+
+
+@functools.lru_cache(maxsize=64)
+def _optimizer(name: str, learning_rate: float, momentum: float, weight_decay: float, warmup_epochs: float,
+               epochs: int, steps_per_epoch: int) -> optax.GradientTransformation:
+  total = max(epochs * steps_per_epoch, 1)
+  warmup = min(int(warmup_epochs * steps_per_epoch), total - 1)
+  schedule = optax.warmup_cosine_decay_schedule(0.0, learning_rate, warmup, total, end_value=0.0)
+  if name == "sgd":
+    return optax.chain(optax.add_decayed_weights(weight_decay), optax.sgd(schedule, momentum=momentum))
+  return optax.adamw(schedule, weight_decay=weight_decay)
 
 
 def create_train_state(model: nn.Module, key: jax.Array, sample_x: jax.Array,
@@ -64,7 +72,11 @@ def create_train_state(model: nn.Module, key: jax.Array, sample_x: jax.Array,
   """Initializes params and batch stats (or takes ``variables``) and the optimizer state."""
   if variables is None:
     variables = jax.jit(functools.partial(model.init, train=False))(key, sample_x)
-  return TrainState.create(apply_fn=model.apply, params=variables["params"],
+  else:
+    variables = jax.tree_util.tree_map(jnp.array, dict(variables))  # copies: the jitted step donates the state
+  # apply_fn stays None: a bound method compares by identity, so storing it in the state (a static,
+  # treedef-level field) would make every model clone recompile the jitted step.
+  return TrainState.create(apply_fn=None, params=variables["params"],
                            batch_stats=variables.get("batch_stats", {}), tx=tx)
 
 
@@ -72,33 +84,42 @@ def model_variables(state: TrainState) -> dict:
   return {"params": state.params, "batch_stats": state.batch_stats}
 
 
-def make_train_step(model: nn.Module, weight_key: str = "group") -> Callable:
-  """Jitted step(state, batch, weight_table, bits) -> (state, {"loss", "correct", "count"}).
+@functools.lru_cache(maxsize=32)
+def make_train_step(model: nn.Module, weight_key: str = "group", bn_train: bool = True) -> Callable:
+  """Jitted step(state, batch, weight_table, extra) -> (state, {"loss", "correct", "count"}).
 
   batch: {"x": [B, ...], "y": [B], "group": [B], "mask": [B]}; weight_table: [G]
-  (or [num_classes] when weight_key == "y"); bits: a bits tree for QAT, or None
-  for full precision. The loss is fqjax.losses.weighted_cross_entropy over the
-  real (mask 1) samples. The state is donated.
+  (or [num_classes] when weight_key == "y"); extra: more variable collections,
+  e.g. {"bits": bits_tree, "quant_stats": ranges} for QAT, or None for full precision.
+  The loss is fqjax.losses.weighted_cross_entropy over the real (mask 1) samples. The state is donated.
+  bn_train=False freezes BatchNorm: running statistics are used and not updated
+  (and a fold_bn model trains on its folded, quantized kernel, as QAT practice does).
   """
 
-  def loss_fn(params, state, batch, weight_table, bits):
-    variables = {"params": params, "batch_stats": state.batch_stats}
-    if bits is not None:
-      variables["bits"] = bits
+  def loss_fn(params, state, batch, weight_table, extra):
+    variables = {"params": params, "batch_stats": state.batch_stats, **(extra or {})}
+    if not bn_train:
+      return _frozen_bn_loss(model, variables, batch, weight_table, weight_key, state.batch_stats)
     logits, updates = model.apply(variables, batch["x"], train=True, mutable=["batch_stats"])
     weights = losses.gather_weights(weight_table, batch[weight_key])
     loss = losses.weighted_cross_entropy(logits, batch["y"], weights, batch["mask"])
     return loss, (logits, updates.get("batch_stats", {}))
 
   @functools.partial(jax.jit, donate_argnums=(0,))
-  def step(state, batch, weight_table, bits=None):
+  def step(state, batch, weight_table, extra=None):
     (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.params, state, batch, weight_table, bits)
+        state.params, state, batch, weight_table, extra)
     state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
     correct = jnp.sum((jnp.argmax(logits, -1) == batch["y"]) * batch["mask"])
     return state, {"loss": loss, "correct": correct, "count": jnp.sum(batch["mask"])}
 
   return step
+
+
+def _frozen_bn_loss(model, variables, batch, weight_table, weight_key, batch_stats):
+  logits = model.apply(variables, batch["x"], train=False)
+  weights = losses.gather_weights(weight_table, batch[weight_key])
+  return losses.weighted_cross_entropy(logits, batch["y"], weights, batch["mask"]), (logits, batch_stats)
 
 
 @functools.lru_cache(maxsize=32)
@@ -184,7 +205,8 @@ def _epoch_rows(train_split, num_ids: int, ids: np.ndarray, tcfg, seed: int, epo
 
 def fit(model: nn.Module, splits, tcfg: ml_collections.ConfigDict, seed: int, ckpt_dir: str, *,
         bits: Optional[Mapping] = None, init_variables: Optional[Mapping] = None,
-        on_epoch_end: Optional[Callable[[int, dict], None]] = None, progress: bool = True) -> dict:
+        bn_train_epochs: Optional[int] = None, extra_variables: Optional[Mapping] = None,
+        init_group_losses: Optional[np.ndarray] = None, on_epoch_end: Optional[Callable[[int, dict], None]] = None, progress: bool = True) -> dict:
   """Trains ``model`` on splits.train, validating each epoch; resumes from ``ckpt_dir``.
 
   Args:
@@ -193,6 +215,11 @@ def fit(model: nn.Module, splits, tcfg: ml_collections.ConfigDict, seed: int, ck
       weight_target, effective_beta, hardness_power, hardness_floor, eval_batch_size).
     bits: a bits tree for quantization-aware training, None for full precision.
     init_variables: start from these (fine-tuning) instead of a fresh init.
+    bn_train_epochs: BatchNorm trains (batch statistics) for this many epochs, then
+      is frozen (running statistics; folded when the model has fold_bn). None: never frozen.
+    extra_variables: more collections for the forward pass (e.g. "quant_stats").
+    init_group_losses: [G] per-group losses for the first epoch's hardness weights
+      (fine-tuning: the starting model's validation losses); None: uniform first epoch.
     on_epoch_end: called with (epoch, history entry) after each checkpoint.
 
   Returns:
@@ -212,11 +239,14 @@ def fit(model: nn.Module, splits, tcfg: ml_collections.ConfigDict, seed: int, ck
   tx = make_optimizer(tcfg, steps_per_epoch)
   state = create_train_state(model, jax.random.PRNGKey(seed), train.x[:2], tx, init_variables)
   data = DeviceArrays(train.x, train.y, train.group)
-  step_fn = make_train_step(model, weight_key)
   mngr = checkpoint_manager(ckpt_dir)
 
+  extra = dict(extra_variables or {})
+  if bits is not None:
+    extra["bits"] = bits
+  extra = extra or None
   history: list = []
-  group_losses = None
+  group_losses = None if init_group_losses is None else np.asarray(init_group_losses, np.float64)
   start_epoch = 0
   restored = restore_checkpoint(mngr, state)
   if restored is not None:
@@ -235,9 +265,10 @@ def fit(model: nn.Module, splits, tcfg: ml_collections.ConfigDict, seed: int, ck
     sample_counts = np.bincount(ids[rows], minlength=num_ids)
     table = jnp.asarray(_weight_table(tcfg, np.bincount(ids[rows], minlength=num_ids), group_losses))
     plan = epoch_batches(rows, tcfg.batch_size, seed=seed * 1_000_003 + epoch)
+    step_fn = make_train_step(model, weight_key, bn_train_epochs is None or epoch < bn_train_epochs)
     step_metrics = []
     for idx, mask in zip(plan.idx, plan.mask):
-      state, m = step_fn(state, data.gather(idx, mask), table, bits)
+      state, m = step_fn(state, data.gather(idx, mask), table, extra)
       step_metrics.append(m)
     stacked = jax.device_get(jax.tree_util.tree_map(lambda *v: jnp.stack(v), *step_metrics))
     bad = np.flatnonzero(~np.isfinite(stacked["loss"]))
@@ -249,7 +280,7 @@ def fit(model: nn.Module, splits, tcfg: ml_collections.ConfigDict, seed: int, ck
           f"loss became {stacked['loss'][bad[0]]} at step {first} (epoch {epoch}, batch {int(bad[0])}); "
           f"training stopped. The last good checkpoint is epoch {last_good} in {ckpt_dir}. "
           "Lower config.train.learning_rate or check the data for NaN/inf.")
-    eval_vars = model_variables(state) if bits is None else {**model_variables(state), "bits": bits}
+    eval_vars = {**model_variables(state), **(extra or {})}
     val = evaluate(model, eval_vars, splits.val, info.num_groups, group_is_label=info.group_is_label,
                    batch_size=tcfg.eval_batch_size)
     per_id = val["groups"]["loss"] if by_group else _class_losses(model, eval_vars, splits.val, info, tcfg)

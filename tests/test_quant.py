@@ -238,3 +238,29 @@ class BadInputTest(chex.TestCase):
   def test_bad_calibration_method(self):
     with self.assertRaisesRegex(ValueError, "calibration method"):
       quant.calibrate([_x()], "kl")
+
+
+class LSQTest(chex.TestCase):
+
+  def test_forward_matches_grid_and_full_precision_identity(self):
+    x = jnp.array([-1.0, -0.26, 0.1, 0.4, 2.0])
+    y = quant.lsq_fake_quant(x, jnp.float32(0.25), 3)
+    np.testing.assert_allclose(y, np.clip(np.round(np.asarray(x) / 0.25), -4, 3) * 0.25)
+    np.testing.assert_array_equal(quant.lsq_fake_quant(x, 0.25, 32), x)
+    np.testing.assert_array_equal(jax.jit(quant.lsq_fake_quant)(x, 0.25, 32.0), x)
+
+  def test_gradients_follow_lsq(self):
+    x = jnp.array([-2.0, -0.3, 0.1, 0.4, 0.9])
+    s, bits = 0.25, 3  # grid [-4, 3] * s = [-1.0, 0.75]
+    gx, gs = jax.grad(lambda v, sc: jnp.sum(quant.lsq_fake_quant(v, sc, bits)), argnums=(0, 1))(x, s)
+    np.testing.assert_array_equal(gx, [0.0, 1.0, 1.0, 1.0, 0.0])
+    v = np.asarray(x) / s
+    inside = (v >= -4) & (v <= 3)
+    per_elem = np.where(inside, np.round(v) - v, np.clip(v, -4, 3))
+    g = 1.0 / np.sqrt(x.size * 3)  # LSQ gradient scale for n elements, qmax = 3
+    np.testing.assert_allclose(gs, per_elem.sum() * g, rtol=1e-5)
+
+  def test_per_channel_init_scale(self):
+    w = jnp.array([[1.0, -4.0], [-3.0, 0.0]])
+    s = quant.lsq_init_scale(w, 4, axis=1)
+    np.testing.assert_allclose(s, [2 * 2.0 / np.sqrt(7), 2 * 2.0 / np.sqrt(7)], rtol=1e-6)

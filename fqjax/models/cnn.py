@@ -17,11 +17,12 @@ class SmallCNN(nn.Module):
   fold_bn: bool = False
   per_channel: bool = True
   ste: str = "clipped"
+  lsq: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     conv = lambda f, name: QuantConvBN(f, (3, 3), fold_bn=self.fold_bn, per_channel=self.per_channel,
-                                      ste=self.ste, name=name)
+                                      ste=self.ste, lsq=self.lsq, name=name)
     x = nn.relu(conv(self.width, "conv1")(x, train))
     x = nn.relu(conv(2 * self.width, "conv2")(x, train))
     x = nn.max_pool(x, (2, 2), strides=(2, 2))
@@ -29,4 +30,4 @@ class SmallCNN(nn.Module):
     if x.shape[1] >= 8:
       x = nn.max_pool(x, (2, 2), strides=(2, 2))
     x = jnp.mean(x, axis=(1, 2))
-    return QuantDense(self.num_classes, per_channel=self.per_channel, ste=self.ste, name="head")(x)
+    return QuantDense(self.num_classes, per_channel=self.per_channel, ste=self.ste, lsq=self.lsq, name="head")(x)

@@ -16,11 +16,13 @@ class MLP(nn.Module):
   hidden: Sequence[int] = (256, 128)
   per_channel: bool = True
   ste: str = "clipped"
+  lsq: bool = False
   fold_bn: bool = False  # no BatchNorm here; accepted for a uniform model API
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     x = x.reshape((x.shape[0], -1))
+    dense = lambda f, name: QuantDense(f, per_channel=self.per_channel, ste=self.ste, lsq=self.lsq, name=name)
     for i, width in enumerate(self.hidden):
-      x = nn.relu(QuantDense(width, per_channel=self.per_channel, ste=self.ste, name=f"dense{i}")(x))
-    return QuantDense(self.num_classes, per_channel=self.per_channel, ste=self.ste, name="head")(x)
+      x = nn.relu(dense(width, f"dense{i}")(x))
+    return dense(self.num_classes, "head")(x)

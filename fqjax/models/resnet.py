@@ -21,11 +21,12 @@ class BasicBlock(nn.Module):
   fold_bn: bool = False
   per_channel: bool = True
   ste: str = "clipped"
+  lsq: bool = False
   expansion = 1
 
   @nn.compact
   def __call__(self, x, train: bool):
-    kw = dict(fold_bn=self.fold_bn, per_channel=self.per_channel, ste=self.ste)
+    kw = dict(fold_bn=self.fold_bn, per_channel=self.per_channel, ste=self.ste, lsq=self.lsq)
     y = nn.relu(QuantConvBN(self.features, (3, 3), self.strides, name="conv1", **kw)(x, train))
     y = QuantConvBN(self.features, (3, 3), 1, name="conv2", **kw)(y, train)
     if x.shape != y.shape:
@@ -40,11 +41,12 @@ class Bottleneck(nn.Module):
   fold_bn: bool = False
   per_channel: bool = True
   ste: str = "clipped"
+  lsq: bool = False
   expansion = 4
 
   @nn.compact
   def __call__(self, x, train: bool):
-    kw = dict(fold_bn=self.fold_bn, per_channel=self.per_channel, ste=self.ste)
+    kw = dict(fold_bn=self.fold_bn, per_channel=self.per_channel, ste=self.ste, lsq=self.lsq)
     y = nn.relu(QuantConvBN(self.features, (1, 1), 1, name="conv1", **kw)(x, train))
     y = nn.relu(QuantConvBN(self.features, (3, 3), self.strides, name="conv2", **kw)(y, train))
     y = QuantConvBN(self.features * 4, (1, 1), 1, name="conv3", **kw)(y, train)
@@ -63,12 +65,13 @@ class ResNet(nn.Module):
   fold_bn: bool = False
   per_channel: bool = True
   ste: str = "clipped"
+  lsq: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     if self.stem not in STEMS:
       raise ValueError(f"ResNet stem must be one of {STEMS}, got {self.stem!r}.")
-    kw = dict(fold_bn=self.fold_bn, per_channel=self.per_channel, ste=self.ste)
+    kw = dict(fold_bn=self.fold_bn, per_channel=self.per_channel, ste=self.ste, lsq=self.lsq)
     block_cls = {"basic": BasicBlock, "bottleneck": Bottleneck}[self.block]
     if self.stem == "cifar":
       x = nn.relu(QuantConvBN(self.width, (3, 3), 1, name="stem", **kw)(x, train))
@@ -80,7 +83,7 @@ class ResNet(nn.Module):
         strides = 2 if stage > 0 and b == 0 else 1
         x = block_cls(self.width * 2**stage, strides, name=f"stage{stage + 1}_block{b + 1}", **kw)(x, train)
     x = jnp.mean(x, axis=(1, 2))
-    return QuantDense(self.num_classes, per_channel=self.per_channel, ste=self.ste, name="head")(x)
+    return QuantDense(self.num_classes, per_channel=self.per_channel, ste=self.ste, lsq=self.lsq, name="head")(x)
 
 
 RESNET_DEPTHS = {18: ((2, 2, 2, 2), "basic"), 34: ((3, 4, 6, 3), "basic"), 50: ((3, 4, 6, 3), "bottleneck")}

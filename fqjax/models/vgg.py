@@ -24,6 +24,7 @@ class VGG(nn.Module):
   fold_bn: bool = False
   per_channel: bool = True
   ste: str = "clipped"
+  lsq: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -35,9 +36,9 @@ class VGG(nn.Module):
         continue
       i += 1
       x = nn.relu(QuantConvBN(int(item), (3, 3), fold_bn=self.fold_bn, per_channel=self.per_channel,
-                              ste=self.ste, name=f"conv{i}")(x, train))
+                              ste=self.ste, lsq=self.lsq, name=f"conv{i}")(x, train))
     x = jnp.mean(x, axis=(1, 2))
-    return QuantDense(self.num_classes, per_channel=self.per_channel, ste=self.ste, name="head")(x)
+    return QuantDense(self.num_classes, per_channel=self.per_channel, ste=self.ste, lsq=self.lsq, name="head")(x)
 
 
 def vgg(depth: int, num_classes: int, **kwargs) -> VGG:
