@@ -24,7 +24,7 @@ import ml_collections
 
 from fqjax import losses, mitigate, ptq, quant, sampling
 from fqjax.data.config import default_data_config, validate_data_config
-from fqjax.models import MODEL_NAMES
+from fqjax.models import MODEL_NAMES, get_model
 from fqjax.train import OPTIMIZERS, WEIGHT_TARGETS
 
 STAGES = ("train", "ptq", "explain", "mitigate", "report")
@@ -106,6 +106,12 @@ def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
   validate_data_config(config)
   if config.model.name not in MODEL_NAMES + ("auto",):
     _fail("model.name", config.model.name, f"one of {MODEL_NAMES + ('auto',)}")
+  kwargs = config.model.kwargs.to_dict() if hasattr(config.model.kwargs, "to_dict") else dict(config.model.kwargs)
+  if config.model.name != "auto":  # "auto" picks the model from the data, so its kwargs are checked then
+    try:
+      get_model(config.model.name, 2, **kwargs)
+    except TypeError as e:
+      _fail("model.kwargs", kwargs, f"fields of the {config.model.name} module ({e})")
   t = config.train
   if not _is_int(t.epochs) or t.epochs < 1:
     _fail("train.epochs", t.epochs, "an int >= 1")

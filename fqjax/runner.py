@@ -67,6 +67,9 @@ class Study:
       return  # multi-host: only process 0 writes results
     self.results["updated"] = results.now()
     results.validate(self.results)
+    # config.json is written with the results, so it always describes what the workdir holds.
+    results.atomic_write_text(os.path.join(self.workdir, "config.json"),
+                              self.config.to_json_best_effort(indent=1) + "\n")
     results.write_json(os.path.join(self.workdir, "results.json"), self.results)
     results.write_csv(os.path.join(self.workdir, "results.csv"), results.csv_rows(self.results))
 
@@ -259,8 +262,6 @@ def run(config: ml_collections.ConfigDict, workdir: str, stages: Optional[Sequen
                        f"available: {available_stages()}.")
   os.makedirs(workdir, exist_ok=True)
   _attach_log_file(workdir)
-  if jax.process_index() == 0:
-    results.atomic_write_text(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=1) + "\n")
   study = Study(config, workdir, progress=progress)
   study.results["timings"]["data"] = study.data_s
   for stage in stages:

@@ -71,13 +71,18 @@ def create_train_state(model: nn.Module, key: jax.Array, sample_x: jax.Array,
                        tx: optax.GradientTransformation, variables: Optional[Mapping] = None) -> TrainState:
   """Initializes params and batch stats (or takes ``variables``) and the optimizer state."""
   if variables is None:
-    variables = jax.jit(functools.partial(model.init, train=False))(key, sample_x)
+    variables = _init_fn(model)(key, sample_x)
   else:
     variables = jax.tree_util.tree_map(jnp.array, dict(variables))  # copies: the jitted step donates the state
   # apply_fn stays None: a bound method compares by identity, so storing it in the state (a static,
   # treedef-level field) would make every model clone recompile the jitted step.
   return TrainState.create(apply_fn=None, params=variables["params"],
                            batch_stats=variables.get("batch_stats", {}), tx=tx)
+
+
+@functools.lru_cache(maxsize=32)
+def _init_fn(model: nn.Module) -> Callable:
+  return jax.jit(functools.partial(model.init, train=False))
 
 
 def model_variables(state: TrainState) -> dict:
@@ -276,10 +281,12 @@ def fit(model: nn.Module, splits, tcfg: ml_collections.ConfigDict, seed: int, ck
       first = epoch * len(plan.idx) + int(bad[0])
       last_good = mngr.latest_step()
       mngr.wait_until_finished()
+      mngr.close()
+      kept = (f"The last good checkpoint is epoch {last_good} in {ckpt_dir}." if last_good is not None
+              else f"No checkpoint was written yet (it failed in the first epoch); {ckpt_dir} is empty.")
       raise TrainingDiverged(
           f"loss became {stacked['loss'][bad[0]]} at step {first} (epoch {epoch}, batch {int(bad[0])}); "
-          f"training stopped. The last good checkpoint is epoch {last_good} in {ckpt_dir}. "
-          "Lower config.train.learning_rate or check the data for NaN/inf.")
+          f"training stopped. {kept} Lower config.train.learning_rate or check the data for NaN/inf.")
     eval_vars = {**model_variables(state), **(extra or {})}
     val = evaluate(model, eval_vars, splits.val, info.num_groups, group_is_label=info.group_is_label,
                    batch_size=tcfg.eval_batch_size)
