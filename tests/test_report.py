@@ -1,0 +1,251 @@
+"""fqjax.report on a tiny real run (train, ptq, mitigate) plus a constructed explain section.
+
+Checks: every figure is a decodable, non-trivial PNG; report.html is self-contained and
+references only files that exist; report.md has every section and the numbers of
+results.json; partial workdirs render and say what is missing; the CLI's exit codes.
+"""
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from fqjax import claims, report, results, runner
+from fqjax.config import base_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SECTIONS = ("Full-precision training", "PTQ sweep", "Explain: forward chain", "Explain: curvature",
+            "Mitigation ablation", "Claims", "Run")
+
+
+def _config():
+  c = base_config()
+  c.name = "tiny"
+  c.seeds = (0, 1)
+  c.data.name = "synthetic"
+  c.data.synthetic.group_sizes = (160, 80, 40)
+  c.data.synthetic.noise = (1.0, 1.2, 1.5)
+  c.data.synthetic.shift = (0.0, 0.5, 1.0)
+  c.model.name = "small_cnn"
+  c.model.kwargs.width = 4
+  c.train.epochs = 1
+  c.train.batch_size = 32
+  c.train.learning_rate = 0.05
+  c.ptq.bit_widths = (32, 8, 4, 2)
+  c.eval.bootstrap_resamples = 20
+  c.mitigate.bit_widths = (4,)
+  c.mitigate.methods = ("ptq", "qat", "fairqat")
+  c.mitigate.epochs = 1
+  c.mitigate.batch_size = 32
+  return c
+
+
+def fake_explain(res, bit_widths=(32, 4, 2), k=3):
+  """An explain section with the documented schema; minority groups get larger curvature and shifts."""
+  sizes = np.asarray(res["dataset"]["counts"]["train"], np.float64)
+  num_groups, layer_names = len(sizes), res["model"]["layer_names"]
+  small = (sizes < np.median(sizes)).astype(np.float64)
+  per_seed = {}
+  for si, seed in enumerate(res["seeds"]):
+    rng = np.random.default_rng(si)
+    jitter = lambda: 1 + 0.05 * rng.standard_normal(num_groups)
+    per_seed[str(seed)] = {}
+    for b in bit_widths:
+      e = 0.0 if b == 32 else 2.0 ** -b
+      per_layer = {n: {"mean_abs_diff": 0.01 * e * (i + 1), "rel_l2": e * (i + 1),
+                       "induced_sparsity": min(1.0, 2 * e * (i + 1)), "total_sparsity": min(1.0, 2.5 * e * (i + 1)),
+                       "size": 100 * (i + 1)} for i, n in enumerate(layer_names)}
+      var_fp = 4.0 + sizes / sizes.max()
+      var_q = var_fp * (1 - e * (1 + small))
+      tp_fp = 0.9 - 0.2 * small
+      grad = 10.0 / np.sqrt(sizes) * (1 + e) * jitter()
+      eig = 50.0 / sizes * (1 + e) * jitter()
+      margin = (2 * tp_fp - 1 - e * (1 + small)).tolist()
+      if si == 1:
+        margin[0] = None  # JSON null: a group with no samples or a NaN
+      per_seed[str(seed)][str(b)] = {
+          "weights": {"per_layer": per_layer, "model": {k2: float(np.mean([v[k2] for v in per_layer.values()]))
+                                                        for k2 in per_layer[layer_names[0]]}},
+          "activations": {n: (e * (i + 1) * (1 + small)).tolist() for i, n in enumerate(layer_names)},
+          "logits": {"abs_shift": (e * (1 + small)).tolist(), "variance": var_q.tolist(),
+                     "variance_fp": var_fp.tolist(), "variance_change": (var_q - var_fp).tolist()},
+          "softmax": {"true_prob": (tp_fp - e * small).tolist(), "top_prob": (tp_fp * 0 + 0.9).tolist(),
+                      "margin": margin, "true_prob_fp": tp_fp.tolist(), "top_prob_fp": [0.9] * num_groups,
+                      "margin_fp": (2 * tp_fp - 1).tolist(), "true_prob_shift": (-e * small).tolist(),
+                      "top_prob_shift": [0.0] * num_groups, "margin_shift": (-e * (1 + small)).tolist()},
+          "accuracy": (0.9 - 0.1 * small - e).tolist(), "loss": (0.3 + 0.2 * small + e).tolist(),
+          "curvature": {"grad_norm": grad.tolist(), "top_eigenvalue": eig.tolist(),
+                        "top_k_eigenvalues": [[float(v) / (j + 1) for j in range(k)] for v in eig],
+                        "spearman_size_grad_norm": claims.spearman(sizes, grad),
+                        "spearman_size_top_eigenvalue": claims.spearman(sizes, eig)}}
+  return {"fingerprint": "test", "bit_widths": list(bit_widths), "group_sizes": sizes.astype(int).tolist(),
+          "per_seed": per_seed}
+
+
+@pytest.fixture(scope="module")
+def workdirs(tmp_path_factory):
+  base = tmp_path_factory.mktemp("report")
+  full, partial, explained = (str(base / n) for n in ("full", "partial", "explained"))
+  runner.run(_config(), full, ["train", "ptq"], progress=False)
+  os.makedirs(partial)
+  for name in ("results.json", "config.json"):
+    shutil.copy(os.path.join(full, name), partial)
+  runner.run(_config(), full, ["mitigate"], progress=False)
+  res = results.read_json(os.path.join(full, "results.json"))
+  res["explain"] = fake_explain(res)
+  os.makedirs(explained)
+  results.write_json(os.path.join(explained, "results.json"), res)
+  return {"full": full, "partial": partial, "explained": explained, "results": res}
+
+
+def _check_png(path):
+  assert os.path.getsize(path) > 5_000, path
+  with Image.open(path) as im:
+    im.verify()
+  with Image.open(path) as im:
+    assert im.format == "PNG"
+    assert im.width > 200 and im.height > 200, (path, im.size)
+    pixels = np.asarray(im.convert("L"), np.float64)
+  assert pixels.std() > 5, f"{path} looks blank"
+
+
+def _check_html(workdir):
+  text = open(os.path.join(workdir, "report.html")).read()
+  assert text.startswith("<!DOCTYPE html>") and "<style>" in text
+  assert "<script" not in text and "<link" not in text and "@import" not in text and "url(" not in text
+  refs = re.findall(r'(?:src|href)\s*=\s*"([^"]*)"', text)
+  local = [r for r in refs if not r.startswith("#")]
+  for ref in local:
+    assert not re.match(r"^[a-z]+:|^//|^/", ref), f"external or absolute reference {ref}"
+    assert os.path.isfile(os.path.join(workdir, ref)), f"report.html references a missing file {ref}"
+  for ref in re.findall(r"\]\(([^)]+)\)", open(os.path.join(workdir, "report.md")).read()):
+    assert os.path.isfile(os.path.join(workdir, ref)), f"report.md references a missing file {ref}"
+  return text, local
+
+
+def test_full_report_figures_links_and_sections(workdirs):
+  wd = workdirs["explained"]
+  out = report.write_report(wd)
+  assert set(out["figures"]) == set(report.FIGURE_NAMES)
+  assert out["sections"] == {s: "ok" for s in ("train", "ptq", "explain", "curvature", "mitigate", "claims")}
+  for path in out["figures"].values():
+    assert os.path.dirname(path) == os.path.join(wd, "figures")
+    _check_png(path)
+  html_text, refs = _check_html(wd)
+  assert {f"figures/{n}.png" for n in report.FIGURE_NAMES} <= set(refs)
+  assert "<details><summary>Config of this run</summary>" in html_text
+  md = open(out["markdown"]).read()
+  for section in SECTIONS:
+    assert f"## {section}" in md or f"# {section}" in md, section
+    assert f">{section}</h" in html_text, section
+  assert "Missing" not in md
+  assert not [f for f in os.listdir(wd) + os.listdir(os.path.join(wd, "figures")) if f.startswith(".tmp_")]
+  for path in [out["markdown"], out["html"], *out["figures"].values()]:
+    assert os.stat(path).st_mode & 0o044 == 0o044, f"{path} is not readable by others"
+
+
+def test_unfinished_mitigate_stage_is_marked_incomplete(workdirs, tmp_path):
+  res = json.loads(json.dumps(workdirs["results"]))
+  del res["mitigate"]["per_seed"]["1"]["fairqat"]  # a run killed before its last entry
+  del res["mitigate"]["summary"], res["mitigate"]["best"]
+  out = report.write_report(str(tmp_path), results=res)
+  assert out["sections"]["mitigate"] == "incomplete"
+  md = open(out["markdown"]).read()
+  assert "has not finished" in md
+  row = next(line for line in md.splitlines() if line.startswith("| 4 | fairqat |"))
+  acc = res["mitigate"]["per_seed"]["0"]["fairqat"]["4"]["accuracy"]
+  assert f"{acc:.3f} ± 0.000" in row  # the one seed that finished
+
+
+def test_report_numbers_come_from_results(workdirs):
+  wd, res = workdirs["explained"], workdirs["results"]
+  md = open(report.write_report(wd)["markdown"]).read()
+  for b in res["ptq"]["bit_widths"]:  # PTQ summary table: mean ± std over seeds as the runner summarized them
+    s = res["ptq"]["summary"][str(b)]
+    row = next(line for line in md.splitlines() if line.startswith(f"| {report._bits_label(b)} | "))
+    for key in ("accuracy", "worst_group_accuracy", "fairness_violation"):
+      assert f"{s[key]['mean']:.3f} ± {s[key]['std']:.3f}" in row, (b, key, row)
+  # Ablation: the bold fairness-violation cell is the method that mitigate.summarize found best.
+  best = res["mitigate"]["best"]["4"]["fairness_violation"]
+  for method in res["mitigate"]["methods"]:
+    row = next(line for line in md.splitlines() if line.startswith(f"| 4 | {method} |"))
+    fv_cell = row.split("|")[5].strip()
+    fv = res["mitigate"]["summary"][method]["4"]["fairness_violation"]
+    assert f"{fv['mean']:.3f} ± {fv['std']:.3f}" in fv_cell
+    assert fv_cell.startswith("**") == (method == best), row
+  # Claims: verdicts of fqjax.claims on this results.json, the explain claims tested on the injected section.
+  checked = claims.check_claims(res)
+  for name, c in checked.items():
+    if isinstance(c, dict):
+      row = next(line for line in md.splitlines() if line.startswith(f"| {name.replace('_', ' ')} |"))
+      assert f"**{c['verdict']}**" in row
+  assert checked["minority_gradient_norm_larger"]["verdict"] == "holds"
+  # Config and wall times at the end.
+  assert md.index("## Run") > md.index("## Claims")
+  for stage in ("train", "ptq", "mitigate"):
+    assert re.search(rf"\| {stage} \| {res['timings'][stage]:.1f} \|", md), stage
+  assert json.dumps(res["config"]["ptq"]["bit_widths"]) .replace(" ", "") in md.replace("\n", "").replace(" ", "")
+
+
+def test_minority_groups_are_dashed(workdirs):
+  res = workdirs["results"]
+  minority = claims.minority_mask(res)
+  assert minority is not None and minority.any() and not minority.all()
+  fig = report.figure_ptq_group_accuracy(report._Ctx(res, workdirs["explained"]))
+  lines = fig.axes[0].get_lines()
+  assert len(lines) == res["dataset"]["num_groups"]
+  for g, line in enumerate(lines):
+    assert (line.get_linestyle() == "--") == bool(minority[g])
+    assert ("minority" in line.get_label()) == bool(minority[g])
+    mean_acc = np.mean([res["ptq"]["per_seed"][str(s)]["2"]["groups"]["accuracy"][g] for s in res["seeds"]])
+    assert line.get_ydata()[-1] == pytest.approx(mean_acc)  # last point: 2 bits, mean over seeds
+  fig = report.figure_explain_curvature(report._Ctx(res, workdirs["explained"]))
+  assert all(ax.get_xscale() == "log" and ax.get_yscale() == "log" for ax in fig.axes)
+
+
+def test_partial_workdir_says_what_is_missing(workdirs):
+  wd = workdirs["partial"]
+  out = report.write_report(wd)
+  assert set(out["figures"]) == {"ptq_group_accuracy", "ptq_fairness"}
+  for name in ("explain", "curvature", "mitigate"):
+    assert out["sections"][name].startswith("missing"), out["sections"]
+  assert out["sections"]["ptq"] == "ok"
+  for path in out["figures"].values():
+    _check_png(path)
+  _check_html(wd)
+  md = open(out["markdown"]).read()
+  assert "Explain: not in this workdir" in md and "--stages=explain" in md and "--stages=mitigate" in md
+  assert f"--workdir {wd}" in md
+  row = next(line for line in md.splitlines() if line.startswith("| fairqat beats ptq and qat |"))
+  assert "**not tested**" in row and "mitigate stage did not run" in row
+  for section in SECTIONS:
+    assert f"## {section}" in md
+
+
+def test_rerender_drops_figures_whose_data_is_gone(workdirs, tmp_path):
+  wd = str(tmp_path)
+  res = workdirs["results"]
+  report.write_report(wd, results=res)
+  assert os.path.exists(os.path.join(wd, "figures", "explain_curvature.png"))
+  without = {k: v for k, v in res.items() if k != "explain"}
+  out = report.write_report(wd, results=without)
+  assert not os.path.exists(os.path.join(wd, "figures", "explain_curvature.png"))
+  assert "explain_curvature" not in out["figures"] and "explain_curvature" not in open(out["html"]).read()
+
+
+def test_cli(workdirs, tmp_path, capsys):
+  env = {**os.environ, "PYTHONPATH": REPO}
+  cmd = [sys.executable, "-m", "fqjax.report"]
+  missing = subprocess.run(cmd + [str(tmp_path / "nope")], capture_output=True, text=True, env=env, cwd=REPO)
+  assert missing.returncode == 2 and "does not exist" in missing.stderr
+  empty = subprocess.run(cmd + [str(tmp_path)], capture_output=True, text=True, env=env, cwd=REPO)
+  assert empty.returncode == 2 and "no results.json" in empty.stderr
+  with pytest.raises(FileNotFoundError, match="no results.json"):
+    report.write_report(str(tmp_path))
+  assert report.main([workdirs["partial"]]) == 0
+  assert "explain: missing" in capsys.readouterr().out
