@@ -3,8 +3,9 @@
 Verdicts: "holds", "partly" (holds at some bit-widths, not all), "does not hold",
 "not tested" (the stage that provides the data did not run, or no group is a minority).
 
-Minority groups are those whose training-set size is below the median group size
-(dataset.counts.train); the rest are the majority. Per-group values are averaged
+Minority groups are those whose training-set size is below half the median group size
+(dataset.counts.train); the rest are the majority. (Below the median itself would split a
+balanced-but-noisy set of groups in two; half the median picks the groups that are small.) Per-group values are averaged
 within minority and majority, then over seeds. The rules are fixed here, never
 tuned to a run:
   fairness_violation_grows_as_bits_shrink: Spearman(bits, mean FV) < 0 over the PTQ sweep
@@ -52,7 +53,7 @@ def spearman(a: Sequence[float], b: Sequence[float]) -> float:
 
 def minority_mask(results: Mapping) -> Optional[np.ndarray]:
   counts = np.asarray(results["dataset"]["counts"]["train"], np.float64)
-  minority = counts < np.median(counts)
+  minority = counts < 0.5 * np.median(counts)
   if not minority.any() or minority.all():
     return None
   return minority
@@ -98,7 +99,7 @@ def _per_bits_claim(results: Mapping, bits_list: Sequence[int], values_at: Calla
                     compare: Callable[[float, float, float], bool], use_size_correlation: bool = False) -> dict:
   minority = minority_mask(results)
   if minority is None:
-    return _not_tested("no group is smaller than the median group size")
+    return _not_tested("no group is smaller than half the median group size")
   sizes = results["dataset"]["counts"]["train"]
   per_bits, flags = {}, []
   for b in bits_list:

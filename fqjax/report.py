@@ -11,7 +11,7 @@ Writes into WORKDIR:
 Every number comes from results.json (see fqjax.results). Means and standard
 deviations (ddof=1) are over seeds, ignoring seeds or values that are missing or
 null. Sections whose stage did not run are listed with the command that adds them.
-Minority groups (fqjax.claims.minority_mask: train count below the median) are
+Minority groups (fqjax.claims.minority_mask: train count below half the median) are
 drawn dashed / shaded in every figure. Figures use matplotlib's Agg canvas
 directly (no pyplot, no display, no global backend change).
 """

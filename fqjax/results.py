@@ -64,6 +64,7 @@ def atomic_write_text(path: str, text: str) -> None:
       f.write(text)
       f.flush()
       os.fsync(f.fileno())
+    os.chmod(tmp, 0o644)  # mkstemp creates 0600; results are meant to be shared
     os.replace(tmp, path)
   except BaseException:
     if os.path.exists(tmp):

@@ -25,7 +25,7 @@ import numpy as np
 
 from fqjax import config as config_lib
 from fqjax import data as data_lib
-from fqjax import claims, layers, metrics, mitigate, ptq, quant, results, train
+from fqjax import claims, layers, metrics, mitigate, ptq, quant, report, results, train
 from fqjax.models import get_model
 
 log = logging.getLogger("fqjax")
@@ -239,9 +239,16 @@ def stage_mitigate(study: Study, force: bool) -> bool:
   return ran
 
 
+def stage_report(study: Study, force: bool) -> bool:
+  if study.is_writer:  # multi-host: only process 0 writes
+    out = report.write_report(study.workdir, study.results)
+    log.info("report: %s", out["html"])
+  return True
+
+
 # Each stage returns whether it did any work (False: skipped, outputs already in the workdir).
 STAGE_FUNCTIONS: dict[str, Callable[[Study, bool], bool]] = {"train": stage_train, "ptq": stage_ptq,
-                                                             "mitigate": stage_mitigate}
+                                                             "mitigate": stage_mitigate, "report": stage_report}
 
 
 def available_stages() -> list[str]:

@@ -33,9 +33,12 @@ def test_spearman_with_ties_and_constant():
   assert math.isnan(claims.spearman([1, 1, 1], [1, 2, 3]))
 
 
-def test_minority_is_below_median():
+def test_minority_is_below_half_the_median():
   np.testing.assert_array_equal(claims.minority_mask(_base((100, 100, 100, 10))), [False, False, False, True])
   assert claims.minority_mask(_base((50, 50, 50, 50))) is None
+  # Slightly smaller groups (115 vs 123) are not a minority; 17 is.
+  np.testing.assert_array_equal(claims.minority_mask(_base((115, 123, 115, 17, 123))),
+                                [False, False, False, True, False])
 
 
 def test_fairness_violation_grows_verdicts():
