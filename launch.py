@@ -29,14 +29,11 @@ _NO_PROGRESS = flags.DEFINE_bool("no_progress", False, "Hide progress bars.")
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  import jax
   from fqjax import parallel, runner
 
   config = _CONFIG.value
   parallel.maybe_initialize_distributed(config.distributed)
-  print(f"fqjax: backend {jax.default_backend()}, {jax.device_count()} device(s) "
-        f"({jax.local_device_count()} local, process {jax.process_index()} of {jax.process_count()}): "
-        f"{[str(d) for d in jax.local_devices()]}")
+  print(f"fqjax: {parallel.describe()}")
   workdir = _WORKDIR.value or os.path.join("runs", config.name)
   start = time.perf_counter()
   res = runner.run(config, workdir, _STAGES.value, force=_FORCE.value, progress=not _NO_PROGRESS.value)

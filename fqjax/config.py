@@ -28,6 +28,7 @@ from fqjax.models import MODEL_NAMES, get_model
 from fqjax.train import OPTIMIZERS, WEIGHT_TARGETS
 
 STAGES = ("train", "ptq", "explain", "mitigate", "report")
+COMPUTE_DTYPES = ("float32", "bfloat16")
 CALIBRATIONS = quant.CALIBRATION_METHODS
 
 
@@ -37,7 +38,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.name = "study"
   c.seeds = (0,)
   c.data = default_data_config()
-  c.model = ml_collections.ConfigDict({"name": "auto", "kwargs": ml_collections.ConfigDict()})
+  # compute_dtype "bfloat16": matmuls/convs in bf16 (GPU/TPU speed); params, BatchNorm statistics and
+  # the quantizers stay float32, so the quantization grid is exact.
+  c.model = ml_collections.ConfigDict({"name": "auto", "kwargs": ml_collections.ConfigDict(),
+                                       "compute_dtype": "float32"})
   c.train = ml_collections.ConfigDict({
       "epochs": 10,
       "batch_size": 128,
@@ -68,6 +72,11 @@ def base_config() -> ml_collections.ConfigDict:
   })
   c.mitigate = mitigate.default_mitigate_config()
   c.eval = ml_collections.ConfigDict({"batch_size": 512, "bootstrap_resamples": 1000})
+  # Data parallelism over all visible devices (all hosts): batches split, parameters replicated.
+  c.parallel = ml_collections.ConfigDict({
+      "data_parallel": False,
+      "num_devices": ml_collections.FieldReference(None, field_type=int),  # None: every device
+  })
   c.distributed = ml_collections.ConfigDict({
       "initialize": False,
       "coordinator_address": ml_collections.FieldReference(None, field_type=str),
@@ -112,6 +121,8 @@ def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
       get_model(config.model.name, 2, **kwargs)
     except TypeError as e:
       _fail("model.kwargs", kwargs, f"fields of the {config.model.name} module ({e})")
+  if config.model.compute_dtype not in COMPUTE_DTYPES:
+    _fail("model.compute_dtype", config.model.compute_dtype, str(COMPUTE_DTYPES))
   t = config.train
   if not _is_int(t.epochs) or t.epochs < 1:
     _fail("train.epochs", t.epochs, "an int >= 1")

@@ -79,6 +79,13 @@ def _quantize_kernel(module: nn.Module, kernel: jax.Array, w_bits, per_channel: 
   return kernel
 
 
+def _compute_cast(dtype, x: jax.Array, kernel: jax.Array):
+  """Casts the matmul/conv operands to the compute dtype, after quantization (done in float32)."""
+  if dtype is None:
+    return x, kernel
+  return x.astype(dtype), kernel.astype(dtype)
+
+
 def _conv_padding(padding: Padding, ndim: int):
   if isinstance(padding, str):
     return padding.upper()
@@ -111,6 +118,7 @@ class QuantDense(nn.Module):
   narrow_range: bool = False
   ste: str = "clipped"
   lsq: bool = False
+  dtype: Optional[Any] = None  # compute dtype (e.g. jnp.bfloat16); params and quantizers stay float32
   kernel_init: Callable = nn.initializers.lecun_normal()
   bias_init: Callable = nn.initializers.zeros_init()
 
@@ -121,9 +129,10 @@ class QuantDense(nn.Module):
     w_bits, a_bits = _read_bits(self)
     x = _quantize_input(self, x, a_bits, self.ste)
     kernel = _quantize_kernel(self, kernel, w_bits, self.per_channel, self.narrow_range, self.ste)
+    x, kernel = _compute_cast(self.dtype, x, kernel)
     y = jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
     if bias is not None:
-      y = y + jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
+      y = y + jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,)).astype(y.dtype)
     return y
 
 
@@ -141,6 +150,7 @@ class QuantConv(nn.Module):
   narrow_range: bool = False
   ste: str = "clipped"
   lsq: bool = False
+  dtype: Optional[Any] = None  # compute dtype (e.g. jnp.bfloat16); params and quantizers stay float32
   kernel_init: Callable = nn.initializers.lecun_normal()
   bias_init: Callable = nn.initializers.zeros_init()
 
@@ -152,9 +162,9 @@ class QuantConv(nn.Module):
     w_bits, a_bits = _read_bits(self)
     x = _quantize_input(self, x, a_bits, self.ste)
     kernel = _quantize_kernel(self, kernel, w_bits, self.per_channel, self.narrow_range, self.ste)
-    y = _conv(x, kernel, self.strides, self.padding)
+    y = _conv(*_compute_cast(self.dtype, x, kernel), self.strides, self.padding)
     if bias is not None:
-      y = y + bias.reshape((1,) * (y.ndim - 1) + (-1,))
+      y = y + bias.reshape((1,) * (y.ndim - 1) + (-1,)).astype(y.dtype)
     return y
 
 
@@ -188,6 +198,7 @@ class QuantConvBN(nn.Module):
   narrow_range: bool = False
   ste: str = "clipped"
   lsq: bool = False
+  dtype: Optional[Any] = None  # compute dtype of the conv; BatchNorm statistics stay float32
   momentum: float = 0.9
   epsilon: float = 1e-5
   kernel_init: Callable = nn.initializers.lecun_normal()
@@ -210,10 +221,13 @@ class QuantConvBN(nn.Module):
                          "fold_bn=True (the folded kernel's range differs); use fold_bn=False with LSQ.")
       folded, bias = fold_bn(kernel, None, gamma, beta, ra_mean.value, ra_var.value, self.epsilon)
       folded = _quantize_kernel(self, folded, w_bits, self.per_channel, self.narrow_range, self.ste)
-      return _conv(x, folded, self.strides, self.padding) + bias
+      y = _conv(*_compute_cast(self.dtype, x, folded), self.strides, self.padding)
+      return y + bias.astype(y.dtype)
 
-    y = _conv(x, _quantize_kernel(self, kernel, w_bits, self.per_channel, self.narrow_range, self.ste),
-              self.strides, self.padding)
+    kernel = _quantize_kernel(self, kernel, w_bits, self.per_channel, self.narrow_range, self.ste)
+    y = _conv(*_compute_cast(self.dtype, x, kernel), self.strides, self.padding)
+    out_dtype = y.dtype
+    y = y.astype(jnp.float32)
     if train:
       axes = tuple(range(y.ndim - 1))
       mean = jnp.mean(y, axis=axes)
@@ -223,7 +237,7 @@ class QuantConvBN(nn.Module):
         ra_var.value = self.momentum * ra_var.value + (1.0 - self.momentum) * var
     else:
       mean, var = ra_mean.value, ra_var.value
-    return (y - mean) * (gamma * jax.lax.rsqrt(var + self.epsilon)) + beta
+    return ((y - mean) * (gamma * jax.lax.rsqrt(var + self.epsilon)) + beta).astype(out_dtype)
 
 
 QUANT_LAYER_TYPES = (QuantDense, QuantConv, QuantConvBN)

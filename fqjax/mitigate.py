@@ -145,12 +145,12 @@ def run_method(study, method: str, bits: int, seed: int, fp_variables: Mapping, 
     out = train.fit(model, study.splits, tcfg, seed, ckpt_dir, bits=bits_tree, init_variables=variables,
                     bn_train_epochs=None if m.bn == "train" else m.bn_train_epochs, progress=False,
                     extra_variables={k: v for k, v in variables.items() if k == layers.QUANT_STATS},
-                    init_group_losses=_start_losses(study, model, variables, bits_tree, tcfg))
+                    init_group_losses=_start_losses(study, model, variables, bits_tree, tcfg), mesh=study.mesh)
     variables = {**variables, **out["variables"]}
   train_s = time.perf_counter() - t0
   eval_vars = {**variables, layers.BITS: bits_tree}
   test = study.splits.test
-  logits = train.predict(model, eval_vars, test.x, cfg.eval.batch_size)
+  logits = train.predict(model, eval_vars, test.x, cfg.eval.batch_size, study.mesh)
   result = metrics.group_metrics(logits, test.y, test.group, study.info.num_groups,
                                  group_is_label=study.info.group_is_label, reference=fp_test)
   result["size_bytes"] = quant.storage_size(fp_variables["params"],
@@ -164,7 +164,8 @@ def _start_losses(study, model, variables: Mapping, bits_tree, tcfg) -> Optional
   if tcfg.loss_weights != "hardness":
     return None
   val = study.splits.val
-  logits = train.predict(model, {**variables, layers.BITS: bits_tree}, val.x, study.config.eval.batch_size)
+  logits = train.predict(model, {**variables, layers.BITS: bits_tree}, val.x, study.config.eval.batch_size,
+                         study.mesh)
   ids, n = (val.group, study.info.num_groups) if tcfg.weight_target == "group" else (val.y, study.info.num_classes)
   loss = metrics.per_sample_loss(logits, val.y)
   count = np.maximum(np.bincount(ids, minlength=n), 1)

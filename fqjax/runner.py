@@ -20,12 +20,13 @@ import time
 from typing import Callable, Optional, Sequence
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
 from fqjax import config as config_lib
 from fqjax import data as data_lib
-from fqjax import claims, layers, metrics, mitigate, ptq, quant, report, results, train
+from fqjax import claims, layers, metrics, mitigate, parallel, ptq, quant, report, results, train
 from fqjax.models import get_model
 
 log = logging.getLogger("fqjax")
@@ -49,6 +50,7 @@ class Study:
     self.data_s = time.perf_counter() - t0
     self.info = self.splits.info
     self.model = build_model(config, self.info)
+    self.mesh = parallel.data_mesh(config.parallel.num_devices) if config.parallel.data_parallel else None
     sample = self.splits.train.x[:2]
     self.layer_names = layers.quant_layer_names(self.model, sample)
     path = os.path.join(workdir, "results.json")
@@ -83,6 +85,8 @@ def resolved_model_name(config, info) -> str:
 def build_model(config, info):
   kwargs = dict(config.model.kwargs.to_dict()) if hasattr(config.model.kwargs, "to_dict") else dict(
       config.model.kwargs or {})
+  if config.model.get("compute_dtype", "float32") == "bfloat16":
+    kwargs["dtype"] = jnp.bfloat16
   return get_model(resolved_model_name(config, info), info.num_classes, **kwargs)
 
 
@@ -118,8 +122,9 @@ def stage_train(study: Study, force: bool) -> bool:
     log.info("train seed %d: %d epochs of %s on %s", seed, cfg.train.epochs, study.results["model"]["name"],
              study.info.name)
     ran = True
-    out = train.fit(study.model, study.splits, cfg.train, seed, study.ckpt_dir(seed), progress=study.progress)
-    kw = dict(group_is_label=study.info.group_is_label, batch_size=cfg.eval.batch_size)
+    out = train.fit(study.model, study.splits, cfg.train, seed, study.ckpt_dir(seed), mesh=study.mesh,
+                    progress=study.progress)
+    kw = dict(group_is_label=study.info.group_is_label, batch_size=cfg.eval.batch_size, mesh=study.mesh)
     val = train.evaluate(study.model, out["variables"], study.splits.val, study.info.num_groups, **kw)
     test = train.evaluate(study.model, out["variables"], study.splits.test, study.info.num_groups, **kw)
     section["per_seed"][key] = {"history": out["history"], "val": val, "test": test, "wall_s": out["wall_s"],
@@ -223,7 +228,8 @@ def stage_mitigate(study: Study, force: bool) -> bool:
         if fp_vars is None:
           fp_vars = load_trained_variables(study, seed)
           fp_test = train.evaluate(study.model, fp_vars, study.splits.test, study.info.num_groups,
-                                   group_is_label=study.info.group_is_label, batch_size=cfg.eval.batch_size)
+                                   group_is_label=study.info.group_is_label, batch_size=cfg.eval.batch_size,
+                                   mesh=study.mesh)
         ckpt = os.path.join(study.ckpt_dir(seed, "mitigate"), f"{method}_w{bits}")
         r = mitigate.run_method(study, method, int(bits), seed, fp_vars, fp_test, ckpt)
         entries.setdefault(method, {})[str(bits)] = r

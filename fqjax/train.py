@@ -23,7 +23,7 @@ import orbax.checkpoint as ocp
 from flax.training import train_state
 from tqdm import tqdm
 
-from fqjax import losses, metrics, sampling
+from fqjax import losses, metrics, parallel, sampling
 from fqjax.data.pipeline import DeviceArrays, epoch_batches
 
 log = logging.getLogger("fqjax")
@@ -132,25 +132,43 @@ def _logits_fn(model: nn.Module) -> Callable:
   return jax.jit(lambda variables, x: model.apply(variables, x, train=False))
 
 
-def predict(model: nn.Module, variables: Mapping, x: np.ndarray, batch_size: int = 512) -> np.ndarray:
-  """Inference-mode logits [N, C] float32 of ``x`` [N, ...] in padded fixed-size batches (one compile)."""
-  fn = _logits_fn(model)
+def padded_batches(x: np.ndarray, batch_size: int, multiple: int = 1):
+  """Yields (chunk [B, ...], real) over ``x`` [N, ...] with B fixed: the last chunk is padded by repeating
+  its first row (the ``B - real`` padded rows are dropped by the caller), so one compilation serves all.
+  B is min(batch_size, N) rounded up to ``multiple`` (the data-parallel device count)."""
   n = len(x)
-  out = []
-  batch_size = min(batch_size, n)
+  batch_size = -(-min(batch_size, n) // multiple) * multiple
   for start in range(0, n, batch_size):
     chunk = np.asarray(x[start:start + batch_size])
-    pad = batch_size - len(chunk)
-    if pad:
-      chunk = np.concatenate([chunk, np.repeat(chunk[:1], pad, axis=0)])
-    out.append(fn(variables, chunk)[:batch_size - pad])
-  return np.asarray(jnp.concatenate(out))
+    real = len(chunk)
+    if real < batch_size:
+      chunk = np.concatenate([chunk, np.repeat(chunk[:1], batch_size - real, axis=0)])
+    yield chunk, real
+
+
+def predict(model: nn.Module, variables: Mapping, x: np.ndarray, batch_size: int = 512,
+            mesh: Optional[parallel.Mesh] = None) -> np.ndarray:
+  """Inference-mode logits [N, C] float32 of ``x`` [N, ...] in padded fixed-size batches (one compile).
+
+  With a data-parallel ``mesh``, each batch is split over its devices; padding rows are
+  dropped, never counted.
+  """
+  fn = _logits_fn(model)
+  if mesh is not None:
+    variables = parallel.put_tree(variables, parallel.replicated(mesh))
+  out = []
+  for chunk, real in padded_batches(x, batch_size, 1 if mesh is None else mesh.size):
+    if mesh is not None:
+      chunk = parallel.global_array(chunk, parallel.batch_sharding(mesh))
+    out.append(np.asarray(jax.device_get(fn(variables, chunk)), np.float32)[:real])
+  return np.concatenate(out)
 
 
 def evaluate(model: nn.Module, variables: Mapping, split, num_groups: int, *, group_is_label: bool = True,
-             batch_size: int = 512, reference: Optional[Mapping] = None) -> dict:
-  """fqjax.metrics.group_metrics of the model on a Split."""
-  logits = predict(model, variables, split.x, batch_size)
+             batch_size: int = 512, reference: Optional[Mapping] = None,
+             mesh: Optional[parallel.Mesh] = None) -> dict:
+  """fqjax.metrics.group_metrics of the model on a Split (per-sample results, so exact under sharding)."""
+  logits = predict(model, variables, split.x, batch_size, mesh)
   return metrics.group_metrics(logits, split.y, split.group, num_groups, group_is_label=group_is_label,
                                reference=reference)
 
@@ -211,7 +229,8 @@ def _epoch_rows(train_split, num_ids: int, ids: np.ndarray, tcfg, seed: int, epo
 def fit(model: nn.Module, splits, tcfg: ml_collections.ConfigDict, seed: int, ckpt_dir: str, *,
         bits: Optional[Mapping] = None, init_variables: Optional[Mapping] = None,
         bn_train_epochs: Optional[int] = None, extra_variables: Optional[Mapping] = None,
-        init_group_losses: Optional[np.ndarray] = None, on_epoch_end: Optional[Callable[[int, dict], None]] = None, progress: bool = True) -> dict:
+        init_group_losses: Optional[np.ndarray] = None, mesh: Optional[parallel.Mesh] = None,
+        on_epoch_end: Optional[Callable[[int, dict], None]] = None, progress: bool = True) -> dict:
   """Trains ``model`` on splits.train, validating each epoch; resumes from ``ckpt_dir``.
 
   Args:
@@ -225,6 +244,8 @@ def fit(model: nn.Module, splits, tcfg: ml_collections.ConfigDict, seed: int, ck
     extra_variables: more collections for the forward pass (e.g. "quant_stats").
     init_group_losses: [G] per-group losses for the first epoch's hardness weights
       (fine-tuning: the starting model's validation losses); None: uniform first epoch.
+    mesh: a data-parallel mesh (fqjax.parallel.data_mesh): batches split over its
+      devices, state replicated; tcfg.batch_size must be a multiple of its size.
     on_epoch_end: called with (epoch, history entry) after each checkpoint.
 
   Returns:
@@ -243,7 +264,10 @@ def fit(model: nn.Module, splits, tcfg: ml_collections.ConfigDict, seed: int, ck
   steps_per_epoch = -(-len(_epoch_rows(train, num_ids, ids, tcfg, seed, 0)) // tcfg.batch_size)
   tx = make_optimizer(tcfg, steps_per_epoch)
   state = create_train_state(model, jax.random.PRNGKey(seed), train.x[:2], tx, init_variables)
-  data = DeviceArrays(train.x, train.y, train.group)
+  if mesh is not None:
+    parallel.check_divisible(tcfg.batch_size, mesh, "batch_size")
+  data = DeviceArrays(train.x, train.y, train.group,
+                      sharding=None if mesh is None else parallel.replicated(mesh))
   mngr = checkpoint_manager(ckpt_dir)
 
   extra = dict(extra_variables or {})
@@ -260,6 +284,9 @@ def fit(model: nn.Module, splits, tcfg: ml_collections.ConfigDict, seed: int, ck
     group_losses = None if meta["val_group_losses"] is None else np.asarray(meta["val_group_losses"])
     start_epoch = int(meta["epoch"]) + 1
     log.info("resuming from checkpoint of epoch %d in %s", start_epoch - 1, ckpt_dir)
+  if mesh is not None:
+    state = parallel.put_tree(state, parallel.replicated(mesh))
+    extra = None if extra is None else parallel.put_tree(extra, parallel.replicated(mesh))
 
   t0 = time.perf_counter()
   bar = tqdm(range(start_epoch, tcfg.epochs), desc=f"train seed {seed}", disable=not progress,
@@ -268,12 +295,16 @@ def fit(model: nn.Module, splits, tcfg: ml_collections.ConfigDict, seed: int, ck
   for epoch in bar:
     rows = _epoch_rows(train, num_ids, ids, tcfg, seed, epoch)
     sample_counts = np.bincount(ids[rows], minlength=num_ids)
-    table = jnp.asarray(_weight_table(tcfg, np.bincount(ids[rows], minlength=num_ids), group_losses))
+    table = _weight_table(tcfg, np.bincount(ids[rows], minlength=num_ids), group_losses)
+    table = jnp.asarray(table) if mesh is None else parallel.global_array(table, parallel.replicated(mesh))
     plan = epoch_batches(rows, tcfg.batch_size, seed=seed * 1_000_003 + epoch)
     step_fn = make_train_step(model, weight_key, bn_train_epochs is None or epoch < bn_train_epochs)
     step_metrics = []
     for idx, mask in zip(plan.idx, plan.mask):
-      state, m = step_fn(state, data.gather(idx, mask), table, extra)
+      batch = data.gather(idx, mask)
+      if mesh is not None:  # replicated -> split on the batch axis: a local slice, no communication
+        batch = jax.device_put(batch, parallel.batch_sharding(mesh))
+      state, m = step_fn(state, batch, table, extra)
       step_metrics.append(m)
     stacked = jax.device_get(jax.tree_util.tree_map(lambda *v: jnp.stack(v), *step_metrics))
     bad = np.flatnonzero(~np.isfinite(stacked["loss"]))
@@ -289,8 +320,8 @@ def fit(model: nn.Module, splits, tcfg: ml_collections.ConfigDict, seed: int, ck
           f"training stopped. {kept} Lower config.train.learning_rate or check the data for NaN/inf.")
     eval_vars = {**model_variables(state), **(extra or {})}
     val = evaluate(model, eval_vars, splits.val, info.num_groups, group_is_label=info.group_is_label,
-                   batch_size=tcfg.eval_batch_size)
-    per_id = val["groups"]["loss"] if by_group else _class_losses(model, eval_vars, splits.val, info, tcfg)
+                   batch_size=tcfg.eval_batch_size, mesh=mesh)
+    per_id = val["groups"]["loss"] if by_group else _class_losses(model, eval_vars, splits.val, info, tcfg, mesh)
     group_losses = np.nan_to_num(np.asarray(per_id, np.float64), nan=0.0)
     entry = {"epoch": epoch,
              "train_loss": float(np.sum(stacked["loss"] * stacked["count"]) / np.sum(stacked["count"])),
@@ -314,9 +345,9 @@ def fit(model: nn.Module, splits, tcfg: ml_collections.ConfigDict, seed: int, ck
           "sample_counts": None if sample_counts is None else sample_counts.tolist()}
 
 
-def _class_losses(model, variables, split, info, tcfg) -> list:
+def _class_losses(model, variables, split, info, tcfg, mesh=None) -> list:
   """Per-class validation loss (for class-weighted hardness)."""
-  logits = predict(model, variables, split.x, tcfg.eval_batch_size)
+  logits = predict(model, variables, split.x, tcfg.eval_batch_size, mesh)
   loss = metrics.per_sample_loss(logits, split.y)
   count = np.bincount(split.y, minlength=info.num_classes)
   with np.errstate(invalid="ignore", divide="ignore"):

@@ -1,4 +1,6 @@
 """SmallCNN: a compact conv net for 8x8 (digits) and 28x28 (MNIST) inputs."""
+from typing import Any
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -18,11 +20,12 @@ class SmallCNN(nn.Module):
   per_channel: bool = True
   ste: str = "clipped"
   lsq: bool = False
+  dtype: Any = None  # compute dtype, e.g. jnp.bfloat16; params stay float32
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-    conv = lambda f, name: QuantConvBN(f, (3, 3), fold_bn=self.fold_bn, per_channel=self.per_channel,
-                                      ste=self.ste, lsq=self.lsq, name=name)
+    kw = dict(per_channel=self.per_channel, ste=self.ste, lsq=self.lsq, dtype=self.dtype)
+    conv = lambda f, name: QuantConvBN(f, (3, 3), fold_bn=self.fold_bn, name=name, **kw)
     x = nn.relu(conv(self.width, "conv1")(x, train))
     x = nn.relu(conv(2 * self.width, "conv2")(x, train))
     x = nn.max_pool(x, (2, 2), strides=(2, 2))
@@ -30,4 +33,4 @@ class SmallCNN(nn.Module):
     if x.shape[1] >= 8:
       x = nn.max_pool(x, (2, 2), strides=(2, 2))
     x = jnp.mean(x, axis=(1, 2))
-    return QuantDense(self.num_classes, per_channel=self.per_channel, ste=self.ste, lsq=self.lsq, name="head")(x)
+    return QuantDense(self.num_classes, name="head", **kw)(x)

@@ -1,5 +1,5 @@
 """Multi-layer perceptron for tabular features (or flattened images)."""
-from typing import Sequence
+from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
@@ -17,12 +17,14 @@ class MLP(nn.Module):
   per_channel: bool = True
   ste: str = "clipped"
   lsq: bool = False
+  dtype: Any = None  # compute dtype, e.g. jnp.bfloat16; params stay float32
   fold_bn: bool = False  # no BatchNorm here; accepted for a uniform model API
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     x = x.reshape((x.shape[0], -1))
-    dense = lambda f, name: QuantDense(f, per_channel=self.per_channel, ste=self.ste, lsq=self.lsq, name=name)
+    kw = dict(per_channel=self.per_channel, ste=self.ste, lsq=self.lsq, dtype=self.dtype)
+    dense = lambda f, name: QuantDense(f, name=name, **kw)
     for i, width in enumerate(self.hidden):
       x = nn.relu(dense(width, f"dense{i}")(x))
     return dense(self.num_classes, "head")(x)

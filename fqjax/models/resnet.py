@@ -3,7 +3,7 @@
 stem="cifar": 3x3 conv, stride 1, no max-pool (32x32 inputs).
 stem="imagenet": 7x7 conv, stride 2, then 3x3 max-pool stride 2.
 """
-from typing import Sequence
+from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
@@ -22,11 +22,13 @@ class BasicBlock(nn.Module):
   per_channel: bool = True
   ste: str = "clipped"
   lsq: bool = False
+  dtype: Any = None  # compute dtype, e.g. jnp.bfloat16; params stay float32
   expansion = 1
 
   @nn.compact
   def __call__(self, x, train: bool):
-    kw = dict(fold_bn=self.fold_bn, per_channel=self.per_channel, ste=self.ste, lsq=self.lsq)
+    kw = dict(fold_bn=self.fold_bn, per_channel=self.per_channel, ste=self.ste, lsq=self.lsq,
+              dtype=self.dtype)
     y = nn.relu(QuantConvBN(self.features, (3, 3), self.strides, name="conv1", **kw)(x, train))
     y = QuantConvBN(self.features, (3, 3), 1, name="conv2", **kw)(y, train)
     if x.shape != y.shape:
@@ -42,11 +44,13 @@ class Bottleneck(nn.Module):
   per_channel: bool = True
   ste: str = "clipped"
   lsq: bool = False
+  dtype: Any = None  # compute dtype, e.g. jnp.bfloat16; params stay float32
   expansion = 4
 
   @nn.compact
   def __call__(self, x, train: bool):
-    kw = dict(fold_bn=self.fold_bn, per_channel=self.per_channel, ste=self.ste, lsq=self.lsq)
+    kw = dict(fold_bn=self.fold_bn, per_channel=self.per_channel, ste=self.ste, lsq=self.lsq,
+              dtype=self.dtype)
     y = nn.relu(QuantConvBN(self.features, (1, 1), 1, name="conv1", **kw)(x, train))
     y = nn.relu(QuantConvBN(self.features, (3, 3), self.strides, name="conv2", **kw)(y, train))
     y = QuantConvBN(self.features * 4, (1, 1), 1, name="conv3", **kw)(y, train)
@@ -66,12 +70,14 @@ class ResNet(nn.Module):
   per_channel: bool = True
   ste: str = "clipped"
   lsq: bool = False
+  dtype: Any = None  # compute dtype, e.g. jnp.bfloat16; params stay float32
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     if self.stem not in STEMS:
       raise ValueError(f"ResNet stem must be one of {STEMS}, got {self.stem!r}.")
-    kw = dict(fold_bn=self.fold_bn, per_channel=self.per_channel, ste=self.ste, lsq=self.lsq)
+    kw = dict(fold_bn=self.fold_bn, per_channel=self.per_channel, ste=self.ste, lsq=self.lsq,
+              dtype=self.dtype)
     block_cls = {"basic": BasicBlock, "bottleneck": Bottleneck}[self.block]
     if self.stem == "cifar":
       x = nn.relu(QuantConvBN(self.width, (3, 3), 1, name="stem", **kw)(x, train))
@@ -83,7 +89,8 @@ class ResNet(nn.Module):
         strides = 2 if stage > 0 and b == 0 else 1
         x = block_cls(self.width * 2**stage, strides, name=f"stage{stage + 1}_block{b + 1}", **kw)(x, train)
     x = jnp.mean(x, axis=(1, 2))
-    return QuantDense(self.num_classes, per_channel=self.per_channel, ste=self.ste, lsq=self.lsq, name="head")(x)
+    return QuantDense(self.num_classes, per_channel=self.per_channel, ste=self.ste, lsq=self.lsq,
+                      dtype=self.dtype, name="head")(x)
 
 
 RESNET_DEPTHS = {18: ((2, 2, 2, 2), "basic"), 34: ((3, 4, 6, 3), "basic"), 50: ((3, 4, 6, 3), "bottleneck")}

@@ -1,5 +1,5 @@
 """VGG 11/16 with BatchNorm (Simonyan and Zisserman, 2015), CIFAR-style classifier."""
-from typing import Sequence, Union
+from typing import Any, Sequence, Union
 
 import flax.linen as nn
 import jax
@@ -25,9 +25,11 @@ class VGG(nn.Module):
   per_channel: bool = True
   ste: str = "clipped"
   lsq: bool = False
+  dtype: Any = None  # compute dtype, e.g. jnp.bfloat16; params stay float32
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    kw = dict(per_channel=self.per_channel, ste=self.ste, lsq=self.lsq, dtype=self.dtype)
     i = 0
     for item in self.layout:
       if item == "M":
@@ -35,10 +37,9 @@ class VGG(nn.Module):
           x = nn.max_pool(x, (2, 2), strides=(2, 2))
         continue
       i += 1
-      x = nn.relu(QuantConvBN(int(item), (3, 3), fold_bn=self.fold_bn, per_channel=self.per_channel,
-                              ste=self.ste, lsq=self.lsq, name=f"conv{i}")(x, train))
+      x = nn.relu(QuantConvBN(int(item), (3, 3), fold_bn=self.fold_bn, name=f"conv{i}", **kw)(x, train))
     x = jnp.mean(x, axis=(1, 2))
-    return QuantDense(self.num_classes, per_channel=self.per_channel, ste=self.ste, lsq=self.lsq, name="head")(x)
+    return QuantDense(self.num_classes, name="head", **kw)(x)
 
 
 def vgg(depth: int, num_classes: int, **kwargs) -> VGG:
