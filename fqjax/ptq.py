@@ -5,8 +5,11 @@ jitted function maps it over the K bit-widths for each input batch:
   mode "vmap": jax.vmap over K (one wide program; wins when launch overhead dominates),
   mode "map":  jax.lax.map over K (one program, K sequential passes; wins for large
                conv nets on CPU, where vmap turns convs into batched-kernel convs).
+  mode "devices": the K bit-widths split over the devices of a mesh (jax.shard_map), each
+               device running lax.map over its share (one bit-width per device when K <= devices).
 Either way the sweep compiles once per batch shape, never once per bit-width.
 "auto" picks per backend from measurements in benchmarks/ptq_sweep.py.
+With a data-parallel mesh (modes vmap/map), each input batch is split over the devices instead.
 """
 from __future__ import annotations
 
@@ -18,10 +21,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fqjax import layers, quant
+from fqjax import layers, parallel, quant
 from fqjax.layers import BitSpec
 
-SWEEP_MODES = ("auto", "vmap", "map")
+SWEEP_MODES = ("auto", "vmap", "map", "devices")
 
 
 def resolve_mode(mode: str, num_params: int) -> str:
@@ -80,26 +83,53 @@ def sweep_fn(model: nn.Module, mode: str):
   raise ValueError(f"sweep_fn mode must be 'vmap' or 'map', got {mode!r}.")
 
 
+@functools.lru_cache(maxsize=32)
+def device_sweep_fn(model: nn.Module, mesh: parallel.Mesh):
+  """jitted f(variables, stacked_bits [K], x) with K split over the mesh; K must be a multiple of its size."""
+  P = jax.sharding.PartitionSpec
+
+  def local(variables, bits, x):
+    return jax.lax.map(lambda b: model.apply({**variables, layers.BITS: b}, x, train=False), bits)
+
+  return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(P(), P(parallel.DATA_AXIS), P()),
+                               out_specs=P(parallel.DATA_AXIS)))
+
+
 def sweep_logits(model: nn.Module, variables: Mapping, x: np.ndarray, bits_trees: Sequence[dict], *,
-                 batch_size: int = 512, mode: str = "auto") -> np.ndarray:
+                 batch_size: int = 512, mode: str = "auto", mesh: Optional[parallel.Mesh] = None) -> np.ndarray:
   """Inference logits of every bit assignment: [K, N, C] float32.
 
   x: [N, ...]; bits_trees: K "bits" trees (e.g. ``[s.bits_tree(names) for s in specs]``).
   ``variables`` may hold "quant_stats" (calibrated activation ranges).
+  mesh: with mode "devices", the devices the bit-widths are spread over (default: all);
+    with vmap/map, a data-parallel mesh that splits each batch (None: one device).
   """
+  from fqjax.train import padded_batches  # train imports nothing from here; avoids a cycle at import
+
   num_params = sum(int(np.prod(a.shape)) for a in jax.tree_util.tree_leaves(variables.get("params", {})))
-  fn = sweep_fn(model, resolve_mode(mode, num_params))
-  stacked = layers.stack_bits_trees(bits_trees)
-  n = len(x)
-  batch_size = min(batch_size, n)
+  mode = resolve_mode(mode, num_params)
+  k = len(bits_trees)
+  if mode == "devices":
+    mesh = mesh or parallel.data_mesh()
+    trees = list(bits_trees) + [bits_trees[-1]] * (-k % mesh.size)  # pad K to a multiple of the devices
+    fn = device_sweep_fn(model, mesh)
+    stacked = parallel.put_tree(layers.stack_bits_trees(trees), parallel.batch_sharding(mesh))
+    variables = parallel.put_tree(variables, parallel.replicated(mesh))
+    batch_multiple, x_sharding = 1, parallel.replicated(mesh)
+  else:
+    fn = sweep_fn(model, mode)
+    stacked = layers.stack_bits_trees(bits_trees)
+    if mesh is not None:
+      stacked = parallel.put_tree(stacked, parallel.replicated(mesh))
+      variables = parallel.put_tree(variables, parallel.replicated(mesh))
+    batch_multiple = 1 if mesh is None else mesh.size
+    x_sharding = None if mesh is None else parallel.batch_sharding(mesh)
   out = []
-  for start in range(0, n, batch_size):
-    chunk = np.asarray(x[start:start + batch_size])
-    pad = batch_size - len(chunk)
-    if pad:  # pad to the fixed batch shape: one compilation for the whole sweep
-      chunk = np.concatenate([chunk, np.repeat(chunk[:1], pad, axis=0)])
-    out.append(fn(variables, stacked, chunk)[:, :batch_size - pad])
-  return np.asarray(jnp.concatenate(out, axis=1))
+  for chunk, real in padded_batches(x, batch_size, batch_multiple):  # fixed shape: one compilation
+    if x_sharding is not None:
+      chunk = parallel.global_array(chunk, x_sharding)
+    out.append(np.asarray(jax.device_get(fn(variables, stacked, chunk)), np.float32)[:k, :real])
+  return np.concatenate(out, axis=1)
 
 
 def calibration_batches(x: np.ndarray, batch_size: int, num_batches: int, seed: int) -> list[np.ndarray]:

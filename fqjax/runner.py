@@ -174,11 +174,12 @@ def stage_ptq(study: Study, force: bool) -> bool:
                                     seed) if needs_calibration else None
     variables = ptq.prepare_variables(model, variables, calib, p.calibration)
     t0 = time.perf_counter()
-    logits = ptq.sweep_logits(model, variables, test.x, bits_trees, batch_size=cfg.eval.batch_size, mode=mode)
+    logits = ptq.sweep_logits(model, variables, test.x, bits_trees, batch_size=cfg.eval.batch_size, mode=mode,
+                              mesh=study.mesh)
     sweep_s = time.perf_counter() - t0
     # Reference: the trained model as it was trained (no folding, no quantizer in the graph).
     ref_logits = train.predict(study.model, {k: variables[k] for k in ("params", "batch_stats")}, test.x,
-                               cfg.eval.batch_size)
+                               cfg.eval.batch_size, study.mesh)
     ref = metrics.group_metrics(ref_logits, test.y, test.group, study.info.num_groups,
                                 group_is_label=study.info.group_is_label)
     by_bits = {}
