@@ -10,6 +10,7 @@ A study config has these sections (each experiment file overrides a few fields):
           small_cnn for images) and kwargs for the module.
   train:  optimizer and the fair-base-model options (sampling, loss weights).
   ptq:    the post-training quantization sweep.
+  explain: the forward chain and per-group curvature (fqjax.explain).
   mitigate: QAT / mixed precision / FairQAT ablation (fqjax.mitigate).
   eval:   batch size and bootstrap settings.
   distributed: jax.distributed settings for multi-host runs.
@@ -69,6 +70,17 @@ def base_config() -> ml_collections.ConfigDict:
       "calibration_batches": 8,
       "calibration_batch_size": 128,
       "sweep_mode": "auto",
+  })
+  c.explain = ml_collections.ConfigDict({
+      "bit_widths": ml_collections.FieldReference(None, field_type=object),  # None: ptq.bit_widths
+      "forward_split": "test",     # where the forward chain (weights -> softmax) is measured
+      "curvature_split": "train",  # where the group losses' gradients and Hessians are taken
+      "curvature": True,
+      "batch_size": 256,
+      "top_k": 5,
+      "lanczos_max_iters": 100,
+      "lanczos_tol": 1e-4,
+      "trace_probes": 0,           # > 0: Hutchinson estimates of each group's Hessian trace
   })
   c.mitigate = mitigate.default_mitigate_config()
   c.eval = ml_collections.ConfigDict({"batch_size": 512, "bootstrap_resamples": 1000})
@@ -157,6 +169,20 @@ def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
     _fail("ptq.sweep_mode", p.sweep_mode, f"one of {ptq.SWEEP_MODES}")
   if not _is_int(p.calibration_batches) or p.calibration_batches < 1:
     _fail("ptq.calibration_batches", p.calibration_batches, "an int >= 1")
+  e = config.explain
+  if e.bit_widths is not None and (not isinstance(e.bit_widths, (list, tuple)) or not e.bit_widths or any(
+      not _is_int(b) or not 1 <= b <= 32 for b in e.bit_widths)):
+    _fail("explain.bit_widths", e.bit_widths, "None (= ptq.bit_widths) or a non-empty list of ints in 1..32")
+  for field in ("forward_split", "curvature_split"):
+    if e[field] not in ("train", "val", "test"):
+      _fail(f"explain.{field}", e[field], "'train', 'val' or 'test'")
+  for field in ("batch_size", "top_k", "lanczos_max_iters"):
+    if not _is_int(e[field]) or e[field] < 1:
+      _fail(f"explain.{field}", e[field], "an int >= 1")
+  if not _is_int(e.trace_probes) or e.trace_probes < 0:
+    _fail("explain.trace_probes", e.trace_probes, "an int >= 0")
+  if not float(e.lanczos_tol) > 0:
+    _fail("explain.lanczos_tol", e.lanczos_tol, "a number > 0")
   mitigate.validate_mitigate_config(config.mitigate)
   if not _is_int(config.eval.bootstrap_resamples) or config.eval.bootstrap_resamples < 0:
     _fail("eval.bootstrap_resamples", config.eval.bootstrap_resamples, "an int >= 0 (0 = no interval)")

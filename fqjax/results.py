@@ -10,6 +10,11 @@ results.json (schema_version 1), top level:
   train:    {"fingerprint", "per_seed": {seed: TrainRecord}, "summary": Summary}
   ptq:      {"fingerprint", "bit_widths", "a_bits", "per_channel", "fold_bn", "sweep_mode",
              "per_seed": {seed: {bits: Metrics}}, "summary": {bits: Summary}}
+  explain:  {"fingerprint", "bit_widths", "forward_split", "curvature_split", "group_sizes": [G],
+             "per_seed": {seed: {bits: Explain}}}
+  mitigate: {"fingerprint", "bit_widths", "methods", "per_seed": {seed: {method: {bits: Metrics + train_s}}},
+             "summary": {method: {bits: Summary}}, "best": {bits: {column: method}}, "wall_s"}
+  claims:   {claim name: {"verdict": holds | partly | does not hold | not tested, numbers...}, "rules": str}
   timings:  {stage: seconds of its last run}
 where
   Metrics = fqjax.metrics.group_metrics output (accuracy, loss, worst_group_accuracy,
@@ -18,8 +23,11 @@ where
   TrainRecord = {"history": [epoch dicts], "val": Metrics, "test": Metrics, "wall_s", "epochs_run",
                  "resumed_from", "sample_counts"}
   Summary = fqjax.metrics.summarize_over_seeds output ({"accuracy": {"mean", "std", "n"}, ...}).
+  Explain = fqjax.explain.forward.forward_chain output (weights, activations, logits, softmax,
+            accuracy, loss per group) plus "curvature": {"grad_norm", "top_eigenvalue", "loss": [G],
+            "top_k_eigenvalues": [G][k], "num_hvps", "converged": [G], "spearman_size_grad_norm",
+            "spearman_size_top_eigenvalue"[, "trace", "trace_std"]} and "wall_s".
 Seeds and bit-widths are JSON object keys, so they are strings ("0", "32").
-Later stages (explain, mitigate) add their own top-level keys.
 """
 from __future__ import annotations
 
@@ -34,7 +42,10 @@ from typing import Any, Iterable, Mapping
 
 SCHEMA_VERSION = 1
 CSV_COLUMNS = ("variant", "bits", "seed", "split", "group", "group_name", "count", "accuracy", "loss",
-               "accuracy_drop", "fairness_violation", "worst_group_accuracy")
+               "accuracy_drop", "fairness_violation", "worst_group_accuracy",
+               # explain rows: the forward chain and curvature per group
+               "logit_abs_shift", "logit_variance", "logit_variance_change", "true_prob", "true_prob_shift",
+               "margin", "margin_shift", "mean_activation_rel_err", "grad_norm", "top_eigenvalue")
 
 
 def now() -> str:
@@ -134,6 +145,24 @@ def validate(results: Mapping) -> None:
         _check_metrics(m, f"ptq.per_seed.{seed}.{bits}", num_groups)
         _require(isinstance(m.get("size_bytes"), (int, float)), f"ptq.per_seed.{seed}.{bits}.size_bytes",
                  "expected a number")
+  if "explain" in results:
+    for seed, by_bits in results["explain"]["per_seed"].items():
+      for bits, e in by_bits.items():
+        where = f"explain.per_seed.{seed}.{bits}"
+        for key in ("weights", "activations", "logits", "softmax", "accuracy", "loss"):
+          _require(key in e, where, f"missing {key!r}")
+        for key in ("variance", "variance_change", "abs_shift"):
+          _require(len(e["logits"].get(key, [])) == num_groups, f"{where}.logits.{key}",
+                   f"expected a list of {num_groups} values")
+        if "curvature" in e:
+          for key in ("grad_norm", "top_eigenvalue"):
+            _require(len(e["curvature"].get(key, [])) == num_groups, f"{where}.curvature.{key}",
+                     f"expected a list of {num_groups} values")
+  if "mitigate" in results:
+    for seed, by_method in results["mitigate"]["per_seed"].items():
+      for method, by_bits in by_method.items():
+        for bits, m in by_bits.items():
+          _check_metrics(m, f"mitigate.per_seed.{seed}.{method}.{bits}", num_groups)
 
 
 # ----------------------------------------------------------------------------
@@ -165,6 +194,33 @@ def csv_rows(results: Mapping) -> list[dict]:
   for seed, by_bits in results.get("ptq", {}).get("per_seed", {}).items():
     for bits, m in by_bits.items():
       rows += metric_rows("ptq", bits, seed, "test", m, names)
+  for seed, by_method in results.get("mitigate", {}).get("per_seed", {}).items():
+    for method, by_bits in by_method.items():
+      for bits, m in by_bits.items():
+        rows += metric_rows(f"mitigate/{method}", bits, seed, "test", m, names)
+  explain = results.get("explain", {})
+  for seed, by_bits in explain.get("per_seed", {}).items():
+    for bits, e in by_bits.items():
+      rows += explain_rows(bits, seed, explain.get("forward_split", "test"), e, names)
+  return rows
+
+
+def explain_rows(bits: Any, seed: Any, split: str, e: Mapping, group_names: Iterable[str]) -> list[dict]:
+  """One row per group with the forward chain and (when computed) curvature."""
+  rows = []
+  acts = list(e.get("activations", {}).values())
+  curv = e.get("curvature", {})
+  for i, name in enumerate(group_names):
+    act = [a[i] for a in acts if a[i] is not None]
+    rows.append({"variant": "explain", "bits": bits, "seed": seed, "split": split, "group": i, "group_name": name,
+                 "accuracy": e["accuracy"][i], "loss": e["loss"][i],
+                 "logit_abs_shift": e["logits"]["abs_shift"][i], "logit_variance": e["logits"]["variance"][i],
+                 "logit_variance_change": e["logits"]["variance_change"][i],
+                 "true_prob": e["softmax"]["true_prob"][i], "true_prob_shift": e["softmax"]["true_prob_shift"][i],
+                 "margin": e["softmax"]["margin"][i], "margin_shift": e["softmax"]["margin_shift"][i],
+                 "mean_activation_rel_err": sum(act) / len(act) if act else None,
+                 "grad_norm": curv.get("grad_norm", [None] * (i + 1))[i],
+                 "top_eigenvalue": curv.get("top_eigenvalue", [None] * (i + 1))[i]})
   return rows
 
 

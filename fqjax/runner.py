@@ -27,6 +27,8 @@ import numpy as np
 from fqjax import config as config_lib
 from fqjax import data as data_lib
 from fqjax import claims, layers, metrics, mitigate, parallel, ptq, quant, report, results, train
+from fqjax.explain import curvature as curvature_lib
+from fqjax.explain import forward as forward_lib
 from fqjax.models import get_model
 
 log = logging.getLogger("fqjax")
@@ -34,6 +36,7 @@ log = logging.getLogger("fqjax")
 TRAIN_SECTIONS = ("data", "model", "train")
 PTQ_SECTIONS = ("data", "model", "train", "ptq", "eval")
 MITIGATE_SECTIONS = ("data", "model", "train", "ptq", "mitigate", "eval")
+EXPLAIN_SECTIONS = ("data", "model", "train", "ptq", "explain", "eval")
 
 
 class Study:
@@ -205,6 +208,69 @@ def stage_ptq(study: Study, force: bool) -> bool:
   return True
 
 
+def stage_explain(study: Study, force: bool) -> bool:
+  """Forward chain (test split) and curvature (train split) per group, seed and bit-width."""
+  cfg = study.config
+  e, p = cfg.explain, cfg.ptq
+  fp = config_lib.fingerprint(cfg, EXPLAIN_SECTIONS)
+  section = study.results.get("explain")
+  bit_widths = [int(b) for b in (e.bit_widths or p.bit_widths)]
+  if section is None or section.get("fingerprint") != fp or force:
+    section = {"fingerprint": fp, "bit_widths": bit_widths, "curvature_split": e.curvature_split,
+               "forward_split": e.forward_split, "per_seed": {},
+               "group_sizes": study.info.counts["train"]}
+  specs = ptq.sweep_specs(bit_widths, p.a_bits)
+  model = study.model.clone(per_channel=p.per_channel, fold_bn=p.fold_bn)
+  fwd, curv = study.splits[e.forward_split], study.splits[e.curvature_split]
+  ran = False
+  for seed in study.seeds:
+    entries = section["per_seed"].setdefault(str(seed), {})
+    todo = [(b, s) for b, s in zip(bit_widths, specs) if str(b) not in entries]
+    if not todo:
+      continue
+    ran = True
+    variables = load_trained_variables(study, seed)
+    calib = None
+    if any(s.a_bits is not None for _, s in todo):
+      calib = ptq.calibration_batches(study.splits.train.x, p.calibration_batch_size, p.calibration_batches, seed)
+    variables = ptq.prepare_variables(model, variables, calib, p.calibration)
+    for bits, spec in todo:
+      t0 = time.perf_counter()
+      tree = spec.bits_tree(study.layer_names)
+      entry = forward_lib.forward_chain(model, variables, tree, fwd.x, fwd.y, fwd.group, study.info.num_groups,
+                                    study.layer_names, batch_size=cfg.eval.batch_size)
+      if e.curvature:
+        entry["curvature"] = _curvature(model, variables, tree, curv, study, e, seed)
+      entry["wall_s"] = time.perf_counter() - t0
+      entries[str(bits)] = entry
+      log.info("explain seed %d %d-bit: %.1f s", seed, bits, entry["wall_s"])
+      study.results["explain"] = section
+      study.save()
+  study.results["explain"] = section
+  study.results["claims"] = claims.check_claims(study.results)
+  return ran
+
+
+def _curvature(model, variables, bits_tree, split, study, e, seed) -> dict:
+  """Per-group gradient norms and Lanczos top-k Hessian eigenvalues at the (dequantized) weights."""
+  num_groups = study.info.num_groups
+  # Activation bits are not a change of params: curvature is taken at the dequantized weights only.
+  kw = dict(bits=bits_tree, batch_size=e.batch_size, activations="ignore")
+  grads = curvature_lib.group_gradient_norms(model, variables, split.x, split.y, split.group, num_groups, **kw)
+  eig = curvature_lib.group_top_eigenvalues(model, variables, split.x, split.y, split.group, num_groups, k=e.top_k,
+                                      max_iters=e.lanczos_max_iters, tol=e.lanczos_tol, seed=seed,
+                                      trace_probes=e.trace_probes, **kw)
+  sizes = study.info.counts["train"]
+  out = {"grad_norm": grads["norms"].tolist(), "loss": grads["loss"].tolist(),
+         "top_eigenvalue": eig["eigenvalues"][:, 0].tolist(), "top_k_eigenvalues": eig["eigenvalues"].tolist(),
+         "num_hvps": eig["num_hvps"].tolist(), "converged": eig["converged"].tolist(),
+         "spearman_size_grad_norm": curvature_lib.spearman(sizes, grads["norms"]),
+         "spearman_size_top_eigenvalue": curvature_lib.spearman(sizes, eig["eigenvalues"][:, 0])}
+  if e.trace_probes:
+    out["trace"], out["trace_std"] = eig["trace"].tolist(), eig["trace_std"].tolist()
+  return out
+
+
 def stage_mitigate(study: Study, force: bool) -> bool:
   cfg = study.config
   m = cfg.mitigate
@@ -254,8 +320,9 @@ def stage_report(study: Study, force: bool) -> bool:
 
 
 # Each stage returns whether it did any work (False: skipped, outputs already in the workdir).
-STAGE_FUNCTIONS: dict[str, Callable[[Study, bool], bool]] = {"train": stage_train, "ptq": stage_ptq,
-                                                             "mitigate": stage_mitigate, "report": stage_report}
+STAGE_FUNCTIONS: dict[str, Callable[[Study, bool], bool]] = {
+    "train": stage_train, "ptq": stage_ptq, "explain": stage_explain, "mitigate": stage_mitigate,
+    "report": stage_report}
 
 
 def available_stages() -> list[str]:
