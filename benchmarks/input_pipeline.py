@@ -116,6 +116,21 @@ def measure(name: str, n: int, shape, batch: int, repeats: int, steps: int) -> d
           "step": step_rate, "loop": loop_rate}
 
 
+def run(size: str = "small") -> dict:
+  """Results for benchmarks/run_all.py. small: digits + 10000 CIFAR-sized images; full: 50000."""
+  if size not in ("small", "full"):
+    raise ValueError(f"size must be 'small' or 'full', got {size!r}.")
+  rows = []
+  for name in ("digits", "cifar10"):
+    n, shape = SHAPES[name]
+    if name == "cifar10" and size == "small":
+      n = 10000
+    r = measure(name, n, shape, 128, 5, 5)
+    r["gather_over_step"] = r["gather"] / r["step"]
+    rows.append(r)
+  return {"benchmark": "input_pipeline", "size": size, "device": device_description(), "rows": rows}
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--datasets", default="digits,cifar10")

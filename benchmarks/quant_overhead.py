@@ -57,6 +57,16 @@ def measure(name: str, batch: int, repeats: int, w_bits: int = 4, a_bits: int = 
   return {"model": name, "batch": batch, "fp_s": t_fp, "quant_s": t_q, "ratio": t_q / t_fp}
 
 
+def run(size: str = "small") -> dict:
+  """Results for benchmarks/run_all.py. small: SmallCNN at batch 128 and ResNet-18 at batch 16
+  (a 2-core CPU takes seconds per ResNet-18 step at 128); full: both at batch 128."""
+  if size not in ("small", "full"):
+    raise ValueError(f"size must be 'small' or 'full', got {size!r}.")
+  rows = [measure("small_cnn", 128, 7)]
+  rows.append(measure("resnet18", 16 if size == "small" else 128, 3 if size == "small" else 10))
+  return {"benchmark": "quant_overhead", "size": size, "device": device_description(), "rows": rows}
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__)
   parser.add_argument("--models", default="small_cnn,resnet18")

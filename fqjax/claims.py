@@ -25,30 +25,9 @@ from typing import Callable, Mapping, Optional, Sequence
 
 import numpy as np
 
+from fqjax.explain.curvature import spearman  # one rank correlation for the whole package
+
 FULL = 32
-
-
-def spearman(a: Sequence[float], b: Sequence[float]) -> float:
-  """Spearman rank correlation with average ranks for ties; NaN if either side is constant."""
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  ok = np.isfinite(a) & np.isfinite(b)
-  a, b = a[ok], b[ok]
-  if a.size < 2:
-    return float("nan")
-
-  def ranks(v):
-    order = np.argsort(v, kind="mergesort")
-    r = np.empty(v.size)
-    r[order] = np.arange(v.size, dtype=np.float64)
-    for value in np.unique(v):  # average ranks of ties
-      tie = v == value
-      r[tie] = r[tie].mean()
-    return r
-
-  ra, rb = ranks(a), ranks(b)
-  if ra.std() == 0 or rb.std() == 0:
-    return float("nan")
-  return float(np.corrcoef(ra, rb)[0, 1])
 
 
 def minority_mask(results: Mapping) -> Optional[np.ndarray]:

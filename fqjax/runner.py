@@ -337,10 +337,6 @@ def run(config: ml_collections.ConfigDict, workdir: str, stages: Optional[Sequen
     stages = available_stages()
   else:
     stages = config_lib.check_stages(stages)
-    missing = [s for s in stages if s not in STAGE_FUNCTIONS]
-    if missing:
-      raise ValueError(f"stage(s) {missing} are not implemented in this version of fqjax; "
-                       f"available: {available_stages()}.")
   os.makedirs(workdir, exist_ok=True)
   _attach_log_file(workdir)
   study = Study(config, workdir, progress=progress)

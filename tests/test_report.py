@@ -28,7 +28,7 @@ def _config():
   c.name = "tiny"
   c.seeds = (0, 1)
   c.data.name = "synthetic"
-  c.data.synthetic.group_sizes = (160, 80, 40)
+  c.data.synthetic.group_sizes = (160, 80, 30)  # 30 < half the median (40): a minority
   c.data.synthetic.noise = (1.0, 1.2, 1.5)
   c.data.synthetic.shift = (0.0, 0.5, 1.0)
   c.model.name = "small_cnn"
