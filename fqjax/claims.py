@@ -12,8 +12,8 @@ tuned to a run:
       and FV(lowest bits) - FV(32 or highest bits) > the std over seeds at the lowest bits.
   minority_loses_more_accuracy: per quantized bit-width, mean accuracy drop (vs full
       precision) of minority > majority.
-  logit_variance_drops_more_for_minority: per bit-width, mean change of logit variance of
-      minority < majority (a larger drop).
+  logit_variance_drops_more_for_minority: per bit-width, the minority's mean change of logit
+      variance is negative (a drop) and below the majority's (a larger drop).
   minority_gradient_norm_larger / minority_top_eigenvalue_larger: per bit-width, minority mean >
       majority mean and Spearman(group size, value) < 0 (falls with group size).
   fairqat_beats_ptq_and_qat: per target bit-width, FV(fairqat) < FV(ptq) and FV(fairqat) < FV(qat)
@@ -129,7 +129,7 @@ def logit_variance_drops_more(results: Mapping) -> dict:
   if "explain" not in results:
     return _not_tested("the explain stage did not run")
   return _per_bits_claim(results, _explain_bits(results), _explain_values(results, ("logits", "variance_change")),
-                         lambda mino, majo, rho: mino < majo)
+                         lambda mino, majo, rho: mino < 0 and mino < majo)
 
 
 def _curvature_claim(results: Mapping, key: str) -> dict:

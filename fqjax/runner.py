@@ -71,6 +71,7 @@ class Study:
     if not self.is_writer:
       return  # multi-host: only process 0 writes results
     self.results["updated"] = results.now()
+    self.results["claims"] = claims.check_claims(self.results)  # always from the results as they stand
     results.validate(self.results)
     # config.json is written with the results, so it always describes what the workdir holds.
     results.atomic_write_text(os.path.join(self.workdir, "config.json"),
@@ -247,7 +248,6 @@ def stage_explain(study: Study, force: bool) -> bool:
       study.results["explain"] = section
       study.save()
   study.results["explain"] = section
-  study.results["claims"] = claims.check_claims(study.results)
   return ran
 
 
@@ -308,7 +308,6 @@ def stage_mitigate(study: Study, force: bool) -> bool:
   if ran:
     section["wall_s"] = time.perf_counter() - t0
   study.results["mitigate"] = section
-  study.results["claims"] = claims.check_claims(study.results)
   return ran
 
 

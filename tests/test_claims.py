@@ -85,6 +85,9 @@ def test_logit_variance_and_curvature_claims():
   r = _base()
   r["explain"] = _explain({32: [0, 0, 0, 0], 4: [-0.1, -0.1, -0.1, -0.5]}, ("logits", "variance_change"))
   assert claims.logit_variance_drops_more(r)["verdict"] == "holds"
+  # A smaller rise for the minority is not a drop: the claim is about variance falling.
+  r["explain"] = _explain({4: [0.3, 0.3, 0.3, 0.05]}, ("logits", "variance_change"))
+  assert claims.logit_variance_drops_more(r)["verdict"] == "does not hold"
   r["explain"] = _explain({32: [1.0, 1.1, 0.9, 3.0], 4: [2.0, 2.1, 1.9, 5.0]}, ("curvature", "grad_norm"))
   c = claims._curvature_claim(r, "grad_norm")
   assert c["verdict"] == "holds"

@@ -1,7 +1,6 @@
 """Study config validation: every bad field fails before any work starts, naming the field."""
 import glob
 import os
-import re
 import runpy
 
 import pytest
