@@ -15,9 +15,7 @@ when the pipeline hides behind the step).
 """
 import argparse
 import os
-import statistics
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -26,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from benchmarks.common import block, device_description
+from benchmarks.common import device_description, median_time
 from fqjax import losses
 from fqjax.data import pipeline
 from fqjax.models import SmallCNN
@@ -55,13 +53,7 @@ def make_step(model, tx, table):
 
 def median_rate(fn, images: int, repeats: int) -> float:
   """Median images/s of ``fn()`` (blocked on) over ``repeats`` runs after one warm-up."""
-  block(fn())
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    block(fn())
-    times.append(time.perf_counter() - start)
-  return images / statistics.median(times)
+  return images / median_time(fn, repeats)
 
 
 def measure(name: str, n: int, shape, batch: int, repeats: int, steps: int) -> dict:

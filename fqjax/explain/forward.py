@@ -73,13 +73,14 @@ def _is_quant_layer(module: nn.Module, method_name: str) -> bool:
   return method_name == "__call__" and isinstance(module, layers.QUANT_LAYER_TYPES)
 
 
-def _layer_outputs(intermediates: Mapping, layer_names: Sequence[str]) -> dict:
+def _per_layer(tree: Mapping, layer_names: Sequence[str], leaf: str) -> dict:
+  """{layer path: the first sown value ``tree[path...][leaf][0]``} for every layer."""
   out = {}
   for name in layer_names:
-    node = intermediates
+    node = tree
     for part in name.split("/"):
       node = node[part]
-    out[name] = node["__call__"][0]
+    out[name] = node[leaf][0]
   return out
 
 
@@ -93,17 +94,7 @@ def effective_kernels(model: nn.Module, variables: Mapping, bits_tree, sample_x,
   if bits_tree is not None:
     v[layers.BITS] = bits_tree
   _, state = jax.jit(functools.partial(model.apply, train=False, mutable=[layers.KERNELS]))(v, sample_x)
-  return _layer_outputs_flat(state[layers.KERNELS], layer_names)
-
-
-def _layer_outputs_flat(tree: Mapping, layer_names: Sequence[str]) -> dict:
-  out = {}
-  for name in layer_names:
-    node = tree
-    for part in name.split("/"):
-      node = node[part]
-    out[name] = np.asarray(node["kernel"][0])
-  return out
+  return {k: np.asarray(v) for k, v in _per_layer(state[layers.KERNELS], layer_names, "kernel").items()}
 
 
 @functools.lru_cache(maxsize=16)
@@ -115,7 +106,7 @@ def _chain_fn(model: nn.Module, layer_names: tuple):
     if bits is not None:
       v[layers.BITS] = bits
     logits, state = model.apply(v, x, train=False, capture_intermediates=_is_quant_layer)
-    return logits, _layer_outputs(state["intermediates"], layer_names)
+    return logits, _per_layer(state["intermediates"], layer_names, "__call__")
 
   @jax.jit
   def chain(variables, bits, x, y):

@@ -5,6 +5,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from fqjax.models.common import quant_kwargs
 from fqjax.layers import QuantConvBN, QuantDense
 
 
@@ -24,7 +25,7 @@ class SmallCNN(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-    kw = dict(per_channel=self.per_channel, ste=self.ste, lsq=self.lsq, dtype=self.dtype)
+    kw = quant_kwargs(self, bn=False)
     conv = lambda f, name: QuantConvBN(f, (3, 3), fold_bn=self.fold_bn, name=name, **kw)
     x = nn.relu(conv(self.width, "conv1")(x, train))
     x = nn.relu(conv(2 * self.width, "conv2")(x, train))

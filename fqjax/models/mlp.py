@@ -4,6 +4,7 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax
 
+from fqjax.models.common import quant_kwargs
 from fqjax.layers import QuantDense
 
 
@@ -23,7 +24,7 @@ class MLP(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     x = x.reshape((x.shape[0], -1))
-    kw = dict(per_channel=self.per_channel, ste=self.ste, lsq=self.lsq, dtype=self.dtype)
+    kw = quant_kwargs(self, bn=False)
     dense = lambda f, name: QuantDense(f, name=name, **kw)
     for i, width in enumerate(self.hidden):
       x = nn.relu(dense(width, f"dense{i}")(x))

@@ -9,6 +9,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from fqjax.models.common import quant_kwargs
 from fqjax.layers import QuantConvBN, QuantDense
 
 STEMS = ("cifar", "imagenet")
@@ -27,8 +28,7 @@ class BasicBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool):
-    kw = dict(fold_bn=self.fold_bn, per_channel=self.per_channel, ste=self.ste, lsq=self.lsq,
-              dtype=self.dtype)
+    kw = quant_kwargs(self)
     y = nn.relu(QuantConvBN(self.features, (3, 3), self.strides, name="conv1", **kw)(x, train))
     y = QuantConvBN(self.features, (3, 3), 1, name="conv2", **kw)(y, train)
     if x.shape != y.shape:
@@ -49,8 +49,7 @@ class Bottleneck(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool):
-    kw = dict(fold_bn=self.fold_bn, per_channel=self.per_channel, ste=self.ste, lsq=self.lsq,
-              dtype=self.dtype)
+    kw = quant_kwargs(self)
     y = nn.relu(QuantConvBN(self.features, (1, 1), 1, name="conv1", **kw)(x, train))
     y = nn.relu(QuantConvBN(self.features, (3, 3), self.strides, name="conv2", **kw)(y, train))
     y = QuantConvBN(self.features * 4, (1, 1), 1, name="conv3", **kw)(y, train)
@@ -76,8 +75,7 @@ class ResNet(nn.Module):
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     if self.stem not in STEMS:
       raise ValueError(f"ResNet stem must be one of {STEMS}, got {self.stem!r}.")
-    kw = dict(fold_bn=self.fold_bn, per_channel=self.per_channel, ste=self.ste, lsq=self.lsq,
-              dtype=self.dtype)
+    kw = quant_kwargs(self)
     block_cls = {"basic": BasicBlock, "bottleneck": Bottleneck}[self.block]
     if self.stem == "cifar":
       x = nn.relu(QuantConvBN(self.width, (3, 3), 1, name="stem", **kw)(x, train))
@@ -89,8 +87,7 @@ class ResNet(nn.Module):
         strides = 2 if stage > 0 and b == 0 else 1
         x = block_cls(self.width * 2**stage, strides, name=f"stage{stage + 1}_block{b + 1}", **kw)(x, train)
     x = jnp.mean(x, axis=(1, 2))
-    return QuantDense(self.num_classes, per_channel=self.per_channel, ste=self.ste, lsq=self.lsq,
-                      dtype=self.dtype, name="head")(x)
+    return QuantDense(self.num_classes, name="head", **quant_kwargs(self, bn=False))(x)
 
 
 RESNET_DEPTHS = {18: ((2, 2, 2, 2), "basic"), 34: ((3, 4, 6, 3), "basic"), 50: ((3, 4, 6, 3), "bottleneck")}

@@ -5,6 +5,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from fqjax.models.common import quant_kwargs
 from fqjax.layers import QuantConvBN, QuantDense
 
 VGG_CONFIGS = {
@@ -29,7 +30,7 @@ class VGG(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-    kw = dict(per_channel=self.per_channel, ste=self.ste, lsq=self.lsq, dtype=self.dtype)
+    kw = quant_kwargs(self, bn=False)
     i = 0
     for item in self.layout:
       if item == "M":
