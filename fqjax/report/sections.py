@@ -1,0 +1,253 @@
+"""The report's sections, each reading its stage from results.json into a _Doc (tables, figures, notes)."""
+from __future__ import annotations
+
+import json
+import os
+from typing import Mapping, Optional
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from fqjax import claims as claims_lib
+from fqjax.report.common import (ABLATION_COLUMNS, FIGURES_DIR, FULL, _ablation_summary, _bits_label, _Ctx, _dig,
+                                 _explain_bits, _explain_ms, _mean_std, _num, _pm, _rel, _sorted_bits, _stack)
+from fqjax.report.document import _Doc
+from fqjax.report.figures import (_save_png, figure_explain_curvature, figure_explain_logits,
+                                  figure_explain_weights, figure_mitigate_ablation, figure_ptq_fairness,
+                                  figure_ptq_group_accuracy)
+
+
+_REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _rerun_hint(ctx: _Ctx, stage: str) -> str:
+  name = str(_dig(ctx.results, "config", "name") or "")
+  exp = f"experiments/{name}.py" if name and os.path.exists(os.path.join(_REPO, "experiments", f"{name}.py")) \
+      else "<this study's experiment file>"
+  return (f"run `python launch.py --config {exp} --stages={stage} --workdir {ctx.workdir}` "
+          "(with the same --config overrides as this run), then rerun the report")
+
+
+class _Report:
+  def __init__(self, ctx: _Ctx, fig_dir: str):
+    self.ctx, self.fig_dir = ctx, fig_dir
+    self.doc = _Doc()
+    self.figures: dict[str, str] = {}
+    self.sections: dict[str, str] = {}
+
+  def fig(self, name: str, fig: Optional[Figure], caption: str) -> None:
+    if fig is None:
+      return
+    path = os.path.join(self.fig_dir, name + ".png")
+    _save_png(fig, path)
+    self.figures[name] = path
+    self.doc.figure(f"{FIGURES_DIR}/{name}.png", caption)
+
+  def absent(self, section: str, why: str) -> None:
+    self.sections[section] = "missing: " + why
+    self.doc.missing(why)
+
+  def overview(self) -> None:
+    ctx, r = self.ctx, self.ctx.results
+    ds, model = r.get("dataset", {}), r.get("model", {})
+    self.doc.h(1, f"fqjax report: {_dig(r, 'config', 'name') or 'study'}")
+    self.doc.p(f"Dataset **{ds.get('name', '?')}** ({ctx.num_groups} groups by `{ds.get('group_attribute', '?')}`, "
+               f"{ds.get('num_classes', '?')} classes), model **{model.get('name', '?')}** "
+               f"({model.get('num_params', '?')} parameters, {len(model.get('layer_names', []))} quantizable "
+               f"layers), seeds {r.get('seeds', [])}. Results created {r.get('created', '?')}, updated "
+               f"{r.get('updated', '?')} (fqjax {r.get('fqjax_version', '?')}, schema "
+               f"{r.get('schema_version', '?')}). Means ± std are over seeds.")
+    counts = ds.get("counts", {})
+    count = lambda split, g: (str(counts[split][g]) if isinstance(counts.get(split), list)
+                              and g < len(counts[split]) else "–")
+    rows = [[ctx.names[g]] + [count(split, g) for split in ("train", "val", "test")]
+            + ["yes" if ctx.is_minority(g) else ""] for g in range(ctx.num_groups)]
+    self.doc.table(["group", "train", "val", "test", "minority"], rows)
+    self.doc.p("Minority: train count below the median group size" + (
+        "." if ctx.minority is not None else " (none here: all groups are at or above the median)."))
+
+  def train(self) -> None:
+    ctx, t = self.ctx, self.ctx.results.get("train")
+    self.doc.h(2, "Full-precision training")
+    if not t:
+      return self.absent("train", "the train stage is not in this workdir; " + _rerun_hint(ctx, "train"))
+    self.sections["train"] = "ok"
+    rows = []
+    for s in ctx.seeds:
+      rec = t.get("per_seed", {}).get(s)
+      if rec:
+        test = rec.get("test", {})
+        rows.append([s, str(rec.get("epochs_run", "–")), _num(test.get("accuracy")),
+                     _num(test.get("worst_group_accuracy")), _num(test.get("fairness_violation")),
+                     _num(_dig(rec, "val", "accuracy")), _num(rec.get("wall_s"), "{:.1f}")])
+    self.doc.table(["seed", "epochs", "test accuracy", "worst group", "fairness violation", "val accuracy",
+                    "wall s"], rows)
+
+  def ptq(self) -> None:
+    ctx, p = self.ctx, self.ctx.results.get("ptq")
+    self.doc.h(2, "PTQ sweep")
+    if not p:
+      return self.absent("ptq", "the ptq stage is not in this workdir; " + _rerun_hint(ctx, "ptq"))
+    self.sections["ptq"] = "ok"
+    self.doc.p(f"Weights quantized after training (activation bits {p.get('a_bits')}, per-channel "
+               f"{p.get('per_channel')}, BN folded {p.get('fold_bn')}); test split.")
+    self.fig("ptq_group_accuracy", figure_ptq_group_accuracy(ctx),
+             "Per-group test accuracy against bit-width (mean over seeds); minority groups dashed with open markers.")
+    self.fig("ptq_fairness", figure_ptq_fairness(ctx),
+             "Left: fairness violation (mean ± std over seeds; band: bootstrap CI). Right: overall and worst-group "
+             "accuracy.")
+    bits = _sorted_bits(p.get("bit_widths", []))
+    get = lambda b, *path: _mean_std(_stack(p.get("per_seed", {}), ctx.seeds, lambda e: _dig(e, b, *path)))
+    rows = []
+    for b in bits:
+      ci = (_num(get(b, "fairness_violation_ci", "low")[0]), _num(get(b, "fairness_violation_ci", "high")[0]))
+      rows.append([_bits_label(b), _num(get(b, "size_bytes")[0] / 1024, "{:.1f}"), _pm(*get(b, "accuracy")),
+                   _pm(*get(b, "worst_group_accuracy")), _pm(*get(b, "fairness_violation")),
+                   "–" if "–" in ci else f"[{ci[0]}, {ci[1]}]", _pm(*get(b, "accuracy_drop"))])
+    self.doc.p("**PTQ sweep summary** (test split, mean ± std over seeds):")
+    self.doc.table(["bits", "size KB", "accuracy", "worst group", "fairness violation", "FV bootstrap CI",
+                    "accuracy drop"], rows)
+    grid = {b: get(b, "groups", "accuracy") for b in bits}
+    rows = [[ctx.group_label(g)] + [_pm(grid[b][0][g] if np.ndim(grid[b][0]) else np.nan,
+                                        grid[b][1][g] if np.ndim(grid[b][1]) else np.nan) for b in bits]
+            for g in ctx.size_order()]
+    self.doc.p("**Per-group accuracy** (mean ± std over seeds; groups by train count, smallest first):")
+    self.doc.table(["group"] + [f"{_bits_label(b)} bits" for b in bits], rows)
+
+  def explain(self) -> None:
+    ctx, e = self.ctx, self.ctx.results.get("explain")
+    self.doc.h(2, "Explain: forward chain")
+    if not e:
+      self.absent("explain", "Explain: not in this workdir; " + _rerun_hint(ctx, "explain"))
+      self.doc.h(2, "Explain: curvature")
+      return self.absent("curvature", "Explain: not in this workdir; " + _rerun_hint(ctx, "explain"))
+    self.sections["explain"] = "ok"
+    self.fig("explain_weights", figure_explain_weights(ctx),
+             "Weights per layer against bit-width (mean over seeds): induced sparsity (weights rounded to zero) "
+             "and relative L2 error; dashed black: whole model.")
+    self.fig("explain_logits_softmax", figure_explain_logits(ctx),
+             "Per-group logit variance, true-class probability and margin at full precision and each bit-width "
+             "(mean over seeds); shaded: minority groups.")
+    bits = [b for b in _explain_bits(ctx) if b < FULL]
+    rows = []
+    for b in bits:
+      w = lambda key: _explain_ms(ctx, b, "weights", "model", key)[0]
+      acts = [_explain_ms(ctx, b, "activations", name)[0] for name in
+              (_dig(e, "per_seed", ctx.seeds[0] if ctx.seeds else "", b, "activations") or {})]
+      act = np.nanmean(np.stack(acts), axis=0) if acts and all(np.shape(a) == (ctx.num_groups,) for a in acts) \
+          else None
+      rows.append([str(b), _num(w("rel_l2")), _num(w("induced_sparsity")), _num(w("total_sparsity")),
+                   _rel(ctx.minority, act), _rel(ctx.minority, _explain_ms(ctx, b, "logits", "abs_shift")[0]),
+                   _rel(ctx.minority, _explain_ms(ctx, b, "logits", "variance_change")[0]),
+                   _rel(ctx.minority, _explain_ms(ctx, b, "softmax", "true_prob_shift")[0]),
+                   _rel(ctx.minority, _explain_ms(ctx, b, "softmax", "margin_shift")[0])])
+    self.doc.p("**Forward chain** (whole-model weight error and sparsity; per-group quantities as "
+               "minority / majority means, mean over seeds; shifts are quantized − full precision):")
+    self.doc.table(["bits", "weight rel. L2", "induced sparsity", "total sparsity", "activation rel. error",
+                    "logit |shift|", "logit variance change", "true-class prob shift", "margin shift"], rows)
+    self.doc.h(2, "Explain: curvature")
+    fig = figure_explain_curvature(ctx)
+    if fig is None:
+      return self.absent("curvature", "the explain section has no per-group curvature (grad_norm, "
+                         "top_eigenvalue); rerun the explain stage with curvature enabled (--force).")
+    self.sections["curvature"] = "ok"
+    self.fig("explain_curvature", fig, "Per-group gradient norm and top Hessian eigenvalue against group size "
+             "(log scales where all values are positive; mean ± std over seeds); shaded: minority sizes.")
+    rows = []
+    for b in _explain_bits(ctx):
+      c = lambda key: _explain_ms(ctx, b, "curvature", key)
+      rows.append([_bits_label(b), _pm(*c("spearman_size_grad_norm"), "{:.2f}"),
+                   _pm(*c("spearman_size_top_eigenvalue"), "{:.2f}"), _rel(ctx.minority, c("grad_norm")[0]),
+                   _rel(ctx.minority, c("top_eigenvalue")[0]), _rel(ctx.minority, c("trace")[0])])
+    self.doc.p("**Curvature** (Spearman correlation with group size per seed, mean ± std; per-group values as "
+               "minority / majority means):")
+    self.doc.table(["bits", "ρ(size, grad norm)", "ρ(size, top eigenvalue)", "grad norm", "top eigenvalue",
+                    "Hessian trace"], rows)
+
+  def mitigate(self) -> None:
+    ctx, m = self.ctx, self.ctx.results.get("mitigate")
+    self.doc.h(2, "Mitigation ablation")
+    if not m:
+      return self.absent("mitigate", "the mitigate stage is not in this workdir; " + _rerun_hint(ctx, "mitigate"))
+    summary = _ablation_summary(ctx)
+    incomplete = any(cols[k][2] < len(ctx.seeds) for by_bits in summary.values() for cols in by_bits.values()
+                     for k in ("accuracy",))
+    self.sections["mitigate"] = "incomplete" if incomplete else "ok"
+    if incomplete:
+      self.doc.missing("the mitigate stage has not finished every (method, bit-width, seed); the table shows the "
+                       "seeds that finished (rerun the mitigate stage to complete it).")
+    rows = []
+    for b in [str(b) for b in _sorted_bits(m.get("bit_widths", []))]:
+      best = {}
+      for key, _, direction, *_ in ABLATION_COLUMNS:
+        vals = {k: summary[k][b][key][0] for k in summary if np.isfinite(summary[k][b][key][0])}
+        if vals:
+          best[key] = (max if direction == "max" else min)(vals, key=lambda k: vals[k])
+      for method in m.get("methods", []):
+        row = [b, method]
+        for key, _, _, scale, fmt in ABLATION_COLUMNS:
+          mean, std, _ = summary[method][b][key]
+          cell = _pm(mean * scale, std * scale, fmt)
+          row.append(f"**{cell}**" if best.get(key) == method else cell)
+        rows.append(row)
+    self.doc.p("Each method fine-tunes (or, for `ptq`, only quantizes) the same full-precision model. Mean ± std "
+               "over seeds; **bold**: best per column and bit-width (highest accuracy / worst group, lowest "
+               "fairness violation, size, training time).")
+    self.doc.table(["bits", "method"] + [c[1] for c in ABLATION_COLUMNS], rows)
+    self.fig("mitigate_ablation", figure_mitigate_ablation(ctx, summary),
+             "Fairness violation and worst-group accuracy per method and target bit-width (mean ± std over seeds).")
+
+  def claims(self) -> None:
+    ctx = self.ctx
+    self.doc.h(2, "Claims")
+    try:
+      checked, source = claims_lib.check_claims(ctx.results), "computed from this results.json by `fqjax.claims`"
+    except Exception as err:  # a partial or older results.json: fall back on the stored section
+      checked, source = ctx.results.get("claims"), f"as stored in results.json ({type(err).__name__}: {err})"
+    if not checked:
+      return self.absent("claims", "no claims could be checked on this results.json.")
+    self.sections["claims"] = "ok"
+    self.doc.p(f"Findings of the paper checked on this run ({source}).")
+    rows = [[name.replace("_", " "), f"**{c.get('verdict', '?')}**", _claim_numbers(c)]
+            for name, c in checked.items() if isinstance(c, Mapping)]
+    self.doc.table(["claim", "verdict", "key numbers"], rows)
+    if isinstance(checked.get("rules"), str):
+      self.doc.details("The rules behind the verdicts", checked["rules"])
+
+  def run_info(self) -> None:
+    r = self.ctx.results
+    self.doc.h(2, "Run")
+    timings = r.get("timings") or {}
+    rows = [[k, _num(v, "{:.1f}")] for k, v in timings.items()]
+    total = sum(float(v) for v in timings.values() if isinstance(v, (int, float)))
+    self.doc.p("**Wall times** of each stage's last run:")
+    self.doc.table(["stage", "seconds"], rows + [["total", _num(total, "{:.1f}")]])
+    files = [f for f in ("results.json", "results.csv", "config.json", "fqjax.log")
+             if os.path.exists(os.path.join(self.ctx.workdir, f))]
+    if files:
+      self.doc.p("Files in the workdir: " + ", ".join(f"`{f}`" for f in files) + ".")
+    self.doc.details("Config of this run", json.dumps(r.get("config", {}), indent=1, sort_keys=True), "json")
+
+
+def _claim_numbers(c: Mapping) -> str:
+  if c.get("verdict") == "not tested":
+    return str(c.get("why", ""))
+  parts = []
+  if "spearman_bits_vs_fairness_violation" in c:
+    parts.append(f"Spearman(bits, FV) = {_num(c['spearman_bits_vs_fairness_violation'], '{:.2f}')}; FV lowest − "
+                 f"highest bits = {_num(c.get('increase_lowest_vs_highest_bits'))} (std at lowest "
+                 f"{_num(c.get('std_at_lowest_bits'))})")
+  per_bits = c.get("per_bits") or {}
+  for b in sorted(per_bits, key=lambda k: -int(k)):
+    v = per_bits[b]
+    mark = "✓" if v.get("holds") else "✗"
+    if "minority_mean" in v:
+      rho = f", ρ(size) {_num(v['spearman_size'], '{:.2f}')}" if "spearman_size" in v else ""
+      parts.append(f"{b}-bit: minority {_num(v['minority_mean'], '{:.3g}')} vs majority "
+                   f"{_num(v.get('majority_mean'), '{:.3g}')}{rho} {mark}")
+    elif isinstance(v.get("fairness_violation"), Mapping):
+      fv = v["fairness_violation"]
+      parts.append(f"{b}-bit: FV " + " / ".join(f"{k} {_num(fv.get(k))}" for k in ("fairqat", "ptq", "qat"))
+                   + f", accuracy loss vs qat {_num(v.get('accuracy_loss_vs_qat'))} (qat std "
+                   f"{_num(v.get('qat_accuracy_std'))}) {mark}")
+  return "; ".join(parts) or "–"
