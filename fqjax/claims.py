@@ -144,6 +144,8 @@ def fairqat_beats_ptq_and_qat(results: Mapping) -> dict:
   m = results.get("mitigate")
   if m is None:
     return _not_tested("the mitigate stage did not run")
+  if "summary" not in m:
+    return _not_tested("the mitigate stage has not finished")
   if not {"fairqat", "ptq", "qat"} <= set(m["methods"]):
     return _not_tested("the ablation needs the methods ptq, qat and fairqat")
   per_bits, flags = {}, []

@@ -8,6 +8,7 @@ uninterrupted one. Host syncs happen once per epoch, not per step.
 """
 from __future__ import annotations
 
+import copy
 import functools
 import logging
 import time
@@ -330,7 +331,8 @@ def fit(model: nn.Module, splits, tcfg: ml_collections.ConfigDict, seed: int, ck
              "val_worst_group_accuracy": val["worst_group_accuracy"],
              "weights": np.asarray(table).tolist()}
     history.append(entry)
-    save_checkpoint(mngr, epoch, state, {"epoch": epoch, "history": history,
+    # A deep copy: orbax saves asynchronously, and the live history list grows in the next epoch.
+    save_checkpoint(mngr, epoch, state, {"epoch": epoch, "history": copy.deepcopy(history),
                                          "val_group_losses": group_losses.tolist()})
     bar.set_postfix(loss=f"{entry['train_loss']:.3f}", acc=f"{entry['train_accuracy']:.3f}",
                     val_acc=f"{entry['val_accuracy']:.3f}")

@@ -118,6 +118,8 @@ def test_fairqat_claim():
   assert c["per_bits"]["4"]["accuracy_loss_vs_qat"] == pytest.approx(0.05)
   r["mitigate"]["methods"] = ["ptq", "fairqat"]
   assert claims.fairqat_beats_ptq_and_qat(r)["verdict"] == "not tested"
+  unfinished = {"methods": ["ptq", "qat", "fairqat"], "bit_widths": [4], "per_seed": {}}
+  assert claims.fairqat_beats_ptq_and_qat({**r, "mitigate": unfinished})["verdict"] == "not tested"
 
 
 def test_check_claims_has_every_claim_and_rules():
