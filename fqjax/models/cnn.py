@@ -1,15 +1,13 @@
 """SmallCNN: a compact conv net for 8x8 (digits) and 28x28 (MNIST) inputs."""
-from typing import Any
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from fqjax.models.common import quant_kwargs
 from fqjax.layers import QuantConvBN, QuantDense
+from fqjax.models.common import QuantModel
 
 
-class SmallCNN(nn.Module):
+class SmallCNN(QuantModel):
   """x: [batch, height, width, channels] float32 -> logits [batch, num_classes].
 
   conv(w) -> conv(2w) -> maxpool 2 -> conv(4w) -> [maxpool 2 if still >= 8 wide]
@@ -17,16 +15,10 @@ class SmallCNN(nn.Module):
   """
   num_classes: int
   width: int = 32
-  fold_bn: bool = False
-  per_channel: bool = True
-  ste: str = "clipped"
-  lsq: bool = False
-  dtype: Any = None  # compute dtype, e.g. jnp.bfloat16; params stay float32
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-    kw = quant_kwargs(self, bn=False)
-    conv = lambda f, name: QuantConvBN(f, (3, 3), fold_bn=self.fold_bn, name=name, **kw)
+    conv = lambda f, name: QuantConvBN(f, (3, 3), name=name, **self.quant_kwargs())
     x = nn.relu(conv(self.width, "conv1")(x, train))
     x = nn.relu(conv(2 * self.width, "conv2")(x, train))
     x = nn.max_pool(x, (2, 2), strides=(2, 2))
@@ -34,4 +26,4 @@ class SmallCNN(nn.Module):
     if x.shape[1] >= 8:
       x = nn.max_pool(x, (2, 2), strides=(2, 2))
     x = jnp.mean(x, axis=(1, 2))
-    return QuantDense(self.num_classes, name="head", **kw)(x)
+    return QuantDense(self.num_classes, name="head", **self.quant_kwargs(bn=False))(x)

@@ -3,32 +3,27 @@
 stem="cifar": 3x3 conv, stride 1, no max-pool (32x32 inputs).
 stem="imagenet": 7x7 conv, stride 2, then 3x3 max-pool stride 2.
 """
-from typing import Any, Sequence
+from typing import Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from fqjax.models.common import quant_kwargs
 from fqjax.layers import QuantConvBN, QuantDense
+from fqjax.models.common import QuantModel
 
 STEMS = ("cifar", "imagenet")
 
 
-class BasicBlock(nn.Module):
+class BasicBlock(QuantModel):
   """Two 3x3 convs with an identity (or 1x1 projection) shortcut. Expansion 1."""
   features: int
   strides: int = 1
-  fold_bn: bool = False
-  per_channel: bool = True
-  ste: str = "clipped"
-  lsq: bool = False
-  dtype: Any = None  # compute dtype, e.g. jnp.bfloat16; params stay float32
   expansion = 1
 
   @nn.compact
   def __call__(self, x, train: bool):
-    kw = quant_kwargs(self)
+    kw = self.quant_kwargs()
     y = nn.relu(QuantConvBN(self.features, (3, 3), self.strides, name="conv1", **kw)(x, train))
     y = QuantConvBN(self.features, (3, 3), 1, name="conv2", **kw)(y, train)
     if x.shape != y.shape:
@@ -36,20 +31,15 @@ class BasicBlock(nn.Module):
     return nn.relu(x + y)
 
 
-class Bottleneck(nn.Module):
+class Bottleneck(QuantModel):
   """1x1 reduce, 3x3, 1x1 expand (x4), with projection shortcut when shapes differ."""
   features: int
   strides: int = 1
-  fold_bn: bool = False
-  per_channel: bool = True
-  ste: str = "clipped"
-  lsq: bool = False
-  dtype: Any = None  # compute dtype, e.g. jnp.bfloat16; params stay float32
   expansion = 4
 
   @nn.compact
   def __call__(self, x, train: bool):
-    kw = quant_kwargs(self)
+    kw = self.quant_kwargs()
     y = nn.relu(QuantConvBN(self.features, (1, 1), 1, name="conv1", **kw)(x, train))
     y = nn.relu(QuantConvBN(self.features, (3, 3), self.strides, name="conv2", **kw)(y, train))
     y = QuantConvBN(self.features * 4, (1, 1), 1, name="conv3", **kw)(y, train)
@@ -58,24 +48,19 @@ class Bottleneck(nn.Module):
     return nn.relu(x + y)
 
 
-class ResNet(nn.Module):
+class ResNet(QuantModel):
   """x: [batch, height, width, channels] float32 -> logits [batch, num_classes]."""
   num_classes: int
   stage_sizes: Sequence[int] = (2, 2, 2, 2)
   block: str = "basic"
   stem: str = "cifar"
   width: int = 64
-  fold_bn: bool = False
-  per_channel: bool = True
-  ste: str = "clipped"
-  lsq: bool = False
-  dtype: Any = None  # compute dtype, e.g. jnp.bfloat16; params stay float32
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     if self.stem not in STEMS:
       raise ValueError(f"ResNet stem must be one of {STEMS}, got {self.stem!r}.")
-    kw = quant_kwargs(self)
+    kw = self.quant_kwargs()
     block_cls = {"basic": BasicBlock, "bottleneck": Bottleneck}[self.block]
     if self.stem == "cifar":
       x = nn.relu(QuantConvBN(self.width, (3, 3), 1, name="stem", **kw)(x, train))
@@ -87,7 +72,7 @@ class ResNet(nn.Module):
         strides = 2 if stage > 0 and b == 0 else 1
         x = block_cls(self.width * 2**stage, strides, name=f"stage{stage + 1}_block{b + 1}", **kw)(x, train)
     x = jnp.mean(x, axis=(1, 2))
-    return QuantDense(self.num_classes, name="head", **quant_kwargs(self, bn=False))(x)
+    return QuantDense(self.num_classes, name="head", **self.quant_kwargs(bn=False))(x)
 
 
 RESNET_DEPTHS = {18: ((2, 2, 2, 2), "basic"), 34: ((3, 4, 6, 3), "basic"), 50: ((3, 4, 6, 3), "bottleneck")}

@@ -1,12 +1,12 @@
 """VGG 11/16 with BatchNorm (Simonyan and Zisserman, 2015), CIFAR-style classifier."""
-from typing import Any, Sequence, Union
+from typing import Sequence, Union
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from fqjax.models.common import quant_kwargs
 from fqjax.layers import QuantConvBN, QuantDense
+from fqjax.models.common import QuantModel
 
 VGG_CONFIGS = {
     11: (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"),
@@ -14,7 +14,7 @@ VGG_CONFIGS = {
 }
 
 
-class VGG(nn.Module):
+class VGG(QuantModel):
   """x: [batch, height, width, channels] -> logits [batch, num_classes].
 
   Max-pools are skipped once the feature map is 1x1, and a global average
@@ -22,15 +22,9 @@ class VGG(nn.Module):
   """
   num_classes: int
   layout: Sequence[Union[int, str]] = VGG_CONFIGS[16]
-  fold_bn: bool = False
-  per_channel: bool = True
-  ste: str = "clipped"
-  lsq: bool = False
-  dtype: Any = None  # compute dtype, e.g. jnp.bfloat16; params stay float32
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-    kw = quant_kwargs(self, bn=False)
     i = 0
     for item in self.layout:
       if item == "M":
@@ -38,9 +32,9 @@ class VGG(nn.Module):
           x = nn.max_pool(x, (2, 2), strides=(2, 2))
         continue
       i += 1
-      x = nn.relu(QuantConvBN(int(item), (3, 3), fold_bn=self.fold_bn, name=f"conv{i}", **kw)(x, train))
+      x = nn.relu(QuantConvBN(int(item), (3, 3), name=f"conv{i}", **self.quant_kwargs())(x, train))
     x = jnp.mean(x, axis=(1, 2))
-    return QuantDense(self.num_classes, name="head", **kw)(x)
+    return QuantDense(self.num_classes, name="head", **self.quant_kwargs(bn=False))(x)
 
 
 def vgg(depth: int, num_classes: int, **kwargs) -> VGG:
