@@ -106,6 +106,23 @@ def _conv(x, kernel, strides, padding):
 # Layers
 # ----------------------------------------------------------------------------
 
+def _quantized_operands(module: nn.Module, x: jax.Array, kernel_shape) -> tuple[jax.Array, jax.Array]:
+  """The (input, kernel) a QuantDense / QuantConv multiplies: both quantized at the layer's bits
+  (in float32), then cast to its compute dtype."""
+  kernel = module.param("kernel", module.kernel_init, kernel_shape, jnp.float32)
+  w_bits, a_bits = _read_bits(module)
+  x = _quantize_input(module, x, a_bits, module.ste)
+  kernel = _quantize_kernel(module, kernel, w_bits, module.per_channel, module.narrow_range, module.ste)
+  return _compute_cast(module.dtype, x, kernel)
+
+
+def _add_bias(module: nn.Module, y: jax.Array) -> jax.Array:
+  if not module.use_bias:
+    return y
+  bias = module.param("bias", module.bias_init, (module.features,), jnp.float32)
+  return y + bias.reshape((1,) * (y.ndim - 1) + (-1,)).astype(y.dtype)
+
+
 class QuantDense(nn.Module):
   """Dense layer with fake-quantized weights and inputs; nn.Dense at full precision.
 
@@ -124,16 +141,8 @@ class QuantDense(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    kernel = self.param("kernel", self.kernel_init, (jnp.shape(x)[-1], self.features), jnp.float32)
-    bias = self.param("bias", self.bias_init, (self.features,), jnp.float32) if self.use_bias else None
-    w_bits, a_bits = _read_bits(self)
-    x = _quantize_input(self, x, a_bits, self.ste)
-    kernel = _quantize_kernel(self, kernel, w_bits, self.per_channel, self.narrow_range, self.ste)
-    x, kernel = _compute_cast(self.dtype, x, kernel)
-    y = jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
-    if bias is not None:
-      y = y + jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,)).astype(y.dtype)
-    return y
+    x, kernel = _quantized_operands(self, x, (jnp.shape(x)[-1], self.features))
+    return _add_bias(self, jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ()))))
 
 
 class QuantConv(nn.Module):
@@ -156,16 +165,8 @@ class QuantConv(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    shape = tuple(self.kernel_size) + (jnp.shape(x)[-1], self.features)
-    kernel = self.param("kernel", self.kernel_init, shape, jnp.float32)
-    bias = self.param("bias", self.bias_init, (self.features,), jnp.float32) if self.use_bias else None
-    w_bits, a_bits = _read_bits(self)
-    x = _quantize_input(self, x, a_bits, self.ste)
-    kernel = _quantize_kernel(self, kernel, w_bits, self.per_channel, self.narrow_range, self.ste)
-    y = _conv(*_compute_cast(self.dtype, x, kernel), self.strides, self.padding)
-    if bias is not None:
-      y = y + bias.reshape((1,) * (y.ndim - 1) + (-1,)).astype(y.dtype)
-    return y
+    x, kernel = _quantized_operands(self, x, tuple(self.kernel_size) + (jnp.shape(x)[-1], self.features))
+    return _add_bias(self, _conv(x, kernel, self.strides, self.padding))
 
 
 def fold_bn(kernel: jax.Array, bias: Optional[jax.Array], gamma: jax.Array, beta: jax.Array,

@@ -128,8 +128,8 @@ def sweep_logits(model: nn.Module, variables: Mapping, x: np.ndarray, bits_trees
   for chunk, real in padded_batches(x, batch_size, batch_multiple):  # fixed shape: one compilation
     if x_sharding is not None:
       chunk = parallel.global_array(chunk, x_sharding)
-    out.append(np.asarray(jax.device_get(fn(variables, stacked, chunk)), np.float32)[:k, :real])
-  return np.concatenate(out, axis=1)
+    out.append(fn(variables, stacked, chunk)[:k, :real])  # on device: one transfer at the end
+  return np.asarray(jax.device_get(jnp.concatenate(out, axis=1)), np.float32)
 
 
 def calibration_batches(x: np.ndarray, batch_size: int, num_batches: int, seed: int) -> list[np.ndarray]:
