@@ -25,6 +25,7 @@ import ml_collections
 
 from fqjax import losses, mitigate, ptq, quant, sampling
 from fqjax.data.config import default_data_config, validate_data_config
+from fqjax.errors import InputError
 from fqjax.models import MODEL_NAMES, get_model
 from fqjax.train import OPTIMIZERS, WEIGHT_TARGETS
 
@@ -99,7 +100,7 @@ def base_config() -> ml_collections.ConfigDict:
 
 
 def _fail(field: str, given, allowed: str) -> None:
-  raise ValueError(f"config.{field} is invalid: got {given!r}; allowed: {allowed}. "
+  raise InputError(f"config.{field} is invalid: got {given!r}; allowed: {allowed}. "
                    f"Fix it in the experiment file or with --config.{field}=...")
 
 
@@ -111,7 +112,7 @@ def check_stages(stages: Iterable[str]) -> list[str]:
   stages = list(stages)
   unknown = [s for s in stages if s not in STAGES]
   if unknown or not stages:
-    raise ValueError(f"--stages got {stages}; allowed: a comma-separated subset of {list(STAGES)}.")
+    raise InputError(f"--stages got {stages}; allowed: a comma-separated subset of {list(STAGES)}.")
   return [s for s in STAGES if s in stages]  # always in pipeline order
 
 

@@ -25,6 +25,7 @@ import ml_collections
 import numpy as np
 
 from fqjax import layers, metrics, ptq, quant, train
+from fqjax.errors import InputError
 from fqjax.layers import BitSpec
 
 METHODS = ("ptq", "qat", "lsq_qat", "mp_qat", "sampling_qat", "weighted_qat", "fairqat")
@@ -79,7 +80,7 @@ def default_mitigate_config() -> ml_collections.ConfigDict:
 
 def validate_mitigate_config(m: ml_collections.ConfigDict) -> None:
   def fail(field, given, allowed):
-    raise ValueError(f"config.mitigate.{field} is invalid: got {given!r}; allowed: {allowed}.")
+    raise InputError(f"config.mitigate.{field} is invalid: got {given!r}; allowed: {allowed}.")
 
   if not m.methods or any(x not in METHODS for x in m.methods):
     fail("methods", m.methods, f"a non-empty subset of {METHODS}")
@@ -183,7 +184,11 @@ TABLE_COLUMNS = (("accuracy", "max"), ("worst_group_accuracy", "max"), ("fairnes
 
 
 def summarize(per_seed: Mapping, methods, bit_widths, seeds) -> dict:
-  """{method: {bits: summary over seeds}} plus the best method per column and bit-width."""
+  """{method: {bits: summary over seeds}} plus the best method per column and bit-width.
+
+  Methods whose value is missing (NaN: no test rows behind it) are not candidates for "best";
+  a column with no value for any method has best None.
+  """
   summary: dict = {}
   for method in methods:
     summary[method] = {}
@@ -198,13 +203,24 @@ def summarize(per_seed: Mapping, methods, bit_widths, seeds) -> dict:
     best[str(b)] = {}
     for column, direction in TABLE_COLUMNS:
       values = {mth: summary[mth][str(b)][column]["mean"] for mth in methods}
+      values = {k: v for k, v in values.items() if v is not None and np.isfinite(v)}  # no data: not a candidate
       pick = max if direction == "max" else min
-      best[str(b)][column] = pick(values, key=lambda k: values[k])
+      best[str(b)][column] = pick(values, key=lambda k: values[k]) if values else None
   return {"summary": summary, "best": best}
 
 
 def format_ablation(section: Mapping) -> str:
-  """Plain-text ablation table: mean±std per method and bit-width; * marks the best per column."""
+  """Plain-text ablation table: mean±std per method and bit-width; * marks the best per column.
+
+  A cell with no data (mean null / NaN, n = 0: no test rows behind it) prints as ``empty``.
+  """
+  def value(x):
+    try:
+      x = float(x)
+    except (TypeError, ValueError):
+      return None
+    return x if np.isfinite(x) else None
+
   lines = []
   header = f"{'bits':>4} {'method':<13} {'accuracy':>14} {'worst group':>14} {'fairness viol.':>15} " \
            f"{'size KB':>8} {'train s':>8}"
@@ -215,10 +231,17 @@ def format_ablation(section: Mapping) -> str:
       s = section["summary"][method][str(b)]
 
       def cell(col, fmt="{:.3f}"):
-        mark = "*" if best[col] == method else " "
-        return f"{fmt.format(s[col]['mean'])}±{fmt.format(s[col]['std'])}{mark}"
+        mean, std = value((s.get(col) or {}).get("mean")), value((s.get(col) or {}).get("std"))
+        if mean is None:
+          return "empty "
+        mark = "*" if best.get(col) == method else " "
+        return f"{fmt.format(mean)}±{fmt.format(std)}{mark}" if std is not None else f"{fmt.format(mean)}{mark}"
+
+      def plain(col, scale=1.0):
+        mean = value((s.get(col) or {}).get("mean"))
+        return "empty" if mean is None else f"{mean * scale:.1f}"
 
       lines.append(f"{b:>4} {method:<13} {cell('accuracy'):>14} {cell('worst_group_accuracy'):>14} "
-                   f"{cell('fairness_violation'):>15} {s['size_bytes']['mean'] / 1024:>8.1f} "
-                   f"{s['train_s']['mean']:>8.1f}")
+                   f"{cell('fairness_violation'):>15} {plain('size_bytes', 1 / 1024):>8} "
+                   f"{plain('train_s'):>8}")
   return "\n".join(lines)

@@ -11,6 +11,10 @@ plus optional class_names / group_names string arrays.
 from __future__ import annotations
 
 import copy
+import logging
+import os
+import zipfile
+import zlib
 from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
@@ -18,6 +22,9 @@ import numpy as np
 from fqjax.data.assemble import assemble
 from fqjax.data.config import data_section, default_data_config, validate_data_config
 from fqjax.data.splits import Splits
+from fqjax.errors import CorruptFileError, InputError, MissingFileError
+
+log = logging.getLogger("fqjax")
 
 Triple = Tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]
 _SPLIT_KEYS = ("x", "y", "group")
@@ -28,21 +35,21 @@ NPZ_KEYS = (("x", "y", "group", "class_names", "group_names")
 def _check_x(x, name: str) -> np.ndarray:
   x = np.asarray(x)
   if x.dtype == object or not (np.issubdtype(x.dtype, np.number) or x.dtype == bool):
-    raise ValueError(f"{name} has dtype {x.dtype}; it must be numeric. Convert it with "
+    raise InputError(f"{name} has dtype {x.dtype}; it must be numeric. Convert it with "
                      f"{name}.astype(np.float32).")
   if x.ndim == 3:
-    raise ValueError(f"{name} has shape {x.shape} (3 axes); images must be NHWC. Add the "
+    raise InputError(f"{name} has shape {x.shape} (3 axes); images must be NHWC. Add the "
                      f"channel axis: {name}[..., None].")
   if x.ndim not in (2, 4):
-    raise ValueError(f"{name} has shape {x.shape}; expected [N, D] features or [N, H, W, C] "
+    raise InputError(f"{name} has shape {x.shape}; expected [N, D] features or [N, H, W, C] "
                      f"images (for one feature use {name}.reshape(-1, 1)).")
   if len(x) == 0:
-    raise ValueError(f"{name} is empty; every given split needs at least one example.")
+    raise InputError(f"{name} is empty; every given split needs at least one example.")
   if np.issubdtype(x.dtype, np.floating):
     bad = ~np.isfinite(x)
     if bad.any():
       row = int(np.argwhere(bad)[0][0])
-      raise ValueError(f"{name} has {int(bad.sum())} NaN/inf values (first in row {row}); "
+      raise InputError(f"{name} has {int(bad.sum())} NaN/inf values (first in row {row}); "
                        "drop or impute those rows before loading.")
   return x
 
@@ -50,20 +57,20 @@ def _check_x(x, name: str) -> np.ndarray:
 def _check_ints(values, name: str, n: int, limit: Optional[int], limit_source: str) -> np.ndarray:
   values = np.asarray(values)
   if values.ndim != 1:
-    raise ValueError(f"{name} has shape {values.shape}; it must be 1-D [N] (one int per "
+    raise InputError(f"{name} has shape {values.shape}; it must be 1-D [N] (one int per "
                      f"example; for one-hot use {name}.argmax(-1)).")
   if len(values) != n:
-    raise ValueError(f"{name} has {len(values)} entries but x has {n} rows; they must match.")
+    raise InputError(f"{name} has {len(values)} entries but x has {n} rows; they must match.")
   if values.dtype == bool:
     values = values.astype(np.int32)
   if not np.issubdtype(values.dtype, np.integer):
-    raise ValueError(f"{name} has dtype {values.dtype}; it must hold integers. If the values "
+    raise InputError(f"{name} has dtype {values.dtype}; it must hold integers. If the values "
                      f"are whole numbers, convert with {name}.astype(np.int64).")
   if values.min() < 0:
-    raise ValueError(f"{name} has negative values (min {values.min()}); ids must be "
+    raise InputError(f"{name} has negative values (min {values.min()}); ids must be "
                      f"0..K-1. Remap with np.unique({name}, return_inverse=True)[1].")
   if limit is not None and values.max() >= limit:
-    raise ValueError(f"{name} has value {values.max()} but {limit_source} has only {limit} "
+    raise InputError(f"{name} has value {values.max()} but {limit_source} has only {limit} "
                      f"entries (ids 0..{limit - 1}); add names or remap the ids.")
   return values.astype(np.int32)
 
@@ -73,8 +80,44 @@ def _names(names, name: str) -> Optional[Tuple[str, ...]]:
     return None
   names = tuple(str(v) for v in np.asarray(names).reshape(-1))
   if not names:
-    raise ValueError(f"{name} is empty; give one name per id or leave it out.")
+    raise InputError(f"{name} is empty; give one name per id or leave it out.")
   return names
+
+
+def _distinct(checked, column: int) -> np.ndarray:
+  return np.unique(np.concatenate([t[column] for t in checked.values()]))
+
+
+def _check_ids(checked, column: int, names, what: str, option: str) -> None:
+  """Ids must be 0..K-1 with none unused, so every class (output unit) or group has examples."""
+  values = _distinct(checked, column)
+  count = len(names) if names else int(values.max()) + 1
+  unused = np.setdiff1d(np.arange(count), values)
+  if unused.size:
+    shown = ", ".join(str(v) for v in values[:20]) + (", ..." if values.size > 20 else "")
+    key = "y" if what == "label" else "group"
+    raise InputError(
+        f"{key} holds {values.size} distinct {what}s ({shown}), but {what}s must be ids 0..K-1 with every id "
+        f"used: K would be {count} and ids {_few(unused)} have no example. Remap them with "
+        f"np.unique({key}, return_inverse=True)[1], or set config.data.{option}=True "
+        f"(--config.data.{option}=True) to map the sorted distinct values to 0..K-1.")
+
+
+def _remap_ids(checked, column: int, names):
+  """Maps the sorted distinct ids of `column` to 0..K-1; names become the original values (or their names)."""
+  values = _distinct(checked, column)
+  new_names = tuple(names[v] if names else str(v) for v in values)
+  out = {}
+  for split, triple in checked.items():
+    triple = list(triple)
+    triple[column] = np.searchsorted(values, triple[column]).astype(np.int32)
+    out[split] = tuple(triple)
+  return out, new_names
+
+
+def _few(ids) -> str:
+  ids = [int(i) for i in ids]
+  return ", ".join(map(str, ids[:10])) + (f" and {len(ids) - 10} more" if len(ids) > 10 else "")
 
 
 def from_arrays(x, y, group=None, *, val: Optional[Triple] = None,
@@ -97,10 +140,13 @@ def from_arrays(x, y, group=None, *, val: Optional[Triple] = None,
   cfg.name = "arrays"
   validate_data_config(cfg, check_path=False)
   if val is not None and test is None:
-    raise ValueError("A val split was given without a test split; pass test=(x, y, group) "
+    raise InputError("A val split was given without a test split; pass test=(x, y, group) "
                      "too, or leave val out to carve it from the training arrays.")
   class_names, group_names = _names(class_names, "class_names"), _names(group_names, "group_names")
   group_from_label = group is None or cfg.get("group_attribute") == "label"
+  if group is None and cfg.get("group_attribute") != "label":
+    log.warning("%s: no group array given, so each example's group is its label (group_attribute='label'); "
+                "give group=... (an .npz key 'group') to study other groups.", name)
   raw = {"train": (x, y, group), "val": val, "test": test}
   suffix = {"train": "" if test is None else "_train", "val": "_val", "test": "_test"}
   checked: Dict[str, Tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
@@ -108,7 +154,7 @@ def from_arrays(x, y, group=None, *, val: Optional[Triple] = None,
     if triple is None:
       continue
     if len(triple) != 3:
-      raise ValueError(f"{split} must be an (x, y, group) triple; group may be None.")
+      raise InputError(f"{split} must be an (x, y, group) triple; group may be None.")
     sx, sy, sg = triple
     xs = _check_x(sx, "x" + suffix[split])
     ys = _check_ints(sy, "y" + suffix[split], len(xs),
@@ -116,7 +162,7 @@ def from_arrays(x, y, group=None, *, val: Optional[Triple] = None,
     if group_from_label:
       gs = ys
     elif sg is None:
-      raise ValueError(f"group{suffix[split]} is missing but group{suffix['train']} was given; "
+      raise InputError(f"group{suffix[split]} is missing but group{suffix['train']} was given; "
                        "give a group array for every split.")
     else:
       gs = _check_ints(sg, "group" + suffix[split], len(xs),
@@ -125,9 +171,19 @@ def from_arrays(x, y, group=None, *, val: Optional[Triple] = None,
   first = checked["train"][0]
   for split, (xs, _, _) in checked.items():
     if xs.shape[1:] != first.shape[1:] or (xs.dtype == np.uint8) != (first.dtype == np.uint8):
-      raise ValueError(f"x{suffix[split]} has shape {xs.shape} and dtype {xs.dtype}, but the "
+      raise InputError(f"x{suffix[split]} has shape {xs.shape} and dtype {xs.dtype}, but the "
                        f"training x has {first.shape} / {first.dtype}; per-example shapes and "
                        "uint8-ness must match across splits.")
+  if cfg.get("remap_labels", False):
+    checked, class_names = _remap_ids(checked, 1, class_names)
+  else:
+    _check_ids(checked, 1, class_names, "label", "remap_labels")
+  if group_from_label:
+    checked = {split: (xs, ys, ys) for split, (xs, ys, _) in checked.items()}
+  elif cfg.get("remap_groups", False):
+    checked, group_names = _remap_ids(checked, 2, group_names)
+  else:
+    _check_ids(checked, 2, group_names, "group", "remap_groups")
   num_classes = len(class_names) if class_names else 1 + max(int(t[1].max()) for t in checked.values())
   class_names = class_names or tuple(str(c) for c in range(num_classes))
   if group_from_label:
@@ -142,30 +198,54 @@ def from_arrays(x, y, group=None, *, val: Optional[Triple] = None,
                   group_attribute="label" if group_from_label else "group")
 
 
+def _read_npz(path: str) -> Dict[str, np.ndarray]:
+  """All arrays of the .npz at `path`; a missing, non-.npz or damaged file raises an fqjax error naming it."""
+  if not os.path.exists(path):
+    raise MissingFileError(f"config.data.path={path!r} does not exist; save your arrays with "
+                           "np.savez(path, x=..., y=..., group=...).")
+  if os.path.isdir(path):
+    raise InputError(f"config.data.path={path!r} is a folder; give the path of an .npz file.")
+  recovery = "Write it again with np.savez(path, x=..., y=..., group=...) (no object arrays)."
+  if not zipfile.is_zipfile(path):
+    with open(path, "rb") as f:
+      head = f.read(8)
+    if head.startswith(b"PK"):
+      what = "a truncated or damaged .npz (zip) archive"
+    elif head.startswith(b"\x93NUMPY"):
+      what = "a single-array .npy file, not an .npz archive"
+    else:
+      what = "not an .npz (zip) archive" if head else "empty"
+    raise CorruptFileError(path, f"config.data.path is {what} (it starts with {head!r})", recovery)
+  try:
+    with np.load(path, allow_pickle=False) as npz:
+      return {k: npz[k] for k in npz.files}
+  except ValueError as e:
+    if "allow_pickle" in str(e):  # numpy would advise loading it unsafely: never do that
+      raise CorruptFileError(path, "an array in it holds Python objects (pickled data), which fqjax does not "
+                             "load", "Save plain numeric arrays, e.g. x.astype(np.float32).") from e
+    raise CorruptFileError(path, f"an array in it is damaged ({e})", recovery) from e
+  except (zipfile.BadZipFile, zlib.error, EOFError, OSError, KeyError) as e:
+    raise CorruptFileError(path, "the archive is truncated or damaged", recovery) from e
+
+
 def load_npz(cfg) -> Splits:
   """Splits from the .npz file at config.data.path (keys in NPZ_KEYS)."""
   path = cfg.path
-  try:
-    npz = np.load(path, allow_pickle=False)
-  except FileNotFoundError:
-    raise FileNotFoundError(f"config.data.path={path!r} does not exist; save your arrays with "
-                            "np.savez(path, x=..., y=..., group=...).") from None
-  with npz:
-    data = {k: npz[k] for k in npz.files}
+  data = _read_npz(path)
   unknown = sorted(set(data) - set(NPZ_KEYS))
   if unknown:
-    raise ValueError(f"{path} has unknown keys {unknown}; allowed keys: {', '.join(NPZ_KEYS)}.")
+    raise InputError(f"{path} has unknown keys {unknown}; allowed keys: {', '.join(NPZ_KEYS)}.")
   names = dict(class_names=data.get("class_names"), group_names=data.get("group_names"))
   if "x_train" in data or "x_test" in data:
     for key in ("x_train", "y_train", "x_test", "y_test"):
       if key not in data:
-        raise ValueError(f"{path} has predefined splits but no {key!r}; give x_train, y_train, "
+        raise InputError(f"{path} has predefined splits but no {key!r}; give x_train, y_train, "
                          "x_test, y_test (and group_*), or plain x, y, group.")
     split = lambda s: (data[f"x_{s}"], data[f"y_{s}"], data.get(f"group_{s}"))
     val = split("val") if "x_val" in data else None
     return from_arrays(*split("train"), val=val, test=split("test"), config=cfg, **names)
   for key in ("x", "y"):
     if key not in data:
-      raise ValueError(f"{path} has no {key!r} array; it needs x and y (and group), or "
+      raise InputError(f"{path} has no {key!r} array; it needs x and y (and group), or "
                        "x_train / y_train / x_test / y_test.")
   return from_arrays(data["x"], data["y"], data.get("group"), config=cfg, **names)

@@ -16,6 +16,7 @@ import numpy as np
 
 from fqjax.data.imbalance import apply_imbalance
 from fqjax.data.splits import DatasetInfo, Split, Splits, group_count_dict, stratified_split
+from fqjax.errors import InputError
 
 Pool = Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
 _STD_FLOOR = 1e-6
@@ -25,7 +26,7 @@ def check_memory(num_rows: int, example_shape: Sequence[int], max_gib: float, na
   """Raises MemoryError-style ValueError if float32 arrays would exceed max_gib."""
   gib = num_rows * int(np.prod(example_shape)) * 4 / 2**30
   if gib > max_gib:
-    raise ValueError(
+    raise InputError(
         f"{name}: {num_rows} examples of shape {tuple(example_shape)} need {gib:.1f} GiB as "
         f"float32, over config.data.max_gib={max_gib}. Set config.data.image_size (e.g. 64) "
         "and/or config.data.max_examples to bound memory, or raise config.data.max_gib.")
@@ -52,7 +53,36 @@ def _carve(pools: Mapping[str, Pool], cfg) -> Dict[str, Split]:
             "test": split_of(pools["test"])}
   if set(pools) == {"train", "val", "test"}:
     return {name: split_of(pools[name]) for name in ("train", "val", "test")}
-  raise ValueError(f"Pools must be all | train+test | train+val+test, got {sorted(pools)}.")
+  raise InputError(f"Pools must be all | train+test | train+val+test, got {sorted(pools)}.")
+
+
+def check_split_sizes(splits: Mapping[str, Split], class_names: Sequence[str],
+                      group_names: Sequence[str]) -> None:
+  """Refuses splits a study cannot use, before any training.
+
+  Needed: every split (train, val, test) holds at least one row, and every group and
+  every class at least one training row. A group may have no val or test rows; its
+  metrics are then reported as empty (count 0).
+  """
+  num_classes, num_groups = len(class_names), len(group_names)
+  counts = {name: np.bincount(split.group, minlength=num_groups) for name, split in splits.items()}
+  problems = [f"{name} has 0 rows" for name in ("train", "val", "test") if len(splits[name]) == 0]
+  no_train = [group_names[g] for g in range(num_groups) if counts["train"][g] == 0]
+  if no_train:
+    problems.append(f"group(s) {', '.join(map(repr, no_train[:10]))} have no training rows")
+  class_counts = np.bincount(splits["train"].y, minlength=num_classes)
+  missing = [class_names[c] for c in range(num_classes) if class_counts[c] == 0]
+  if missing:
+    problems.append(f"class(es) {', '.join(map(repr, missing[:10]))} have no training rows")
+  if not problems:
+    return
+  table = "; ".join(f"{group_names[g]!r} {counts['train'][g]}/{counts['val'][g]}/{counts['test'][g]}"
+                    for g in range(min(num_groups, 20)))
+  raise InputError(
+      f"The data are too small to split into train / val / test: {'; '.join(problems)}. Rows per group "
+      f"(train/val/test): {table}{'; ...' if num_groups > 20 else ''}. Needed: at least 1 row in each split "
+      "and at least 1 training row for every group and every class. Give more rows per group, or change "
+      "config.data.val_fraction / test_fraction (or config.data.imbalance, which removes training rows).")
 
 
 def normalize_splits(splits: Mapping[str, Split], kind: str,
@@ -73,7 +103,7 @@ def normalize_splits(splits: Mapping[str, Split], kind: str,
     scaled = {name: ((v - mean) / std).astype(np.float32) for name, v in scaled.items()}
     meta.update(mean=mean.tolist(), std=std.tolist())
   elif kind != "unit":
-    raise ValueError(f"config.data.normalize={kind!r}; allowed: 'standardize', 'unit'.")
+    raise InputError(f"config.data.normalize={kind!r}; allowed: 'standardize', 'unit'.")
   out = {name: Split(x=scaled[name], y=s.y, group=s.group, index=s.index)
          for name, s in splits.items()}
   return out, meta
@@ -88,6 +118,7 @@ def assemble(*, name: str, pools: Mapping[str, Pool], cfg, scale: float,
   train, imbalance_meta = apply_imbalance(
       splits["train"], cfg.get("imbalance"), group_names, seed=cfg.seed + 1)
   splits["train"] = train
+  check_split_sizes(splits, class_names, group_names)
   shape = splits["train"].x.shape[1:]
   check_memory(sum(len(s) for s in splits.values()), shape, cfg.get("max_gib", 8.0), name)
   splits, norm_meta = normalize_splits(splits, cfg.normalize, scale)

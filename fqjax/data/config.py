@@ -26,6 +26,9 @@ Fields of `default_data_config()`:
   normalize:       'standardize' (scale to [0, 1], then per-channel / per-feature
                    mean and std of the final train split) or 'unit' ([0, 1] only).
   age_bins:        utkface age_bin edges: bins [0, e0), [e0, e1), ..., [e_last, inf).
+  remap_labels:    arrays only: map the sorted distinct labels to 0..C-1 (else sparse
+                   labels such as {0, 1, 1000} are an error).
+  remap_groups:    arrays only: the same for group ids.
   imbalance:       applied to train only; see fqjax.data.imbalance.
     kind:          'none' | 'keep_fractions' | 'long_tail'.
     keep_fractions: {group id or name: fraction} (others keep 1.0) or a list of
@@ -37,6 +40,9 @@ Fields of `default_data_config()`:
 from __future__ import annotations
 
 import ml_collections
+from ml_collections import config_dict
+
+from fqjax.errors import InputError
 
 DATASET_NAMES = ("digits", "mnist", "fashion_mnist", "cifar10", "svhn_cropped", "celeb_a",
                  "utkface", "arrays", "synthetic")
@@ -70,23 +76,32 @@ ALLOWED_ATTRIBUTES.update({
 
 
 def default_data_config() -> ml_collections.ConfigDict:
-  """The default `config.data` (digits, no imbalance); see the module doc for fields."""
+  """The default `config.data` (digits, no imbalance); see the module doc for fields.
+
+  Fields that default to None are typed placeholders, so `--config.data.path=my.npz`
+  (and every other such field) can be set from the command line.
+  """
+  # One placeholder object per field: a shared FieldReference would tie the fields together.
   return ml_collections.ConfigDict({
       "name": "digits",
-      "data_dir": None,
-      "path": None,
+      "data_dir": config_dict.placeholder(str),
+      "path": config_dict.placeholder(str),
       "seed": 0,
       "val_fraction": 0.15,
       "test_fraction": 0.2,
-      "label_attribute": None,
-      "group_attribute": None,
-      "image_size": None,
+      "label_attribute": config_dict.placeholder(str),
+      "group_attribute": config_dict.placeholder(str),
+      "image_size": config_dict.placeholder(int),
       "resize_method": "area",
-      "max_examples": None,
+      "max_examples": config_dict.placeholder(int),
       "max_gib": 8.0,
       "normalize": "standardize",
       "age_bins": (20, 40, 60),
-      "imbalance": {"kind": "none", "keep_fractions": None, "rho": 10.0, "order": None},
+      "remap_labels": False,
+      "remap_groups": False,
+      # keep_fractions: a dict or list literal; order: a list of group ids (both None = unset).
+      "imbalance": {"kind": "none", "keep_fractions": config_dict.placeholder(object), "rho": 10.0,
+                    "order": config_dict.placeholder(object)},
       "synthetic": {
           "group_sizes": (600, 150),
           "num_classes": 2,
@@ -115,7 +130,7 @@ def resolve_attributes(cfg) -> tuple:
 
 def _check(ok: bool, message: str) -> None:
   if not ok:
-    raise ValueError(message)
+    raise InputError(message)
 
 
 def _is_positive_int(value) -> bool:

@@ -20,6 +20,7 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from fqjax.data.splits import Split, evenly_spaced, spread_order
+from fqjax.errors import InputError
 
 Fractions = Union[Mapping[Any, float], Sequence[float]]
 
@@ -32,11 +33,11 @@ def _group_id(key, group_names: Sequence[str]) -> int:
   elif isinstance(key, str) and key.lstrip("-").isdigit():
     gid = int(key)
   else:
-    raise ValueError(
+    raise InputError(
         f"imbalance.keep_fractions has key {key!r}, which is neither a group id nor a group "
         f"name; group names are {list(group_names)} (ids 0..{len(group_names) - 1}).")
   if not 0 <= gid < len(group_names):
-    raise ValueError(
+    raise InputError(
         f"imbalance.keep_fractions has group id {gid}, but there are {len(group_names)} groups "
         f"(ids 0..{len(group_names) - 1}: {list(group_names)}).")
   return gid
@@ -52,13 +53,13 @@ def keep_fraction_vector(keep_fractions: Fractions, group_names: Sequence[str]) 
   else:
     fractions = np.asarray(list(keep_fractions), dtype=np.float64)
     if fractions.shape != (num_groups,):
-      raise ValueError(
+      raise InputError(
           f"imbalance.keep_fractions is a list of {fractions.size} fractions, but there are "
           f"{num_groups} groups {list(group_names)}; give one per group or a mapping "
           "{group id or name: fraction}.")
   for gid, f in enumerate(fractions):
     if not (np.isfinite(f) and 0.0 < f <= 1.0):
-      raise ValueError(
+      raise InputError(
           f"imbalance.keep_fractions for group {group_names[gid]!r} (id {gid}) is {f}; "
           "it must be in (0, 1] (1 keeps every example).")
   return fractions
@@ -74,15 +75,15 @@ def long_tail_targets(counts: np.ndarray, rho: float,
   counts = np.asarray(counts, dtype=np.int64)
   num_groups = len(counts)
   if rho < 1:
-    raise ValueError(f"imbalance.rho={rho} must be >= 1 (largest / smallest group size).")
+    raise InputError(f"imbalance.rho={rho} must be >= 1 (largest / smallest group size).")
   order = list(range(num_groups)) if order is None else [int(g) for g in order]
   if sorted(order) != list(range(num_groups)):
-    raise ValueError(
+    raise InputError(
         f"imbalance.order={order} must list every group id 0..{num_groups - 1} exactly once, "
         "from head (largest) to tail (smallest).")
   if np.any(counts == 0):
     missing = [int(g) for g in np.flatnonzero(counts == 0)]
-    raise ValueError(
+    raise InputError(
         f"imbalance.kind='long_tail' needs training examples in every group, but group id(s) "
         f"{missing} have none; drop those groups from the data or use keep_fractions.")
   rank = np.empty(num_groups, np.float64)
@@ -104,7 +105,7 @@ def subsample_groups(split: Split, targets: np.ndarray, seed: int,
   empty = [f"{group_names[g]!r} (id {g}, {counts[g]} examples)" for g in range(len(targets))
            if counts[g] > 0 and targets[g] <= 0]
   if empty:
-    raise ValueError(
+    raise InputError(
         f"Imbalance would leave group(s) {', '.join(empty)} with no training examples; "
         "raise its keep fraction, lower imbalance.rho, or use more data.")
   keep = []
@@ -138,7 +139,7 @@ def apply_imbalance(split: Split, imbalance, group_names: Sequence[str],
   meta: Dict[str, Any] = {"kind": kind}
   if kind == "keep_fractions":
     if imbalance.get("keep_fractions") is None:
-      raise ValueError("imbalance.kind='keep_fractions' needs imbalance.keep_fractions.")
+      raise InputError("imbalance.kind='keep_fractions' needs imbalance.keep_fractions.")
     fractions = keep_fraction_vector(imbalance["keep_fractions"], group_names)
     targets = np.round(fractions * before).astype(np.int64)
     meta["keep_fractions"] = fractions.tolist()
@@ -147,7 +148,7 @@ def apply_imbalance(split: Split, imbalance, group_names: Sequence[str],
     targets = long_tail_targets(before, rho, imbalance.get("order"))
     meta.update(rho=rho, order=list(imbalance.get("order") or range(num_groups)))
   else:
-    raise ValueError(
+    raise InputError(
         f"imbalance.kind={kind!r}; allowed: 'none', 'keep_fractions', 'long_tail'.")
   out = subsample_groups(split, targets, seed, group_names)
   meta.update(counts_before=before.tolist(), counts_after=out.counts(num_groups).tolist())

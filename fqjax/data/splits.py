@@ -16,6 +16,8 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
+from fqjax.errors import InputError
+
 SPLIT_NAMES = ("train", "val", "test")
 
 
@@ -31,7 +33,7 @@ class Split:
     n = len(self.y)
     for name in ("x", "group", "index"):
       if len(getattr(self, name)) != n:
-        raise ValueError(
+        raise InputError(
             f"Split arrays must have equal length: y has {n} rows but {name} has "
             f"{len(getattr(self, name))}.")
 

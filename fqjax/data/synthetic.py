@@ -17,6 +17,7 @@ import numpy as np
 
 from fqjax.data.assemble import assemble
 from fqjax.data.splits import Splits
+from fqjax.errors import InputError
 
 PerGroup = Union[float, Sequence[float]]
 
@@ -25,7 +26,7 @@ def _per_group(value: PerGroup, num_groups: int, field: str) -> np.ndarray:
   arr = np.broadcast_to(np.asarray(value, np.float64), (num_groups,)) if np.ndim(value) == 0 \
       else np.asarray(value, np.float64)
   if arr.shape != (num_groups,):
-    raise ValueError(
+    raise InputError(
         f"config.data.synthetic.{field} has {arr.size} values but there are {num_groups} "
         "groups (len(group_sizes)); give one value per group or a single number.")
   return arr
@@ -43,16 +44,16 @@ def make_synthetic(group_sizes: Sequence[int], num_classes: int = 2,
   """
   sizes = [int(n) for n in group_sizes]
   if not sizes or min(sizes) < 1:
-    raise ValueError(f"config.data.synthetic.group_sizes={tuple(group_sizes)} must be positive ints.")
+    raise InputError(f"config.data.synthetic.group_sizes={tuple(group_sizes)} must be positive ints.")
   dim = int(np.prod(shape))
   if not 2 <= num_classes <= dim:
-    raise ValueError(
+    raise InputError(
         f"config.data.synthetic.num_classes={num_classes} must be in [2, {dim}] "
         f"(the feature count of shape {tuple(shape)}).")
   noise_g = _per_group(noise, len(sizes), "noise")
   shift_g = _per_group(shift, len(sizes), "shift")
   if np.any(noise_g <= 0):
-    raise ValueError(f"config.data.synthetic.noise={noise} must be > 0 for every group.")
+    raise InputError(f"config.data.synthetic.noise={noise} must be > 0 for every group.")
   rng = np.random.default_rng(seed)
   # Orthonormal rows scaled by separation / sqrt(2) are pairwise `separation` apart.
   q, _ = np.linalg.qr(rng.standard_normal((dim, num_classes)))

@@ -23,12 +23,13 @@ from PIL import Image
 from fqjax.data.assemble import assemble, check_memory
 from fqjax.data.config import TFDS_CLASSIFICATION, resolve_attributes
 from fqjax.data.splits import Splits, random_subset
+from fqjax.errors import FqjaxError
 
 TFDS_NAMES = TFDS_CLASSIFICATION + ("celeb_a",)
 _RESAMPLE = {"area": Image.Resampling.BOX, "nearest": Image.Resampling.NEAREST}
 
 
-class DatasetNotPreparedError(FileNotFoundError):
+class DatasetNotPreparedError(FqjaxError, FileNotFoundError):
   """A TFDS dataset is not prepared (in array_record format) where we looked."""
 
 

@@ -16,6 +16,7 @@ import numpy as np
 from fqjax.data.assemble import assemble
 from fqjax.data.config import resolve_attributes
 from fqjax.data.splits import Splits, random_subset
+from fqjax.errors import InputError
 
 RACE_NAMES = ("White", "Black", "Asian", "Indian", "Others")
 GENDER_NAMES = ("Male", "Female")
@@ -43,7 +44,7 @@ def attribute(data: Mapping[str, np.ndarray], name: str,
   names = {"race": RACE_NAMES, "gender": GENDER_NAMES}[name]
   values = np.asarray(data[name]).astype(np.int32)
   if values.size and (values.min() < 0 or values.max() >= len(names)):
-    raise ValueError(f"UTKFace {name} values must be in 0..{len(names) - 1} ({names}); got "
+    raise InputError(f"UTKFace {name} values must be in 0..{len(names) - 1} ({names}); got "
                      f"{values.min()}..{values.max()}. The prepared dataset looks corrupt: "
                      "rebuild it with the fqjax utkface builder.")
   return values, names
@@ -52,14 +53,14 @@ def attribute(data: Mapping[str, np.ndarray], name: str,
 def _check_prepared(data: Mapping[str, np.ndarray], size: int) -> None:
   missing = [k for k in REQUIRED_KEYS if k not in data]
   if missing:
-    raise ValueError(f"utkface.read_prepared returned no {missing}; expected keys {REQUIRED_KEYS}.")
+    raise InputError(f"utkface.read_prepared returned no {missing}; expected keys {REQUIRED_KEYS}.")
   image = np.asarray(data["image"])
   if image.dtype != np.uint8 or image.ndim != 4 or image.shape[1:] != (size, size, 3):
-    raise ValueError(f"utkface.read_prepared returned images {image.shape} {image.dtype}; "
+    raise InputError(f"utkface.read_prepared returned images {image.shape} {image.dtype}; "
                      f"expected [N, {size}, {size}, 3] uint8.")
   for key in REQUIRED_KEYS[1:]:
     if np.shape(data[key]) != (len(image),):
-      raise ValueError(f"utkface.read_prepared returned {key} of shape {np.shape(data[key])}; "
+      raise InputError(f"utkface.read_prepared returned {key} of shape {np.shape(data[key])}; "
                        f"expected [{len(image)}] (one per image).")
 
 
