@@ -16,6 +16,8 @@ results.json (schema_version 1), top level:
              "summary": {method: {bits: Summary}}, "best": {bits: {column: method}}, "wall_s"}
   claims:   {claim name: {"verdict": holds | partly | does not hold | not tested, numbers...}, "rules": str}
   timings:  {stage: seconds of its last run}
+  last_run: only in the dict fqjax.runner.run returns, never in the file: {"stages": {stage: seconds
+            or "skipped"}, "total_s"} of that invocation.
 where
   Metrics = fqjax.metrics.group_metrics output (accuracy, loss, worst_group_accuracy,
             fairness_violation, groups{count, accuracy, loss, accuracy_drop}, ...)
@@ -90,6 +92,31 @@ def write_json(path: str, payload: Mapping) -> None:
 def read_json(path: str) -> dict:
   with open(path) as f:
     return json.load(f)
+
+
+RESULTS_RECOVERY = ("Nothing was changed. Move it away (e.g. mv results.json results.json.bad) and rerun the same "
+                    "command: finished training checkpoints are reused, and the other stages are recomputed "
+                    "from them.")
+
+
+def read_results_file(path: str) -> dict:
+  """results.json at ``path``, validated; raises CorruptFileError naming the file and how to recover."""
+  from fqjax.errors import CorruptFileError
+  try:
+    results = read_json(path)
+  except json.JSONDecodeError as e:
+    raise CorruptFileError(path, f"not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})",
+                           RESULTS_RECOVERY) from e
+  except (UnicodeDecodeError, OSError) as e:
+    raise CorruptFileError(path, f"cannot be read as text ({type(e).__name__})", RESULTS_RECOVERY) from e
+  if not isinstance(results, dict):
+    raise CorruptFileError(path, f"holds a JSON {type(results).__name__}, not an object", RESULTS_RECOVERY)
+  try:
+    validate(results)
+  except (ValueError, KeyError, TypeError, AttributeError) as e:
+    problem = str(e) if isinstance(e, ValueError) else f"it breaks the results schema ({type(e).__name__}: {e})"
+    raise CorruptFileError(path, problem.rstrip("."), RESULTS_RECOVERY) from e
+  return results
 
 
 def new_results() -> dict:

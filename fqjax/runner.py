@@ -27,6 +27,7 @@ import numpy as np
 from fqjax import config as config_lib
 from fqjax import data as data_lib
 from fqjax import claims, layers, metrics, mitigate, parallel, ptq, quant, report, results, train
+from fqjax.errors import InputError, MissingFileError, WorkdirError
 from fqjax.explain import curvature as curvature_lib
 from fqjax.explain import forward as forward_lib
 from fqjax.models import get_model
@@ -56,8 +57,10 @@ class Study:
     self.mesh = parallel.data_mesh(config.parallel.num_devices) if config.parallel.data_parallel else None
     sample = self.splits.train.x[:2]
     self.layer_names = layers.quant_layer_names(self.model, sample)
+    self.changed = False  # whether a stage of this invocation did work (the report is redrawn only then)
+    self.retrained: set = set()  # seeds whose training ran in this invocation: downstream entries are stale
     path = os.path.join(workdir, "results.json")
-    self.results = results.read_json(path) if os.path.exists(path) else results.new_results()
+    self.results = results.read_results_file(path) if os.path.exists(path) else results.new_results()
     self.results.update({"config": config.to_dict(), "seeds": self.seeds,
                          "dataset": self.splits.to_dict(),
                          "model": {"name": resolved_model_name(config, self.info),
@@ -109,7 +112,7 @@ def stage_train(study: Study, force: bool) -> bool:
   section = study.results.get("train")
   if section is not None and section.get("fingerprint") != fp:
     if not force:
-      raise ValueError(
+      raise InputError(
           f"{study.workdir} holds a training run made with a different data/model/train config. "
           "Use a new --workdir, or --force to delete those checkpoints and retrain.")
     section = None
@@ -121,11 +124,15 @@ def stage_train(study: Study, force: bool) -> bool:
     if force and key not in section["per_seed"]:
       shutil.rmtree(study.ckpt_dir(seed), ignore_errors=True)
     if key in section["per_seed"] and not force:
-      log.info("train seed %d: done already, skipped", seed)
-      continue
+      if train.finished_epochs(study.ckpt_dir(seed)) == cfg.train.epochs - 1:
+        log.info("train seed %d: done already, skipped", seed)
+        continue
+      log.warning("train seed %d: results.json has it but its finished checkpoint in %s is missing; retraining "
+                  "this seed (resuming from an earlier epoch's checkpoint if one is left)", seed, study.ckpt_dir(seed))
     log.info("train seed %d: %d epochs of %s on %s", seed, cfg.train.epochs, study.results["model"]["name"],
              study.info.name)
     ran = True
+    study.retrained.add(seed)
     out = train.fit(study.model, study.splits, cfg.train, seed, study.ckpt_dir(seed), mesh=study.mesh,
                     progress=study.progress)
     kw = dict(group_is_label=study.info.group_is_label, batch_size=cfg.eval.batch_size, mesh=study.mesh)
@@ -146,9 +153,10 @@ def stage_train(study: Study, force: bool) -> bool:
 def load_trained_variables(study: Study, seed: int) -> dict:
   loaded = train.load_trained(study.model, study.splits, study.config.train, seed, study.ckpt_dir(seed))
   if loaded is None:
-    raise FileNotFoundError(
-        f"no finished training checkpoint for seed {seed} in {study.ckpt_dir(seed)}; "
-        "run the train stage first (--stages=train,ptq).")
+    raise MissingFileError(
+        f"no finished training checkpoint for seed {seed} in {study.ckpt_dir(seed)}. Rerun with the train "
+        "stage included (no --stages, or e.g. --stages=train,ptq): it trains exactly the seeds whose "
+        "checkpoints are missing and reuses the others.")
   return loaded["variables"]
 
 
@@ -157,7 +165,7 @@ def stage_ptq(study: Study, force: bool) -> bool:
   p = cfg.ptq
   fp = config_lib.fingerprint(cfg, PTQ_SECTIONS)
   section = study.results.get("ptq")
-  done = section is not None and section.get("fingerprint") == fp and all(
+  done = section is not None and section.get("fingerprint") == fp and not study.retrained and all(
       str(s) in section["per_seed"] for s in study.seeds)
   if done and not force:
     log.info("ptq: done already for this config, skipped")
@@ -225,6 +233,8 @@ def stage_explain(study: Study, force: bool) -> bool:
   fwd, curv = study.splits[e.forward_split], study.splits[e.curvature_split]
   ran = False
   for seed in study.seeds:
+    if seed in study.retrained:
+      section["per_seed"].pop(str(seed), None)
     entries = section["per_seed"].setdefault(str(seed), {})
     todo = [(b, s) for b, s in zip(bit_widths, specs) if str(b) not in entries]
     if not todo:
@@ -286,6 +296,9 @@ def stage_mitigate(study: Study, force: bool) -> bool:
   t0 = time.perf_counter()
   for seed in study.seeds:
     fp_vars = None
+    if seed in study.retrained and str(seed) in section["per_seed"]:
+      section["per_seed"].pop(str(seed))
+      shutil.rmtree(study.ckpt_dir(seed, "mitigate"), ignore_errors=True)
     entries = section["per_seed"].setdefault(str(seed), {})
     for method in m.methods:
       for bits in m.bit_widths:
@@ -312,6 +325,9 @@ def stage_mitigate(study: Study, force: bool) -> bool:
 
 
 def stage_report(study: Study, force: bool) -> bool:
+  if not (study.changed or force) and os.path.exists(os.path.join(study.workdir, "report.html")):
+    log.info("report: no stage changed the results, skipped")
+    return False
   if study.is_writer:  # multi-host: only process 0 writes
     out = report.write_report(study.workdir, study.results)
     log.info("report: %s", out["html"])
@@ -331,22 +347,39 @@ def available_stages() -> list[str]:
 def run(config: ml_collections.ConfigDict, workdir: str, stages: Optional[Sequence[str]] = None, *,
         force: bool = False, progress: bool = True) -> dict:
   """Runs the selected stages (default: every available stage) and returns the results dict."""
+  t_start = time.perf_counter()
   config_lib.validate_config(config)
   if stages is None:
     stages = available_stages()
   else:
     stages = config_lib.check_stages(stages)
-  os.makedirs(workdir, exist_ok=True)
+  _make_workdir(workdir)
   _attach_log_file(workdir)
   study = Study(config, workdir, progress=progress)
   study.results["timings"]["data"] = study.data_s
+  last_run = {"data": study.data_s}  # this invocation's wall times; "skipped" for stages with nothing to do
   for stage in stages:
     t0 = time.perf_counter()
     if STAGE_FUNCTIONS[stage](study, force):
-      study.results["timings"][stage] = time.perf_counter() - t0
-      log.info("stage %s finished in %.1f s", stage, study.results["timings"][stage])
-    study.save()
+      study.changed = True
+      last_run[stage] = study.results["timings"][stage] = time.perf_counter() - t0
+      log.info("stage %s finished in %.1f s", stage, last_run[stage])
+      study.save()  # only after work: a run with nothing to do (or that fails) leaves the workdir as it was
+    else:
+      last_run[stage] = "skipped"
+  study.results["last_run"] = {"stages": last_run, "total_s": time.perf_counter() - t_start}
   return study.results
+
+
+def _make_workdir(workdir: str) -> None:
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise WorkdirError(f"--workdir {workdir} is a file, not a folder; choose another --workdir (or move the "
+                       "file away).")
+  try:
+    os.makedirs(workdir, exist_ok=True)
+  except OSError as e:
+    raise WorkdirError(f"--workdir {workdir} cannot be created ({e.strerror}); choose a folder you can write "
+                       "to.") from e
 
 
 def _attach_log_file(workdir: str) -> None:
@@ -361,13 +394,31 @@ def _attach_log_file(workdir: str) -> None:
 def format_claims(res: dict) -> str:
   if "claims" not in res:
     return ""
-  return "\n".join(f"  {name}: {c['verdict']}" for name, c in res["claims"].items() if isinstance(c, dict))
+  return "\n".join(f"  {name}: {c['verdict']}" + (f" ({c['why']})" if c.get("why") else "")
+                   for name, c in res["claims"].items() if isinstance(c, dict))
 
 
 def format_table(res: dict) -> str:
-  """A plain-text table of the PTQ sweep: accuracy, worst group, fairness violation (mean +- std)."""
+  """A plain-text table of the PTQ sweep: accuracy, worst group, fairness violation (mean +- std).
+
+  A value with no data (a group with no test rows: mean null / NaN, n = 0) prints as ``empty``.
+  """
   if "ptq" not in res:
     return "(no ptq results)"
+
+  def value(x):
+    try:
+      x = float(x)
+    except (TypeError, ValueError):
+      return None
+    return x if np.isfinite(x) else None
+
+  def cell(ms):
+    mean, std = value((ms or {}).get("mean")), value((ms or {}).get("std"))
+    if mean is None:
+      return "empty"
+    return f"{mean:.3f}±{std:.3f}" if std is not None else f"{mean:.3f}"
+
   names = res["dataset"]["group_names"]
   lines = [f"{'bits':>4} {'size KB':>8} {'accuracy':>14} {'worst group':>14} {'fairness viol.':>15}  "
            + " ".join(f"{n[:8]:>8}" for n in names)]
@@ -375,8 +426,8 @@ def format_table(res: dict) -> str:
   for b in res["ptq"]["bit_widths"]:
     s = res["ptq"]["summary"][str(b)]
     size = res["ptq"]["per_seed"][first_seed][str(b)]["size_bytes"] / 1024
-    cell = lambda k: f"{s[k]['mean']:.3f}±{s[k]['std']:.3f}"
-    groups = " ".join(f"{g['mean']:>8.3f}" for g in s["groups"]["accuracy"])
-    lines.append(f"{b:>4} {size:>8.1f} {cell('accuracy'):>14} {cell('worst_group_accuracy'):>14} "
-                 f"{cell('fairness_violation'):>15}  {groups}")
+    cell_k = lambda k: cell(s.get(k))
+    groups = " ".join(f"{cell({'mean': g.get('mean')}):>8}" for g in s["groups"]["accuracy"])
+    lines.append(f"{b:>4} {size:>8.1f} {cell_k('accuracy'):>14} {cell_k('worst_group_accuracy'):>14} "
+                 f"{cell_k('fairness_violation'):>15}  {groups}")
   return "\n".join(lines)

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import copy
 import functools
+import hashlib
 import logging
+import os
 import time
 from typing import Any, Callable, Mapping, Optional
 
@@ -26,6 +28,7 @@ from tqdm import tqdm
 
 from fqjax import losses, metrics, parallel, sampling
 from fqjax.data.pipeline import DeviceArrays, epoch_batches
+from fqjax.errors import CorruptFileError
 
 log = logging.getLogger("fqjax")
 
@@ -178,31 +181,77 @@ def evaluate(model: nn.Module, variables: Mapping, split, num_groups: int, *, gr
 # Checkpoints
 # ----------------------------------------------------------------------------
 
-def checkpoint_manager(directory: str, max_to_keep: int = 2) -> ocp.CheckpointManager:
-  options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
+def checkpoint_manager(directory: str, max_to_keep: int = 2, create: bool = True) -> ocp.CheckpointManager:
+  options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=create)
   return ocp.CheckpointManager(directory, options=options)
 
 
-def save_checkpoint(mngr: ocp.CheckpointManager, epoch: int, state: TrainState, meta: dict) -> None:
-  tree = {"step": state.step, "params": state.params, "batch_stats": state.batch_stats,
+def finished_epochs(directory: str) -> Optional[int]:
+  """The latest committed epoch in an orbax checkpoint folder (from its step folders), None if none."""
+  if not os.path.isdir(directory):
+    return None
+  steps = [int(d) for d in os.listdir(directory) if d.isdigit()]
+  return max(steps) if steps else None
+
+
+def _state_tree(state: TrainState) -> dict:
+  return {"step": state.step, "params": state.params, "batch_stats": state.batch_stats,
           "opt_state": state.opt_state}
+
+
+def tree_digest(tree) -> str:
+  """sha256 over every leaf's dtype, shape and bytes (in tree order): detects silently damaged arrays."""
+  h = hashlib.sha256()
+  for leaf in jax.tree_util.tree_leaves(jax.device_get(tree)):
+    arr = np.ascontiguousarray(np.asarray(leaf))
+    h.update(f"{arr.dtype}{arr.shape}".encode())
+    h.update(arr.tobytes())
+  return h.hexdigest()
+
+
+def _digested(tree: dict) -> dict:
+  # "step" is left out: it is saved from an int32 array but restored as a Python int.
+  return {k: v for k, v in tree.items() if k != "step"}
+
+
+def save_checkpoint(mngr: ocp.CheckpointManager, epoch: int, state: TrainState, meta: dict) -> None:
+  """Saves state and meta (JSON) at ``epoch``; meta gets the state's ``digest``, checked on restore."""
+  tree = _state_tree(state)
+  meta = {**meta, "digest": tree_digest(_digested(tree))}
   mngr.save(epoch, args=ocp.args.Composite(state=ocp.args.StandardSave(tree), meta=ocp.args.JsonSave(meta)))
 
 
+CHECKPOINT_RECOVERY = ("Nothing was changed. Delete that folder and rerun the same command: the stage that wrote it "
+                       "recomputes it (a training checkpoint: only that seed is retrained, resuming from the "
+                       "previous epoch's checkpoint if one is left).")
+
+
 def restore_checkpoint(mngr: ocp.CheckpointManager, state: TrainState, epoch: Optional[int] = None):
-  """(state, meta) from checkpoint ``epoch`` (default: latest) or None when there is none."""
+  """(state, meta) from checkpoint ``epoch`` (default: latest) or None when there is none.
+
+  Raises CorruptFileError naming the step folder when it cannot be read or its arrays do
+  not match the digest written with them.
+  """
   epoch = mngr.latest_step() if epoch is None else epoch
   if epoch is None:
     return None
-  target = {"step": state.step, "params": state.params, "batch_stats": state.batch_stats,
-            "opt_state": state.opt_state}
-  abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, target)
-  restored = mngr.restore(epoch, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
-                                                         meta=ocp.args.JsonRestore()))
-  tree = restored["state"]
+  step_dir = os.path.join(str(mngr.directory), str(epoch))
+  abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, _state_tree(state))
+  try:
+    restored = mngr.restore(epoch, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
+                                                           meta=ocp.args.JsonRestore()))
+  except Exception as e:  # orbax / TensorStore raise many types; all mean "this checkpoint is unreadable"
+    raise CorruptFileError(step_dir, f"the checkpoint of epoch {epoch} cannot be read ({type(e).__name__})",
+                           CHECKPOINT_RECOVERY) from e
+  tree, meta = restored["state"], restored["meta"]
+  if not isinstance(meta, dict) or "epoch" not in meta:
+    raise CorruptFileError(step_dir, f"the checkpoint of epoch {epoch} has no valid metadata", CHECKPOINT_RECOVERY)
+  if meta.get("digest") is not None and meta["digest"] != tree_digest(_digested(tree)):
+    raise CorruptFileError(step_dir, f"the arrays of the epoch-{epoch} checkpoint do not match the digest saved "
+                           "with them (the files were damaged after writing)", CHECKPOINT_RECOVERY)
   state = state.replace(step=tree["step"], params=tree["params"], batch_stats=tree["batch_stats"],
                         opt_state=tree["opt_state"])
-  return state, restored["meta"]
+  return state, meta
 
 
 # ----------------------------------------------------------------------------
@@ -270,7 +319,19 @@ def fit(model: nn.Module, splits, tcfg: ml_collections.ConfigDict, seed: int, ck
   data = DeviceArrays(train.x, train.y, train.group,
                       sharding=None if mesh is None else parallel.replicated(mesh))
   mngr = checkpoint_manager(ckpt_dir)
+  try:
+    return _fit_loop(model, splits, tcfg, seed, ckpt_dir, mngr, state, data, bits=bits, ids=ids, num_ids=num_ids,
+                     weight_key=weight_key, by_group=by_group, bn_train_epochs=bn_train_epochs,
+                     extra_variables=extra_variables, init_group_losses=init_group_losses, mesh=mesh,
+                     on_epoch_end=on_epoch_end, progress=progress)
+  finally:
+    mngr.close()  # also on errors: an open manager's threads print noise at interpreter exit
 
+
+def _fit_loop(model, splits, tcfg, seed, ckpt_dir, mngr, state, data, *, bits, ids, num_ids, weight_key, by_group,
+              bn_train_epochs, extra_variables, init_group_losses, mesh, on_epoch_end, progress) -> dict:
+  """The body of ``fit`` once the state, data and checkpoint manager exist."""
+  info, train = splits.info, splits.train
   extra = dict(extra_variables or {})
   if bits is not None:
     extra["bits"] = bits
@@ -278,12 +339,14 @@ def fit(model: nn.Module, splits, tcfg: ml_collections.ConfigDict, seed: int, ck
   history: list = []
   group_losses = None if init_group_losses is None else np.asarray(init_group_losses, np.float64)
   start_epoch = 0
+  sample_counts = None
   restored = restore_checkpoint(mngr, state)
   if restored is not None:
     state, meta = restored
     history = meta["history"]
     group_losses = None if meta["val_group_losses"] is None else np.asarray(meta["val_group_losses"])
     start_epoch = int(meta["epoch"]) + 1
+    sample_counts = meta.get("sample_counts")  # the last epoch's draw, so a resumed run reports it too
     log.info("resuming from checkpoint of epoch %d in %s", start_epoch - 1, ckpt_dir)
   if mesh is not None:
     state = parallel.put_tree(state, parallel.replicated(mesh))
@@ -292,10 +355,9 @@ def fit(model: nn.Module, splits, tcfg: ml_collections.ConfigDict, seed: int, ck
   t0 = time.perf_counter()
   bar = tqdm(range(start_epoch, tcfg.epochs), desc=f"train seed {seed}", disable=not progress,
              initial=start_epoch, total=tcfg.epochs, leave=False)
-  sample_counts = None
   for epoch in bar:
     rows = _epoch_rows(train, num_ids, ids, tcfg, seed, epoch)
-    sample_counts = np.bincount(ids[rows], minlength=num_ids)
+    sample_counts = np.bincount(ids[rows], minlength=num_ids).tolist()
     table = _weight_table(tcfg, np.bincount(ids[rows], minlength=num_ids), group_losses)
     table = jnp.asarray(table) if mesh is None else parallel.global_array(table, parallel.replicated(mesh))
     plan = epoch_batches(rows, tcfg.batch_size, seed=seed * 1_000_003 + epoch)
@@ -313,7 +375,6 @@ def fit(model: nn.Module, splits, tcfg: ml_collections.ConfigDict, seed: int, ck
       first = epoch * len(plan.idx) + int(bad[0])
       last_good = mngr.latest_step()
       mngr.wait_until_finished()
-      mngr.close()
       kept = (f"The last good checkpoint is epoch {last_good} in {ckpt_dir}." if last_good is not None
               else f"No checkpoint was written yet (it failed in the first epoch); {ckpt_dir} is empty.")
       raise TrainingDiverged(
@@ -333,18 +394,17 @@ def fit(model: nn.Module, splits, tcfg: ml_collections.ConfigDict, seed: int, ck
     history.append(entry)
     # A deep copy: orbax saves asynchronously, and the live history list grows in the next epoch.
     save_checkpoint(mngr, epoch, state, {"epoch": epoch, "history": copy.deepcopy(history),
-                                         "val_group_losses": group_losses.tolist()})
+                                         "val_group_losses": group_losses.tolist(),
+                                         "sample_counts": sample_counts})
     bar.set_postfix(loss=f"{entry['train_loss']:.3f}", acc=f"{entry['train_accuracy']:.3f}",
                     val_acc=f"{entry['val_accuracy']:.3f}")
     if on_epoch_end is not None:
       mngr.wait_until_finished()
       on_epoch_end(epoch, entry)
   mngr.wait_until_finished()
-  mngr.close()
   return {"variables": jax.device_get(model_variables(state)), "history": history,
           "epochs_run": tcfg.epochs - start_epoch, "resumed_from": start_epoch if restored else None,
-          "wall_s": time.perf_counter() - t0,
-          "sample_counts": None if sample_counts is None else sample_counts.tolist()}
+          "wall_s": time.perf_counter() - t0, "sample_counts": sample_counts}
 
 
 def _class_losses(model, variables, split, info, tcfg, mesh=None) -> list:
@@ -357,15 +417,19 @@ def _class_losses(model, variables, split, info, tcfg, mesh=None) -> list:
 
 
 def load_trained(model: nn.Module, splits, tcfg, seed: int, ckpt_dir: str) -> Optional[dict]:
-  """Variables of the finished training run in ``ckpt_dir`` (latest epoch == epochs - 1), else None."""
-  mngr = checkpoint_manager(ckpt_dir)
-  latest = mngr.latest_step()
-  if latest is None or latest != tcfg.epochs - 1:
-    mngr.close()
+  """Variables of the finished training run in ``ckpt_dir`` (latest epoch == epochs - 1), else None.
+
+  Raises CorruptFileError when the finished checkpoint is there but unreadable.
+  """
+  if finished_epochs(ckpt_dir) != tcfg.epochs - 1:
     return None
-  # Only the optimizer state's structure must match the checkpoint; the schedule length does not matter.
-  tx = make_optimizer(tcfg, -(-len(splits.train) // tcfg.batch_size))
-  state = create_train_state(model, jax.random.PRNGKey(seed), splits.train.x[:2], tx)
-  state, meta = restore_checkpoint(mngr, state, latest)
-  mngr.close()
-  return {"variables": jax.device_get(model_variables(state)), "history": meta["history"]}
+  mngr = checkpoint_manager(ckpt_dir, create=False)
+  try:
+    # Only the optimizer state's structure must match the checkpoint; the schedule length does not matter.
+    tx = make_optimizer(tcfg, -(-len(splits.train) // tcfg.batch_size))
+    state = create_train_state(model, jax.random.PRNGKey(seed), splits.train.x[:2], tx)
+    state, meta = restore_checkpoint(mngr, state, tcfg.epochs - 1)
+  finally:
+    mngr.close()
+  return {"variables": jax.device_get(model_variables(state)), "history": meta["history"],
+          "sample_counts": meta.get("sample_counts")}
