@@ -1,7 +1,8 @@
 """Checks the paper's findings against a run's results, with the numbers behind every verdict.
 
 Verdicts: "holds", "partly" (holds at some bit-widths, not all), "does not hold",
-"not tested" (the stage that provides the data did not run, or no group is a minority).
+"not tested" (the stage that provides the data did not run, no group is a minority, or the
+statistic behind the verdict cannot be computed; "why" says which).
 
 Minority groups are those whose training-set size is below half the median group size
 (dataset.counts.train); the rest are the majority. (Below the median itself would split a
@@ -18,10 +19,14 @@ tuned to a run:
       majority mean and Spearman(group size, value) < 0 (falls with group size).
   fairqat_beats_ptq_and_qat: per target bit-width, FV(fairqat) < FV(ptq) and FV(fairqat) < FV(qat)
       (means over seeds), and accuracy(qat) - accuracy(fairqat) <= std of qat's accuracy over seeds.
+  A statistic that cannot be computed (a group with no test rows, a single group, a constant
+      sequence) gives "not tested" at that bit-width, never a verdict on a missing number; groups
+      without data are left out of the minority / majority means and named in "groups_without_data".
 """
 from __future__ import annotations
 
-from typing import Callable, Mapping, Optional, Sequence
+import math
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -32,6 +37,8 @@ FULL = 32
 
 def minority_mask(results: Mapping) -> Optional[np.ndarray]:
   counts = np.asarray(results["dataset"]["counts"]["train"], np.float64)
+  if counts.ndim != 1 or counts.size < 2:
+    return None
   minority = counts < 0.5 * np.median(counts)
   if not minority.any() or minority.all():
     return None
@@ -46,14 +53,70 @@ def _verdict(flags: Sequence[bool]) -> str:
   return "partly" if any(flags) else "does not hold"
 
 
-def _not_tested(why: str) -> dict:
-  return {"verdict": "not tested", "why": why}
+def _not_tested(why: str, **numbers) -> dict:
+  return {"verdict": "not tested", "why": why, **numbers}
 
 
-def _split_means(per_seed_values: Sequence[Sequence[float]], minority: np.ndarray) -> tuple[float, float]:
-  """Mean over seeds of (minority mean, majority mean) of per-group values."""
-  vals = np.asarray(per_seed_values, np.float64)  # [S, G]
-  return float(np.nanmean(vals[:, minority])), float(np.nanmean(vals[:, ~minority]))
+def _float(x: Any) -> float:
+  """A number, or NaN for null / a missing or non-numeric value (results.json stores NaN as null)."""
+  try:
+    return float("nan") if x is None else float(x)
+  except (TypeError, ValueError):
+    return float("nan")
+
+
+def _masked_mean(vals: np.ndarray, axis: Optional[int] = None):
+  """Mean of the finite entries (over ``axis``); NaN where there are none, without a RuntimeWarning."""
+  finite = np.isfinite(vals)
+  n = finite.sum(axis=axis)
+  total = np.where(finite, vals, 0.0).sum(axis=axis)
+  return np.where(n > 0, total / np.maximum(n, 1), np.nan)
+
+
+def _groups_text(ids: Sequence[int]) -> str:
+  ids = [int(i) for i in ids]
+  return ("group " if len(ids) == 1 else "groups ") + ", ".join(str(i) for i in ids)
+
+
+def _test_counts(results: Mapping) -> Optional[list]:
+  counts = results.get("dataset", {}).get("counts", {})
+  test = counts.get("test") if isinstance(counts, Mapping) else None
+  return test if isinstance(test, list) else None
+
+
+def _have_no_data(results: Mapping, ids: Sequence[int]) -> str:
+  """'groups 3, 5 have no test rows' (and '..., group 4 has no values' for those with test rows but no value)."""
+  test = _test_counts(results)
+  no_rows = [int(i) for i in ids if test is not None and i < len(test) and not test[i]]
+  no_values = [int(i) for i in ids if int(i) not in no_rows]
+  parts = [f"{_groups_text(g)} {'has' if len(g) == 1 else 'have'} no {what}"
+           for g, what in ((no_rows, "test rows"), (no_values, "values")) if g]
+  return ", ".join(parts)
+
+
+def _too_few_groups_why(results: Mapping) -> Optional[str]:
+  """Why the fairness violation (max - min over groups with test rows) means nothing here, or None."""
+  test = _test_counts(results)
+  if test is None or sum(1 for c in test if c) >= 2:
+    return None
+  empty = [i for i, c in enumerate(test) if not c]
+  return ("fewer than 2 groups have test rows" + (f" ({_have_no_data(results, empty)})" if empty else "")
+          + ", so the fairness violation is 0 by definition")
+
+
+def _no_minority_why(results: Mapping) -> str:
+  counts = results.get("dataset", {}).get("counts", {}).get("train") or []
+  if len(counts) < 2:
+    return "the data has a single group, so there is no minority to compare with a majority"
+  return "no group is smaller than half the median group size"
+
+
+def _join_reasons(reasons: Mapping[str, str]) -> str:
+  """One reason when every bit-width has the same one, else 'b-bit: reason; ...'."""
+  unique = list(dict.fromkeys(reasons.values()))
+  if len(unique) == 1:
+    return f"at {', '.join(reasons)} bits: {unique[0]}"
+  return "; ".join(f"{b}-bit: {why}" for b, why in reasons.items())
 
 
 def fairness_violation_grows(results: Mapping) -> dict:
@@ -62,40 +125,85 @@ def fairness_violation_grows(results: Mapping) -> dict:
   bits = sorted(int(b) for b in results["ptq"]["bit_widths"])
   if len(bits) < 2:
     return _not_tested("the PTQ sweep has one bit-width")
-  summary = results["ptq"]["summary"]
-  fv = {b: summary[str(b)]["fairness_violation"] for b in bits}
-  rho = spearman(bits, [fv[b]["mean"] for b in bits])
+  summary = results["ptq"].get("summary") or {}
+  fv = {b: (summary.get(str(b)) or {}).get("fairness_violation") or {} for b in bits}
+  means = [_float(fv[b].get("mean")) for b in bits]
+  numbers = {"fairness_violation": {str(b): fv[b] for b in bits}}
+  missing = [str(b) for b, m in zip(bits, means) if not math.isfinite(m)]
+  if missing:
+    return _not_tested(f"the fairness violation has no value at {', '.join(missing)} bits (no seed has a group "
+                       "with test rows there)", **numbers)
+  rho = spearman(bits, means)  # NaN, without a warning, for a constant sequence
   low, high = bits[0], bits[-1]
-  gap = fv[low]["mean"] - fv[high]["mean"]
-  holds = bool(rho < 0 and gap > fv[low]["std"])
-  return {"verdict": "holds" if holds else "does not hold",
-          "spearman_bits_vs_fairness_violation": rho,
-          "fairness_violation": {str(b): fv[b] for b in bits},
-          "increase_lowest_vs_highest_bits": gap, "std_at_lowest_bits": fv[low]["std"]}
+  gap = means[0] - means[-1]
+  std_low = _float(fv[low].get("std"))
+  numbers = {"spearman_bits_vs_fairness_violation": rho, **numbers,
+             "increase_lowest_vs_highest_bits": gap, "std_at_lowest_bits": std_low}
+  few = _too_few_groups_why(results)
+  if few:
+    return _not_tested(few + " at every bit-width", **numbers)
+  if not math.isfinite(rho):
+    return _not_tested("Spearman(bits, fairness violation) is undefined: the fairness violation is the same at "
+                       "every bit-width", **numbers)
+  if not math.isfinite(std_low):
+    return _not_tested(f"the std over seeds of the fairness violation at {low} bits is missing", **numbers)
+  holds = bool(rho < 0 and gap > std_low)
+  return {"verdict": "holds" if holds else "does not hold", **numbers}
 
 
 def _per_bits_claim(results: Mapping, bits_list: Sequence[int], values_at: Callable[[str, int], Optional[list]],
                     compare: Callable[[float, float, float], bool], use_size_correlation: bool = False) -> dict:
+  """Minority vs majority per bit-width. Groups without data (no test rows: NaN / null values in
+  every seed) are left out of the means and listed in "groups_without_data"; a bit-width whose
+  minority or majority mean (or size correlation) cannot be computed is listed in "not_tested_at"
+  and takes no part in the verdict."""
   minority = minority_mask(results)
   if minority is None:
-    return _not_tested("no group is smaller than half the median group size")
-  sizes = results["dataset"]["counts"]["train"]
-  per_bits, flags = {}, []
+    return _not_tested(_no_minority_why(results))
+  sizes = np.asarray(results["dataset"]["counts"]["train"], np.float64)
+  per_bits, flags, skipped, without = {}, [], {}, set()
   for b in bits_list:
     per_seed = [values_at(str(s), b) for s in results["seeds"]]
     if any(v is None for v in per_seed):
+      skipped[str(b)] = "no per-group values at this bit-width"
       continue
-    mino, majo = _split_means(per_seed, minority)
-    group_mean = np.nanmean(np.asarray(per_seed, np.float64), axis=0)
-    rho = spearman(sizes, group_mean)
+    try:
+      vals = np.asarray([[np.nan if v is None else v for v in row] for row in per_seed], np.float64)  # [S, G]
+    except (TypeError, ValueError):
+      vals = np.zeros((0,))
+    if vals.ndim != 2 or vals.shape[1] != minority.shape[0]:
+      skipped[str(b)] = f"the per-group values are not one per group ({minority.shape[0]} groups)"
+      continue
+    empty = ~np.isfinite(vals).any(axis=0)  # groups without data at this bit-width
+    without.update(int(g) for g in np.flatnonzero(empty))
+    mino, majo = float(_masked_mean(vals[:, minority])), float(_masked_mean(vals[:, ~minority]))
+    rho = spearman(sizes, _masked_mean(vals, axis=0)) if use_size_correlation else float("nan")
+    reasons = []
+    if not math.isfinite(mino):
+      reasons.append(f"no minority group has data ({_have_no_data(results, np.flatnonzero(minority & empty))})")
+    if not math.isfinite(majo):
+      reasons.append(f"no majority group has data ({_have_no_data(results, np.flatnonzero(~minority & empty))})")
+    if use_size_correlation and not math.isfinite(rho):
+      reasons.append("Spearman(group size, value) is undefined (fewer than 2 groups with data, or constant values)")
+    if reasons:
+      skipped[str(b)] = "; ".join(reasons)
+      continue
     ok = bool(compare(mino, majo, rho))
     per_bits[str(b)] = {"minority_mean": mino, "majority_mean": majo, "holds": ok,
                         **({"spearman_size": rho} if use_size_correlation else {})}
     flags.append(ok)
+  extra = {}
+  if without:
+    extra["groups_without_data"] = sorted(without)
   if not flags:
-    return _not_tested("no per-group values for these bit-widths")
+    why = _join_reasons(skipped) if skipped else "no quantized bit-width to compare"
+    if set(skipped.values()) == {"no per-group values at this bit-width"}:
+      why = "no per-group values for these bit-widths"
+    return _not_tested(why, **extra, **({"not_tested_at": skipped} if skipped else {}))
+  if skipped:
+    extra["not_tested_at"] = skipped
   return {"verdict": _verdict(flags), "per_bits": per_bits,
-          "minority_groups": [int(i) for i in np.flatnonzero(minority)]}
+          "minority_groups": [int(i) for i in np.flatnonzero(minority)], **extra}
 
 
 def minority_loses_more(results: Mapping) -> dict:
@@ -148,16 +256,31 @@ def fairqat_beats_ptq_and_qat(results: Mapping) -> dict:
     return _not_tested("the mitigate stage has not finished")
   if not {"fairqat", "ptq", "qat"} <= set(m["methods"]):
     return _not_tested("the ablation needs the methods ptq, qat and fairqat")
-  per_bits, flags = {}, []
+  few = _too_few_groups_why(results)
+  if few:
+    return _not_tested(few)
+  per_bits, flags, skipped = {}, [], {}
   for b in m["bit_widths"]:
-    s = {k: m["summary"][k][str(b)] for k in ("fairqat", "ptq", "qat")}
-    fv = {k: s[k]["fairness_violation"]["mean"] for k in s}
-    acc_loss = s["qat"]["accuracy"]["mean"] - s["fairqat"]["accuracy"]["mean"]
-    ok = bool(fv["fairqat"] < fv["ptq"] and fv["fairqat"] < fv["qat"] and acc_loss <= s["qat"]["accuracy"]["std"])
+    s = {k: (m["summary"].get(k) or {}).get(str(b)) or {} for k in ("fairqat", "ptq", "qat")}
+    stat = lambda k, key, part="mean": _float((s[k].get(key) or {}).get(part))
+    fv = {k: stat(k, "fairness_violation") for k in s}
+    acc_loss = stat("qat", "accuracy") - stat("fairqat", "accuracy")
+    qat_std = stat("qat", "accuracy", "std")
+    missing = [f"{k} fairness violation" for k in s if not math.isfinite(fv[k])]
+    missing += [f"{k} accuracy" for k in ("qat", "fairqat") if not math.isfinite(stat(k, "accuracy"))]
+    if not missing and not math.isfinite(qat_std):
+      missing.append("std of qat accuracy")
+    if missing:
+      skipped[str(b)] = "no value for " + ", ".join(missing) + " (no seed has test rows for it)"
+      continue
+    ok = bool(fv["fairqat"] < fv["ptq"] and fv["fairqat"] < fv["qat"] and acc_loss <= qat_std)
     per_bits[str(b)] = {"fairness_violation": fv, "accuracy_loss_vs_qat": acc_loss,
-                        "qat_accuracy_std": s["qat"]["accuracy"]["std"], "holds": ok}
+                        "qat_accuracy_std": qat_std, "holds": ok}
     flags.append(ok)
-  return {"verdict": _verdict(flags), "per_bits": per_bits}
+  if not flags:
+    return _not_tested(_join_reasons(skipped) if skipped else "the ablation has no target bit-width",
+                       **({"not_tested_at": skipped} if skipped else {}))
+  return {"verdict": _verdict(flags), "per_bits": per_bits, **({"not_tested_at": skipped} if skipped else {})}
 
 
 def check_claims(results: Mapping) -> dict:

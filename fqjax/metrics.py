@@ -12,7 +12,9 @@ Definitions (G groups, acc_g = accuracy on group g):
   equalized_odds_gap = max_c max(range_g TPR_g(c), range_g FPR_g(c)),
       TPR_g(c) = P(pred=c | y=c, g), FPR_g(c) = P(pred=c | y!=c, g)
   (one-vs-rest per class; for a binary task this is the usual definition).
-Groups with no samples are left out of max/min (reported with count 0, NaN accuracy).
+Groups with no samples are left out of max/min (reported with count 0, NaN accuracy, which
+results.json stores as null); a statistic with no group to take it over is NaN. Nothing here
+emits a NumPy RuntimeWarning on empty groups: empty slices are masked, not averaged.
 """
 from __future__ import annotations
 
@@ -47,6 +49,13 @@ def per_sample_loss(logits: np.ndarray, y: np.ndarray) -> np.ndarray:
 def _range(values: np.ndarray) -> float:
   values = values[np.isfinite(values)]
   return float(values.max() - values.min()) if values.size else float("nan")
+
+
+def _finite_max(values) -> float:
+  """Max over the finite values; NaN (no warning) when there are none."""
+  values = np.asarray(values, np.float64)
+  values = values[np.isfinite(values)]
+  return float(values.max()) if values.size else float("nan")
 
 
 def _rates(pred, y, group, num_groups, num_classes):
@@ -111,8 +120,8 @@ def group_metrics(logits: np.ndarray, y: np.ndarray, group: np.ndarray, num_grou
   if not group_is_label:
     dp, tpr, fpr = _rates(pred, y, group, num_groups, num_classes)
     cols = range(num_classes)
-    out["demographic_parity_gap"] = float(np.nanmax([_range(dp[:, c]) for c in cols]))
-    out["equalized_odds_gap"] = float(np.nanmax([max(_range(tpr[:, c]), _range(fpr[:, c])) for c in cols]))
+    out["demographic_parity_gap"] = _finite_max([_range(dp[:, c]) for c in cols])
+    out["equalized_odds_gap"] = _finite_max([_finite_max([_range(tpr[:, c]), _range(fpr[:, c])]) for c in cols])
   return out
 
 
@@ -144,9 +153,13 @@ def bootstrap_fairness_violation(correct: np.ndarray, group: np.ndarray, num_gro
           "confidence": confidence, "num_resamples": num_resamples}
 
 
-def mean_std(values: Sequence[float]) -> dict:
-  """{"mean", "std", "n"}; std is the sample standard deviation (ddof=1), 0 for one value."""
-  arr = np.asarray([v for v in values if v is not None and not math.isnan(v)], np.float64)
+def mean_std(values: Sequence[Optional[float]]) -> dict:
+  """{"mean", "std", "n"}; std is the sample standard deviation (ddof=1), 0 for one value.
+
+  None, NaN and inf values (a group with no samples in that seed) are left out; n counts the
+  values used. With none left: {"mean": NaN, "std": NaN, "n": 0} (null in results.json), no warning.
+  """
+  arr = np.asarray([v for v in values if v is not None and math.isfinite(float(v))], np.float64)
   if arr.size == 0:
     return {"mean": float("nan"), "std": float("nan"), "n": 0}
   return {"mean": float(arr.mean()), "std": float(arr.std(ddof=1)) if arr.size > 1 else 0.0, "n": int(arr.size)}
@@ -157,15 +170,20 @@ SUMMARY_SCALARS = ("accuracy", "loss", "worst_group_accuracy", "fairness_violati
 
 
 def summarize_over_seeds(per_seed: Sequence[Mapping]) -> dict:
-  """Mean and std over seeds of every scalar metric and every per-group list of ``group_metrics``."""
+  """Mean and std over seeds of every scalar metric and every per-group list of ``group_metrics``.
+
+  Per-group entries are mean_std dicts; a group with no samples in any seed gets n = 0 (mean NaN).
+  """
   out: dict = {}
+  if not per_seed:
+    return {"groups": {}}
   for key in SUMMARY_SCALARS:
     if all(key in m for m in per_seed):
       out[key] = mean_std([m[key] for m in per_seed])
   groups: dict = {}
   for key in ("accuracy", "loss", "accuracy_drop"):
     if all(key in m["groups"] for m in per_seed):
-      stacked = np.asarray([m["groups"][key] for m in per_seed], np.float64)
-      groups[key] = [mean_std(stacked[:, g]) for g in range(stacked.shape[1])]
+      stacked = np.asarray([[np.nan if v is None else v for v in m["groups"][key]] for m in per_seed], np.float64)
+      groups[key] = [mean_std(stacked[:, g].tolist()) for g in range(stacked.shape[1])]
   out["groups"] = groups
   return out

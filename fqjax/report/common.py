@@ -4,7 +4,6 @@ formatting, the context of one results.json, and file writes with readable permi
 from __future__ import annotations
 
 import os
-import warnings
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
@@ -60,16 +59,36 @@ def _stack(per_seed: Mapping, seeds: Sequence, getter: Callable[[Mapping], Any])
   return np.stack(rows)
 
 
+def _nanmean(values: Any, axis: Optional[int] = None) -> np.ndarray:
+  """Mean of the finite entries over ``axis``; NaN where there are none (an empty group), without a warning."""
+  values = np.asarray(values, np.float64)
+  finite = np.isfinite(values)
+  n = finite.sum(axis=axis)
+  total = np.where(finite, values, 0.0).sum(axis=axis)
+  return np.where(n > 0, total / np.maximum(n, 1), np.nan)
+
+
 def _mean_std(stack: Optional[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-  """Mean and sample std (ddof=1; 0 for one value) over axis 0, ignoring NaN."""
+  """Mean and sample std (ddof=1; 0 for one value) over axis 0, ignoring NaN; NaN where no value is left."""
   if stack is None:
     return np.asarray(np.nan), np.asarray(np.nan)
-  n = np.sum(np.isfinite(stack), axis=0)
-  with warnings.catch_warnings():
-    warnings.simplefilter("ignore", RuntimeWarning)
-    mean = np.nanmean(stack, axis=0)
-    std = np.where(n > 1, np.nanstd(stack, axis=0, ddof=1), 0.0)
+  stack = np.asarray(stack, np.float64)
+  finite = np.isfinite(stack)
+  n = finite.sum(axis=0)
+  mean = _nanmean(stack, axis=0)
+  sq = np.where(finite, stack - mean, 0.0) ** 2
+  std = np.where(n > 1, np.sqrt(sq.sum(axis=0) / np.maximum(n - 1, 1)), 0.0)
   return mean, np.where(n == 0, np.nan, std)
+
+
+def _count(stack: Optional[np.ndarray]) -> np.ndarray:
+  """How many seeds have a value, per entry over axis 0 (0: no data, e.g. a group with no test rows)."""
+  if stack is None:
+    return np.asarray(0)
+  return np.isfinite(np.asarray(stack, np.float64)).sum(axis=0)
+
+
+EMPTY = "empty"  # a cell with no data at all (a group with no test rows): n = 0
 
 
 def _num(x: Any, fmt: str = "{:.3f}") -> str:
@@ -98,9 +117,11 @@ def _rel(minority: Optional[np.ndarray], values: np.ndarray) -> str:
   """'minority / majority' means of per-group values."""
   if minority is None or values is None or np.ndim(values) != 1 or len(values) != len(minority):
     return "–"
-  with warnings.catch_warnings():
-    warnings.simplefilter("ignore", RuntimeWarning)
-    return f"{_num(np.nanmean(values[minority]), '{:.3g}')} / {_num(np.nanmean(values[~minority]), '{:.3g}')}"
+  values = np.asarray(values, np.float64)
+  if not np.isfinite(values).any():
+    return "–"
+  side = lambda mask: _num(_nanmean(values[mask]), "{:.3g}") if np.isfinite(values[mask]).any() else EMPTY
+  return f"{side(minority)} / {side(~minority)}"
 
 
 _FILE_MODE = 0o644  # mkstemp makes 0600 files; a report is meant to be read (served, shared)

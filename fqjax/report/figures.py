@@ -14,7 +14,7 @@ from matplotlib.figure import Figure
 
 from fqjax import claims as claims_lib
 from fqjax.report.common import (FULL, _FILE_MODE, _Ctx, _bits_label, _dig, _explain_bits, _explain_ms, _floats,
-                                 _mean_std, _num, _sorted_bits, _stack)
+                                 _mean_std, _nanmean, _num, _sorted_bits, _stack)
 
 DPI = 110
 
@@ -67,7 +67,10 @@ def figure_ptq_group_accuracy(ctx: _Ctx) -> Optional[Figure]:
   fig, (ax,) = _new_figure(9.5, 5.0)
   x = np.arange(len(bits))
   colors = _group_colors(ctx.num_groups)
+  empty = [g for g in range(ctx.num_groups) if not np.isfinite(acc[:, g]).any()]  # no test rows: nothing to draw
   for g in range(ctx.num_groups):
+    if g in empty:
+      continue
     mino = ctx.is_minority(g)
     ax.plot(x, acc[:, g], linestyle="--" if mino else "-", marker="o" if mino else "s", markersize=5,
             linewidth=2.0 if mino else 1.4, color=colors[g], markerfacecolor="white" if mino else colors[g],
@@ -77,7 +80,11 @@ def figure_ptq_group_accuracy(ctx: _Ctx) -> Optional[Figure]:
   ax.set_ylabel(f"test accuracy (mean over {len(ctx.seeds)} seed(s))")
   ax.set_title("Per-group accuracy against bit-width" + ("  (dashed: minority groups)" if ctx.minority is not None
                                                           else ""))
-  ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize="small", title="group (train count)")
+  if empty:
+    ax.text(0.01, 0.01, "not drawn (no test rows): " + ", ".join(ctx.names[g] for g in empty), fontsize="small",
+            transform=ax.transAxes, va="bottom")
+  if len(empty) < ctx.num_groups:
+    ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize="small", title="group (train count)")
   return fig
 
 
@@ -182,7 +189,7 @@ def figure_explain_logits(ctx: _Ctx) -> Optional[Figure]:
   for ax, (path, ylabel, title) in zip(axes, panels):
     _shade_minority_columns(ax, ctx, order)
     fp_path = path[:-1] + (path[-1] + "_fp",)
-    fp = np.nanmean(np.stack([_explain_ms(ctx, b, *fp_path)[0] * np.ones(ctx.num_groups) for b in bits]), axis=0) \
+    fp = _nanmean(np.stack([_explain_ms(ctx, b, *fp_path)[0] * np.ones(ctx.num_groups) for b in bits]), axis=0) \
         if any(np.isfinite(_explain_ms(ctx, b, *fp_path)[0]).any() for b in bits) else None
     if fp is not None:
       ax.plot(x, fp[order], color="black", linewidth=2.4, marker="s", label="full precision")

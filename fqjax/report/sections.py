@@ -9,8 +9,9 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from fqjax import claims as claims_lib
-from fqjax.report.common import (ABLATION_COLUMNS, FIGURES_DIR, FULL, _ablation_summary, _bits_label, _Ctx, _dig,
-                                 _explain_bits, _explain_ms, _mean_std, _num, _pm, _rel, _sorted_bits, _stack)
+from fqjax.report.common import (ABLATION_COLUMNS, EMPTY, FIGURES_DIR, FULL, _ablation_summary, _bits_label, _count,
+                                 _Ctx, _dig, _explain_bits, _explain_ms, _mean_std, _nanmean, _num, _pm, _rel,
+                                 _sorted_bits, _stack)
 from fqjax.report.document import _Doc
 from fqjax.report.figures import (_save_png, figure_explain_curvature, figure_explain_logits,
                                   figure_explain_weights, figure_mitigate_ablation, figure_ptq_fairness,
@@ -108,10 +109,17 @@ class _Report:
     self.doc.table(["bits", "size KB", "accuracy", "worst group", "fairness violation", "FV bootstrap CI",
                     "accuracy drop"], rows)
     grid = {b: get(b, "groups", "accuracy") for b in bits}
-    rows = [[ctx.group_label(g)] + [_pm(grid[b][0][g] if np.ndim(grid[b][0]) else np.nan,
-                                        grid[b][1][g] if np.ndim(grid[b][1]) else np.nan) for b in bits]
-            for g in ctx.size_order()]
-    self.doc.p("**Per-group accuracy** (mean ± std over seeds; groups by train count, smallest first):")
+    counts = {b: _count(_stack(p.get("per_seed", {}), ctx.seeds, lambda e, b=b: _dig(e, b, "groups", "accuracy")))
+              for b in bits}
+
+    def group_cell(b, g):
+      if not np.ndim(grid[b][0]):
+        return "–"
+      return EMPTY if counts[b][g] == 0 else _pm(grid[b][0][g], grid[b][1][g])
+
+    rows = [[ctx.group_label(g)] + [group_cell(b, g) for b in bits] for g in ctx.size_order()]
+    self.doc.p("**Per-group accuracy** (mean ± std over seeds; groups by train count, smallest first; "
+               f"{EMPTY}: the group has no test rows):")
     self.doc.table(["group"] + [f"{_bits_label(b)} bits" for b in bits], rows)
 
   def explain(self) -> None:
@@ -134,7 +142,7 @@ class _Report:
       w = lambda key: _explain_ms(ctx, b, "weights", "model", key)[0]
       acts = [_explain_ms(ctx, b, "activations", name)[0] for name in
               (_dig(e, "per_seed", ctx.seeds[0] if ctx.seeds else "", b, "activations") or {})]
-      act = np.nanmean(np.stack(acts), axis=0) if acts and all(np.shape(a) == (ctx.num_groups,) for a in acts) \
+      act = _nanmean(np.stack(acts), axis=0) if acts and all(np.shape(a) == (ctx.num_groups,) for a in acts) \
           else None
       rows.append([str(b), _num(w("rel_l2")), _num(w("induced_sparsity")), _num(w("total_sparsity")),
                    _rel(ctx.minority, act), _rel(ctx.minority, _explain_ms(ctx, b, "logits", "abs_shift")[0]),
@@ -231,7 +239,9 @@ class _Report:
 
 def _claim_numbers(c: Mapping) -> str:
   if c.get("verdict") == "not tested":
-    return str(c.get("why", ""))
+    return str(c.get("why", "")) + (f" (groups without data: {', '.join(str(g) for g in c['groups_without_data'])})"
+                                    if c.get("groups_without_data") and "no test rows" not in str(c.get("why"))
+                                    else "")
   parts = []
   if "spearman_bits_vs_fairness_violation" in c:
     parts.append(f"Spearman(bits, FV) = {_num(c['spearman_bits_vs_fairness_violation'], '{:.2f}')}; FV lowest − "
@@ -250,4 +260,9 @@ def _claim_numbers(c: Mapping) -> str:
       parts.append(f"{b}-bit: FV " + " / ".join(f"{k} {_num(fv.get(k))}" for k in ("fairqat", "ptq", "qat"))
                    + f", accuracy loss vs qat {_num(v.get('accuracy_loss_vs_qat'))} (qat std "
                    f"{_num(v.get('qat_accuracy_std'))}) {mark}")
+  for b, why in (c.get("not_tested_at") or {}).items():
+    parts.append(f"{b}-bit: not tested ({why})")
+  if c.get("groups_without_data"):
+    ids = [str(g) for g in c["groups_without_data"]]
+    parts.append(f"left out (no data): group{'s' if len(ids) > 1 else ''} {', '.join(ids)}")
   return "; ".join(parts) or "–"
