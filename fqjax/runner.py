@@ -27,7 +27,7 @@ import numpy as np
 from fqjax import config as config_lib
 from fqjax import data as data_lib
 from fqjax import claims, layers, metrics, mitigate, parallel, ptq, quant, report, results, train
-from fqjax.errors import InputError, MissingFileError, WorkdirError
+from fqjax.errors import FqjaxError, InputError, MissingFileError, WorkdirError
 from fqjax.explain import curvature as curvature_lib
 from fqjax.explain import forward as forward_lib
 from fqjax.models import get_model
@@ -353,14 +353,20 @@ def run(config: ml_collections.ConfigDict, workdir: str, stages: Optional[Sequen
     stages = available_stages()
   else:
     stages = config_lib.check_stages(stages)
+  _check_workdir(workdir)
+  study = Study(config, workdir, progress=progress)  # data errors stop here, before the workdir is made
   _make_workdir(workdir)
   _attach_log_file(workdir)
-  study = Study(config, workdir, progress=progress)
   study.results["timings"]["data"] = study.data_s
   last_run = {"data": study.data_s}  # this invocation's wall times; "skipped" for stages with nothing to do
   for stage in stages:
     t0 = time.perf_counter()
-    if STAGE_FUNCTIONS[stage](study, force):
+    try:
+      ran = STAGE_FUNCTIONS[stage](study, force)
+    except FqjaxError as e:
+      log.error("stage %s: %s", stage, e)
+      raise
+    if ran:
       study.changed = True
       last_run[stage] = study.results["timings"][stage] = time.perf_counter() - t0
       log.info("stage %s finished in %.1f s", stage, last_run[stage])
@@ -371,10 +377,13 @@ def run(config: ml_collections.ConfigDict, workdir: str, stages: Optional[Sequen
   return study.results
 
 
-def _make_workdir(workdir: str) -> None:
+def _check_workdir(workdir: str) -> None:
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise WorkdirError(f"--workdir {workdir} is a file, not a folder; choose another --workdir (or move the "
                        "file away).")
+
+
+def _make_workdir(workdir: str) -> None:
   try:
     os.makedirs(workdir, exist_ok=True)
   except OSError as e:

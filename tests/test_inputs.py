@@ -101,7 +101,7 @@ def test_tiny_data_is_refused_before_training_with_counts_per_group_and_split(tm
   assert "too small" in msg and ("has 0 rows" in msg if rows < 3 else "class(es) '1' have no training rows" in msg)
   assert "Rows per group (train/val/test): '0' " in msg
   assert "at least 1 row in each split" in msg and "val_fraction" in msg
-  assert not (wd / "checkpoints").exists() and not (wd / "results.json").exists()
+  assert not wd.exists()  # refused before the workdir was made
 
 
 def test_a_group_without_training_rows_is_named(tmp_path):
@@ -341,3 +341,15 @@ def test_readme_user_data_command_runs_then_reports_skipped_and_errors_in_one_li
   assert err[-2].startswith("fqjax: error: runs/mine/results.json: not valid JSON"), broken.stderr
   assert err[-1].startswith("  (cause: JSONDecodeError") and "--traceback" in err[-1]
   assert "Traceback" not in broken.stderr
+
+
+def test_report_cli_names_a_damaged_results_file(tmp_path, finished, capsys):
+  from fqjax import report
+  wd = _copy(finished, tmp_path)
+  with open(os.path.join(wd, "results.json"), "w") as f:
+    f.write("{")
+  with pytest.raises(SystemExit) as code:
+    report.main([wd])
+  assert code.value.code == 1
+  err = capsys.readouterr().err
+  assert err.startswith(f"fqjax: error: {wd}/results.json: not valid JSON") and "Traceback" not in err

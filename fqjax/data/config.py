@@ -173,8 +173,8 @@ def validate_data_config(config, *, check_path: bool = True) -> ml_collections.C
          f"allowed: {', '.join(allowed_groups)} (None = {DEFAULT_ATTRIBUTES[name][1]!r}).")
   if name == "arrays" and check_path:
     _check(bool(cfg.get("path")),
-           "config.data.path is empty; name='arrays' needs the path of an .npz file "
-           "with keys x, y (and group), or call fqjax.data.from_arrays(x, y, group) directly.")
+           "config.data.path is empty; name='arrays' needs the path of an .npz file with keys x, y (and "
+           "group): add --config.data.path=my_data.npz, or call fqjax.data.from_arrays(x, y, group) in Python.")
   edges = list(cfg.get("age_bins") or ())
   _check(len(edges) > 0 and all(a < b for a, b in zip(edges, edges[1:])) and edges[0] > 0,
          f"config.data.age_bins={tuple(edges)!r} must be increasing positive ages, e.g. (20, 40, 60).")

@@ -22,6 +22,7 @@ import os
 from typing import Mapping, Optional, Sequence
 
 from fqjax import results as results_lib
+from fqjax.errors import FqjaxError
 from fqjax.report.common import ABLATION_COLUMNS, FIGURE_NAMES, FIGURES_DIR, FULL, _dig, _write_text
 from fqjax.report.common import _bits_label, _Ctx  # noqa: F401  (kept at fqjax.report.* for callers and tests)
 from fqjax.report.figures import (DPI, figure_explain_curvature, figure_explain_logits, figure_explain_weights,
@@ -56,7 +57,7 @@ def write_report(workdir: str, results: Optional[Mapping] = None) -> dict:
     if not os.path.isfile(path):
       raise FileNotFoundError(f"no results.json in {workdir}: run a study there first "
                               f"(python launch.py --workdir {workdir}).")
-    results = results_lib.read_json(path)
+    results = results_lib.read_results_file(path)  # CorruptFileError naming the file if unreadable
   fig_dir = os.path.join(workdir, FIGURES_DIR)
   os.makedirs(fig_dir, exist_ok=True)
   rep = _Report(_Ctx(results, workdir), fig_dir)
@@ -90,7 +91,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   if not os.path.isfile(os.path.join(args.workdir, "results.json")):
     parser.error(f"no results.json in {args.workdir!r}; run a study there first "
                  f"(python launch.py --workdir {args.workdir}).")
-  out = write_report(args.workdir)
+  try:
+    out = write_report(args.workdir)
+  except FqjaxError as e:
+    parser.exit(1, f"fqjax: error: {e}\n")
   print(f"wrote {out['markdown']}, {out['html']} and {len(out['figures'])} figure(s) in "
         f"{os.path.join(args.workdir, FIGURES_DIR)}")
   for section, status in out["sections"].items():
