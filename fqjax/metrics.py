@@ -38,6 +38,37 @@ def _check_inputs(logits, y, group, num_groups):
   return logits, y.astype(np.int64), group.astype(np.int64)
 
 
+def group_mean(values: np.ndarray, group: np.ndarray, num_groups: int) -> np.ndarray:
+  """Mean of ``values`` [N] within each group id of ``group`` [N]: [num_groups] float64, NaN for an empty group.
+
+  The one per-group mean of the package (metrics, hardness weights, the explain chain).
+  """
+  values = np.asarray(values, np.float64)
+  group = np.asarray(group, np.int64)
+  count = np.bincount(group, minlength=num_groups)
+  total = np.bincount(group, weights=values, minlength=num_groups)
+  out = np.full(num_groups, np.nan)
+  np.divide(total, count, out=out, where=count > 0)
+  return out
+
+
+def spearman(a, b) -> float:
+  """Spearman rank correlation (scipy.stats.spearmanr, average ranks for ties) of two 1-D sequences.
+
+  Pairs with a non-finite value are left out; NaN (no warning) when fewer than 2 pairs remain
+  or a side is constant. ValueError on mismatched shapes.
+  """
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  if a.ndim != 1 or a.shape != b.shape:
+    raise ValueError(f"spearman needs two 1-D arrays of equal length, got shapes {a.shape} and {b.shape}.")
+  keep = np.isfinite(a) & np.isfinite(b)
+  a, b = a[keep], b[keep]
+  if a.size < 2 or np.all(a == a[0]) or np.all(b == b[0]):
+    return float("nan")
+  from scipy import stats  # scipy comes with scikit-learn; imported here to keep `import fqjax.metrics` light
+  return float(stats.spearmanr(a, b).statistic)
+
+
 def per_sample_loss(logits: np.ndarray, y: np.ndarray) -> np.ndarray:
   """Softmax cross-entropy per sample: logits [N, C], y [N] -> [N] float64."""
   logits = np.asarray(logits, np.float64)

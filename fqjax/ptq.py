@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fqjax import layers, parallel, quant
+from fqjax.data.pipeline import padded_batches
 from fqjax.layers import BitSpec
 
 SWEEP_MODES = ("auto", "vmap", "map", "devices")
@@ -104,8 +105,6 @@ def sweep_logits(model: nn.Module, variables: Mapping, x: np.ndarray, bits_trees
   mesh: with mode "devices", the devices the bit-widths are spread over (default: all);
     with vmap/map, a data-parallel mesh that splits each batch (None: one device).
   """
-  from fqjax.train import padded_batches  # train imports nothing from here; avoids a cycle at import
-
   num_params = sum(int(np.prod(a.shape)) for a in jax.tree_util.tree_leaves(variables.get("params", {})))
   mode = resolve_mode(mode, num_params)
   k = len(bits_trees)

@@ -27,7 +27,7 @@ from flax.training import train_state
 from tqdm import tqdm
 
 from fqjax import losses, metrics, parallel, sampling
-from fqjax.data.pipeline import DeviceArrays, epoch_batches
+from fqjax.data.pipeline import DeviceArrays, epoch_batches, padded_batches
 from fqjax.errors import CorruptFileError
 
 log = logging.getLogger("fqjax")
@@ -134,20 +134,6 @@ def _frozen_bn_loss(model, variables, batch, weight_table, weight_key, batch_sta
 @functools.lru_cache(maxsize=32)
 def _logits_fn(model: nn.Module) -> Callable:
   return jax.jit(lambda variables, x: model.apply(variables, x, train=False))
-
-
-def padded_batches(x: np.ndarray, batch_size: int, multiple: int = 1):
-  """Yields (chunk [B, ...], real) over ``x`` [N, ...] with B fixed: the last chunk is padded by repeating
-  its first row (the ``B - real`` padded rows are dropped by the caller), so one compilation serves all.
-  B is min(batch_size, N) rounded up to ``multiple`` (the data-parallel device count)."""
-  n = len(x)
-  batch_size = -(-min(batch_size, n) // multiple) * multiple
-  for start in range(0, n, batch_size):
-    chunk = np.asarray(x[start:start + batch_size])
-    real = len(chunk)
-    if real < batch_size:
-      chunk = np.concatenate([chunk, np.repeat(chunk[:1], batch_size - real, axis=0)])
-    yield chunk, real
 
 
 def predict(model: nn.Module, variables: Mapping, x: np.ndarray, batch_size: int = 512,

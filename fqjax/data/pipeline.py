@@ -104,6 +104,22 @@ def epoch_batches(indices_or_n, batch_size: int, seed: Seed = None, *, shuffle: 
                       mask=mask.reshape(num_batches, batch_size))
 
 
+def padded_batches(x: np.ndarray, batch_size: int, multiple: int = 1):
+  """Yields (chunk [B, ...], real) over ``x`` [N, ...] with B fixed: the last chunk is padded by repeating
+  its first row (the ``B - real`` padded rows are dropped by the caller), so one compilation serves all.
+  B is min(batch_size, N) rounded up to ``multiple`` (the data-parallel device count)."""
+  n = len(x)
+  if n == 0:
+    return
+  batch_size = -(-min(batch_size, n) // multiple) * multiple
+  for start in range(0, n, batch_size):
+    chunk = np.asarray(x[start:start + batch_size])
+    real = len(chunk)
+    if real < batch_size:
+      chunk = np.concatenate([chunk, np.repeat(chunk[:1], batch_size - real, axis=0)])
+    yield chunk, real
+
+
 @jax.jit
 def _gather(arrays: Dict[str, jax.Array], idx: jax.Array, passthrough: Dict[str, jax.Array]):
   # passthrough (the mask) rides along so that a batch costs one dispatch and one transfer.
