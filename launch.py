@@ -242,7 +242,7 @@ def format_stage_times(res: dict, total_s: float) -> str:
 def main(argv, flags_: Flags):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  from fqjax import parallel, runner
+  from fqjax import parallel, runner, tables
   from fqjax.errors import FqjaxError
 
   try:
@@ -253,12 +253,11 @@ def main(argv, flags_: Flags):
     start = time.perf_counter()
     res = runner.run(config, workdir, flags_.stages.value, force=flags_.force.value,
                      progress=not flags_.no_progress.value)
-    print(runner.format_table(res))
+    print(tables.ptq_table(res))
     if "mitigate" in res:
-      from fqjax import mitigate
-      print(mitigate.format_ablation(res["mitigate"]))
+      print(tables.ablation_table(res["mitigate"]))
     if "claims" in res:
-      print("claims of the paper, checked on this run:\n" + runner.format_claims(res))
+      print("claims of the paper, checked on this run:\n" + tables.claims_lines(res))
     print(format_stage_times(res, time.perf_counter() - start))
     print(f"results: {os.path.join(workdir, 'results.json')}, {os.path.join(workdir, 'results.csv')}")
   except FqjaxError as e:

@@ -10,7 +10,7 @@ to 0.1^(c/9) of each class, N = 735):
       with PyHessian's stopping rule (tol 1e-3), errors against a converged Lanczos reference
       goal: Lanczos <= half as many, and its top-5 are within 1e-3 in the same budget
   plus the per-group numbers themselves and their Spearman correlation with group size.
---size small (~50 s on a 2-core CPU): SmallCNN width 16, 3 seeds in (3).
+--size small: SmallCNN width 16, 3 seeds in (3) (run times and figures: benchmarks/README.md).
 --size full: SmallCNN width 32, all 1797 digits too and ResNet-18 (CIFAR stem, random 32x32
   inputs, N = 256) in (1), 10 seeds and the 3-bit dequantized model's Hessian in (3).
 """
@@ -32,8 +32,9 @@ from sklearn.datasets import load_digits
 from benchmarks.common import device_description, median_times_interleaved, write_json_atomic
 from fqjax import layers
 from fqjax.explain import (dequantized_params, group_gradient_norms, group_top_eigenvalues,
-                           lanczos_top_eigenvalues, make_hvp, power_iteration, spearman)
+                           lanczos_top_eigenvalues, make_hvp, power_iteration)
 from fqjax.layers import BitSpec
+from fqjax.metrics import spearman
 from fqjax.models import SmallCNN, resnet
 
 TOL = 1e-3
@@ -113,14 +114,14 @@ def grad_cost(name, model, variables, x, y, group, repeats, batch_sizes=(32, 64,
   The 4-bit run (dequantized params) is at the largest batch size, against the same-batch gradient.
   """
   xd, yd = jnp.asarray(x), jnp.asarray(y)
-  bits = BitSpec.uniform(4).bits_tree(layers.quant_layer_names(model, x[:1]))
+  bits_tree = BitSpec.uniform(4).bits_tree(layers.quant_layer_names(model, x[:1]))
   fns = {}
   for b in batch_sizes:
     fns[f"full_b{b}"] = functools.partial(full_gradient_fn(model, x, y, b), variables)
     fns[f"groups_b{b}"] = functools.partial(
         lambda b: group_gradient_norms(model, variables, xd, yd, group, 10, batch_size=b)["norms"], b)
   top = max(batch_sizes)
-  fns[f"groups4bit_b{top}"] = lambda: group_gradient_norms(model, variables, xd, yd, group, 10, bits=bits,
+  fns[f"groups4bit_b{top}"] = lambda: group_gradient_norms(model, variables, xd, yd, group, 10, bits_tree=bits_tree,
                                                            batch_size=top)["norms"]
   t = median_times_interleaved(fns, repeats)
   best_full = min(t[f"full_b{b}"] for b in batch_sizes)
@@ -252,7 +253,7 @@ def run(size: str = "small", repeats: int = 5) -> dict:
   # The per-group state itself (what the explain stage reports).
   fp = group_gradient_norms(model, variables, x, y, group, 10)
   q3 = group_gradient_norms(model, variables, x, y, group, 10,
-                            bits=BitSpec.uniform(3).bits_tree(layers.quant_layer_names(model, x[:1])))
+                            bits_tree=BitSpec.uniform(3).bits_tree(layers.quant_layer_names(model, x[:1])))
   eig = group_top_eigenvalues(model, variables, x, y, group, 10, k=1, tol=TOL)
   out["groups"] = {"counts": fp["counts"].tolist(), "grad_norm_fp": fp["norms"].tolist(),
                    "grad_norm_3bit": q3["norms"].tolist(), "top_eigenvalue": eig["eigenvalues"][:, 0].tolist(),

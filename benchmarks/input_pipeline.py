@@ -6,8 +6,9 @@ Usage: python benchmarks/input_pipeline.py [--datasets digits,cifar10] [--batch 
 For each dataset size (digits: 1797 x 8x8x1; CIFAR-10: 50000 x 32x32x3 random
 float32) it prints the median images/s of
   device gather:  epoch_batches plan + DeviceArrays.gather, batch by batch (the default path)
-  host + prefetch: source_batches from a list of per-image records + prefetch
-                  (the path for random-access sources such as tfds.data_source)
+  host + prefetch: benchmarks/host_pipeline.py's source_batches from a list of per-image records,
+                  read ahead by its prefetch thread (the path random-access sources such as
+                  tfds.data_source would need; fqjax itself keeps data on the device)
   train step:     one jitted SGD step of SmallCNN (BatchNorm, weighted masked CE) on a fixed batch
   gather + step:  the real loop, gathering each batch and stepping on it
 and the ratios pipeline / step (goal >= 5x) and (gather + step) / step (near 1
@@ -25,6 +26,7 @@ import numpy as np
 import optax
 
 from benchmarks.common import device_description, median_time
+from benchmarks.host_pipeline import prefetch, source_batches
 from fqjax import losses
 from fqjax.data import pipeline
 from fqjax.models import SmallCNN
@@ -78,7 +80,7 @@ def measure(name: str, n: int, shape, batch: int, repeats: int, steps: int) -> d
     plan = pipeline.epoch_batches(n, batch, seed=1)
     plan = pipeline.EpochBatches(plan.idx[:host_batches], plan.mask[:host_batches])
     last = None
-    for last in pipeline.prefetch(pipeline.source_batches(records, plan), size=2, transform=jax.device_put):
+    for last in prefetch(source_batches(records, plan), size=2, transform=jax.device_put):
       pass
     return last
 

@@ -2,10 +2,9 @@
 
 Usage: python benchmarks/ptq_sweep.py [--models small_cnn,resnet18] [--size small|cpu|full] [--n 256]
                                       [--batch 256] [--repeats 3] [--a_bits 8|same] [--json PATH]
-Sizes (N test images, batch; repeats): small: SmallCNN 360, 360; ResNet-18 32, 32; 3 (about a minute on
-2 CPU cores; what run_all uses). cpu (the default): SmallCNN 360, 360; ResNet-18 256, 256; 3 (6-14
-minutes on 2 cores, most of it vmap's 70-145 s per ResNet-18 sweep). full: SmallCNN 360, 360;
-ResNet-18 10000, 256; 5 (one accelerator).
+Sizes (N test images, batch; repeats): small: SmallCNN 360, 360; ResNet-18 32, 32; 3 (for a CPU; what
+run_all uses). cpu (the default): SmallCNN 360, 360; ResNet-18 256, 256; 3. full: SmallCNN 360, 360;
+ResNet-18 10000, 256; 5 (one accelerator). Run times and figures: benchmarks/README.md.
 
 For each model it evaluates the inference logits of the test set at the bit-widths
 (32, 8, 6, 5, 4, 3, 2) (weights; activations per --a_bits, default full precision
@@ -45,6 +44,7 @@ import numpy as np
 
 from benchmarks.common import block, device_description, median_times_interleaved, write_json_atomic
 from fqjax import layers, ptq
+from fqjax.data.pipeline import padded_batches
 from fqjax.models import get_model
 
 BIT_WIDTHS = (32, 8, 6, 5, 4, 3, 2)
@@ -52,9 +52,9 @@ MODES = ("vmap", "map", "loop1", "static")
 NUM_CLASSES = 10
 # model: (input shape [H, W, C], dataset the shape stands for)
 SHAPES = {"small_cnn": ((8, 8, 1), "digits"), "resnet18": ((32, 32, 3), "cifar10")}
-# size: {model: (n test images, batch size)}, repeats. "small" keeps a 2-core CPU near a minute
-# (ResNet-18 at batch 32, not 256); "cpu" (the command-line default) is ResNet-18 at batch 256 on
-# one batch (6-14 min on 2 cores, mostly vmap); "full" is the digits test split and the CIFAR-10 test set.
+# size: {model: (n test images, batch size)}, repeats. "small" runs ResNet-18 at batch 32, not 256, to
+# keep a CPU run short; "cpu" (the command-line default) is ResNet-18 at batch 256 on one batch;
+# "full" is the digits test split and the CIFAR-10 test set.
 SIZES = {
     "small": ({"small_cnn": (360, 360), "resnet18": (32, 32)}, 3),
     "cpu": ({"small_cnn": (360, 360), "resnet18": (256, 256)}, 3),
@@ -66,18 +66,6 @@ def _num_params(variables) -> int:
   return sum(int(np.prod(a.shape)) for a in jax.tree_util.tree_leaves(variables["params"]))
 
 
-def _padded_batches(x: np.ndarray, batch: int) -> list[tuple[jax.Array, int]]:
-  """[(device array [batch, ...], number of real rows)]: the last batch padded with its first row."""
-  out = []
-  for start in range(0, len(x), batch):
-    chunk = x[start:start + batch]
-    valid = len(chunk)
-    if valid < batch:
-      chunk = np.concatenate([chunk, np.repeat(chunk[:1], batch - valid, axis=0)])
-    out.append((jax.device_put(chunk), valid))
-  return out
-
-
 def _make_runners(model, variables, bits_trees: Sequence[dict], batches) -> dict:
   """{mode: (build, run)}: build() makes fresh jitted functions (nothing compiled yet); run(fns)
   evaluates the whole sweep and returns device arrays: a list over batches of [K, batch, C] for the
@@ -86,11 +74,11 @@ def _make_runners(model, variables, bits_trees: Sequence[dict], batches) -> dict
   # Python floats: concrete bits, so the quantizers see constants (and 32 bits drops them).
   static_trees = [jax.tree_util.tree_map(float, t) for t in bits_trees]
 
-  def apply(variables, bits, x):
-    return model.apply({**variables, layers.BITS: bits}, x, train=False)
+  def apply(variables, bits_tree, x):
+    return model.apply({**variables, layers.BITS: bits_tree}, x, train=False)
 
-  def static_fn(bits):
-    return jax.jit(lambda variables, x: apply(variables, bits, x))
+  def static_fn(bits_tree):
+    return jax.jit(lambda variables, x: apply(variables, bits_tree, x))
 
   def sweep_build(mode):
     def build():
@@ -156,7 +144,8 @@ def measure(name: str, n: int, batch: int, repeats: int, bit_widths: Sequence[in
   if any(s.a_bits is not None for s in specs):
     variables = ptq.prepare_variables(model, variables, [x[:batch]])
   bits_trees = [s.bits_tree(names) for s in specs]
-  batches = _padded_batches(x, batch)
+  # [(device array [batch, ...] float32, number of real rows)], put on the device once.
+  batches = [(jax.device_put(chunk), real) for chunk, real in padded_batches(x, batch)]
   runners = _make_runners(model, variables, bits_trees, batches)
 
   first, calls, logits = {}, {}, {}
@@ -195,8 +184,8 @@ def measure(name: str, n: int, batch: int, repeats: int, bit_widths: Sequence[in
 def run(size: str = "small", models: Optional[Sequence[str]] = None, n: Optional[int] = None,
         repeats: Optional[int] = None, a_bits=None, batch: Optional[int] = None,
         verbose: bool = False) -> dict:
-  """Results dict for --json. size: "small" (2-core CPU, about a minute), "cpu" (ResNet-18 at batch
-  256, 6-14 minutes on 2 cores) or "full" (one accelerator; ResNet-18 on 10000 images).
+  """Results dict for --json. size: "small" (a CPU, short), "cpu" (ResNet-18 at batch 256 on a CPU)
+  or "full" (one accelerator; ResNet-18 on 10000 images). Run times: benchmarks/README.md.
 
   n / batch / repeats override the size's defaults (for every model). verbose prints the table.
   """

@@ -10,7 +10,6 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax
-import jax.numpy as jnp
 import optax
 
 from benchmarks.common import device_description, median_times_interleaved
@@ -22,18 +21,18 @@ SHAPES = {"small_cnn": (8, 8, 1), "resnet18": (32, 32, 3), "mlp": (8, 8, 1)}
 
 
 def make_step(model, tx):
-  """One jitted SGD step; ``bits`` is None (full precision, no quantizers) or a bits tree argument."""
+  """One jitted SGD step; ``bits_tree`` is None (full precision, no quantizers) or a bits tree argument."""
 
-  def loss_fn(params, batch_stats, bits, x, y):
+  def loss_fn(params, batch_stats, bits_tree, x, y):
     variables = {"params": params, "batch_stats": batch_stats}
-    if bits is not None:
-      variables["bits"] = bits
+    if bits_tree is not None:
+      variables[layers.BITS] = bits_tree
     logits, upd = model.apply(variables, x, train=True, mutable=["batch_stats"])
     return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), upd["batch_stats"]
 
   @jax.jit
-  def step(params, batch_stats, opt_state, bits, x, y):
-    (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch_stats, bits, x, y)
+  def step(params, batch_stats, opt_state, bits_tree, x, y):
+    (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch_stats, bits_tree, x, y)
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), batch_stats, opt_state, loss
 
@@ -49,17 +48,17 @@ def measure(name: str, batch: int, repeats: int, w_bits: int = 4, a_bits: int = 
   tx = optax.sgd(0.01, momentum=0.9)
   opt_state = tx.init(variables["params"])
   step = make_step(model, tx)
-  bits = BitSpec.uniform(w_bits, a_bits).bits_tree(layers.quant_layer_names(model, x))
+  bits_tree = BitSpec.uniform(w_bits, a_bits).bits_tree(layers.quant_layer_names(model, x))
   args = (variables["params"], variables["batch_stats"], opt_state)
   t = median_times_interleaved({"fp": lambda: step(*args, None, x, y),
-                                "quant": lambda: step(*args, bits, x, y)}, repeats)
+                                "quant": lambda: step(*args, bits_tree, x, y)}, repeats)
   t_fp, t_q = t["fp"], t["quant"]
   return {"model": name, "batch": batch, "fp_s": t_fp, "quant_s": t_q, "ratio": t_q / t_fp}
 
 
 def run(size: str = "small") -> dict:
   """Results for benchmarks/run_all.py. small: SmallCNN at batch 128 and ResNet-18 at batch 16
-  (a 2-core CPU takes seconds per ResNet-18 step at 128); full: both at batch 128."""
+  (a CPU is slow at ResNet-18 batch 128); full: both at batch 128."""
   if size not in ("small", "full"):
     raise ValueError(f"size must be 'small' or 'full', got {size!r}.")
   rows = [measure("small_cnn", 128, 7)]

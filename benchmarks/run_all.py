@@ -1,7 +1,7 @@
 """Every fqjax benchmark in one run: one table of ratios with the backend and device, written as JSON.
 
 Usage: python benchmarks/run_all.py [--size small|full] [--json benchmarks/results/latest.json]
-  small: under 5 minutes on a 2-core CPU; full: sized for one accelerator (under 5 minutes).
+  small: sized for a CPU; full: sized for one accelerator. Run times and latest figures: benchmarks/README.md.
 
 Ratios (medians; each measured within one run of its script):
   quantized / full-precision train step   (quant_overhead; goal <= 1.3x)

@@ -4,24 +4,12 @@ Verdicts: "holds", "partly" (holds at some bit-widths, not all), "does not hold"
 "not tested" (the stage that provides the data did not run, no group is a minority, or the
 statistic behind the verdict cannot be computed; "why" says which).
 
-Minority groups are those whose training-set size is below half the median group size
-(dataset.counts.train); the rest are the majority. (Below the median itself would split a
-balanced-but-noisy set of groups in two; half the median picks the groups that are small.) Per-group values are averaged
-within minority and majority, then over seeds. The rules are fixed here, never
-tuned to a run:
-  fairness_violation_grows_as_bits_shrink: Spearman(bits, mean FV) < 0 over the PTQ sweep
-      and FV(lowest bits) - FV(32 or highest bits) > the std over seeds at the lowest bits.
-  minority_loses_more_accuracy: per quantized bit-width, mean accuracy drop (vs full
-      precision) of minority > majority.
-  logit_variance_drops_more_for_minority: per bit-width, the minority's mean change of logit
-      variance is negative (a drop) and below the majority's (a larger drop).
-  minority_gradient_norm_larger / minority_top_eigenvalue_larger: per bit-width, minority mean >
-      majority mean and Spearman(group size, value) < 0 (falls with group size).
-  fairqat_beats_ptq_and_qat: per target bit-width, FV(fairqat) < FV(ptq) and FV(fairqat) < FV(qat)
-      (means over seeds), and accuracy(qat) - accuracy(fairqat) <= std of qat's accuracy over seeds.
-  A statistic that cannot be computed (a group with no test rows, a single group, a constant
-      sequence) gives "not tested" at that bit-width, never a verdict on a missing number; groups
-      without data are left out of the minority / majority means and named in "groups_without_data".
+The rules are data, fixed here and never tuned to a run: ``GENERAL_RULES`` (who is a minority,
+how values are averaged, when a claim is not tested) and ``RULES`` (claim name -> its test);
+``check_claims`` copies them into results.json as ``claims.rules`` (``rules_text()``). Minority
+groups: train count n_g < MINORITY_FRACTION * median_g n_g (half the median: below the median
+itself would split a balanced-but-noisy set of groups in two; half the median picks the groups
+that are small). No JAX: Spearman and the finite means come from fqjax.metrics.
 """
 from __future__ import annotations
 
@@ -30,16 +18,59 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
 
-from fqjax.explain.curvature import spearman  # one rank correlation for the whole package
+from fqjax.metrics import finite_mean, spearman  # noqa: F401  (spearman kept at fqjax.claims.spearman)
 
 FULL = 32
+MINORITY_FRACTION = 0.5
+
+GENERAL_RULES = (
+    "Minority groups are those whose training-set size is below half the median group size "
+    "(dataset.counts.train); the rest are the majority.",
+    "Per-group values are averaged within minority and majority, then over seeds.",
+    "A statistic that cannot be computed (a group with no test rows, a single group, a constant sequence) gives "
+    "\"not tested\" at that bit-width, never a verdict on a missing number; groups without data are left out of "
+    "the minority / majority means and named in \"groups_without_data\".",
+)
+RULES = {
+    "fairness_violation_grows_as_bits_shrink":
+        "Spearman(bits, mean FV) < 0 over the PTQ sweep and FV(lowest bits) - FV(32 or highest bits) > the std "
+        "over seeds at the lowest bits.",
+    "minority_loses_more_accuracy":
+        "per quantized bit-width, mean accuracy drop (vs full precision) of minority > majority.",
+    "logit_variance_drops_more_for_minority":
+        "per quantized bit-width, the minority's mean change of logit variance is negative (a drop) and below "
+        "the majority's (a larger drop).",
+    "minority_gradient_norm_larger":
+        "per bit-width, minority mean gradient norm > majority mean and Spearman(group size, value) < 0 (falls "
+        "with group size).",
+    "minority_top_eigenvalue_larger":
+        "per bit-width, minority mean top Hessian eigenvalue > majority mean and Spearman(group size, value) < 0 "
+        "(falls with group size).",
+    "fairqat_beats_ptq_and_qat":
+        "per target bit-width, FV(fairqat) < FV(ptq) and FV(fairqat) < FV(qat) (means over seeds), and "
+        "accuracy(qat) - accuracy(fairqat) <= std of qat's accuracy over seeds.",
+}
 
 
-def minority_mask(results: Mapping) -> Optional[np.ndarray]:
+def rules_text() -> str:
+  """GENERAL_RULES, then one line 'claim_name: rule' per entry of RULES (the ``claims.rules`` string)."""
+  return "\n".join([*GENERAL_RULES, *(f"{name}: {rule}" for name, rule in RULES.items())])
+
+
+def minority_threshold(results: Mapping) -> Optional[float]:
+  """MINORITY_FRACTION * median of dataset.counts.train ([G] ints), or None for fewer than 2 groups."""
   counts = np.asarray(results["dataset"]["counts"]["train"], np.float64)
   if counts.ndim != 1 or counts.size < 2:
     return None
-  minority = counts < 0.5 * np.median(counts)
+  return float(MINORITY_FRACTION * np.median(counts))
+
+
+def minority_mask(results: Mapping) -> Optional[np.ndarray]:
+  """[G] bool, True where counts.train[g] < minority_threshold; None with no minority or all minority."""
+  threshold = minority_threshold(results)
+  if threshold is None:
+    return None
+  minority = np.asarray(results["dataset"]["counts"]["train"], np.float64) < threshold
   if not minority.any() or minority.all():
     return None
   return minority
@@ -63,14 +94,6 @@ def _float(x: Any) -> float:
     return float("nan") if x is None else float(x)
   except (TypeError, ValueError):
     return float("nan")
-
-
-def _masked_mean(vals: np.ndarray, axis: Optional[int] = None):
-  """Mean of the finite entries (over ``axis``); NaN where there are none, without a RuntimeWarning."""
-  finite = np.isfinite(vals)
-  n = finite.sum(axis=axis)
-  total = np.where(finite, vals, 0.0).sum(axis=axis)
-  return np.where(n > 0, total / np.maximum(n, 1), np.nan)
 
 
 def _groups_text(ids: Sequence[int]) -> str:
@@ -105,6 +128,7 @@ def _too_few_groups_why(results: Mapping) -> Optional[str]:
 
 
 def _no_minority_why(results: Mapping) -> str:
+  """Why no minority / majority comparison can be made (single group, or none below half the median)."""
   counts = results.get("dataset", {}).get("counts", {}).get("train") or []
   if len(counts) < 2:
     return "the data has a single group, so there is no minority to compare with a majority"
@@ -120,6 +144,8 @@ def _join_reasons(reasons: Mapping[str, str]) -> str:
 
 
 def fairness_violation_grows(results: Mapping) -> dict:
+  """RULES["fairness_violation_grows_as_bits_shrink"] on ptq.summary: bits b_1 < ... < b_B, FV_b = mean over
+  seeds. Holds iff rho = Spearman(b, FV_b) < 0 and FV_{b_1} - FV_{b_B} > std over seeds of FV at b_1."""
   if "ptq" not in results:
     return _not_tested("the ptq stage did not run")
   bits = sorted(int(b) for b in results["ptq"]["bit_widths"])
@@ -176,8 +202,8 @@ def _per_bits_claim(results: Mapping, bits_list: Sequence[int], values_at: Calla
       continue
     empty = ~np.isfinite(vals).any(axis=0)  # groups without data at this bit-width
     without.update(int(g) for g in np.flatnonzero(empty))
-    mino, majo = float(_masked_mean(vals[:, minority])), float(_masked_mean(vals[:, ~minority]))
-    rho = spearman(sizes, _masked_mean(vals, axis=0)) if use_size_correlation else float("nan")
+    mino, majo = float(finite_mean(vals[:, minority])), float(finite_mean(vals[:, ~minority]))
+    rho = spearman(sizes, finite_mean(vals, axis=0)) if use_size_correlation else float("nan")
     reasons = []
     if not math.isfinite(mino):
       reasons.append(f"no minority group has data ({_have_no_data(results, np.flatnonzero(minority & empty))})")
@@ -207,6 +233,8 @@ def _per_bits_claim(results: Mapping, bits_list: Sequence[int], values_at: Calla
 
 
 def minority_loses_more(results: Mapping) -> dict:
+  """RULES["minority_loses_more_accuracy"] per quantized bit-width b < 32, on ptq.per_seed[s][b].groups.accuracy_drop
+  ([G] per seed): holds at b iff mean over (seeds, minority groups) > mean over (seeds, majority groups)."""
   if "ptq" not in results:
     return _not_tested("the ptq stage did not run")
   bits = [int(b) for b in results["ptq"]["bit_widths"] if int(b) < FULL]
@@ -234,6 +262,8 @@ def _explain_bits(results: Mapping) -> list[int]:
 
 
 def logit_variance_drops_more(results: Mapping) -> dict:
+  """RULES["logit_variance_drops_more_for_minority"] per quantized bit-width on explain logits.variance_change
+  ([G] per seed): holds at b iff minority mean < 0 and minority mean < majority mean."""
   if "explain" not in results:
     return _not_tested("the explain stage did not run")
   return _per_bits_claim(results, _explain_bits(results), _explain_values(results, ("logits", "variance_change")),
@@ -241,6 +271,8 @@ def logit_variance_drops_more(results: Mapping) -> dict:
 
 
 def _curvature_claim(results: Mapping, key: str) -> dict:
+  """RULES["minority_<key>_larger"] per bit-width on explain curvature[key] ([G] per seed): holds at b iff
+  minority mean > majority mean and Spearman(train counts, per-group mean over seeds) < 0."""
   if "explain" not in results:
     return _not_tested("the explain stage did not run")
   bits = [int(b) for b in results["explain"]["bit_widths"]]
@@ -249,6 +281,8 @@ def _curvature_claim(results: Mapping, key: str) -> dict:
 
 
 def fairqat_beats_ptq_and_qat(results: Mapping) -> dict:
+  """RULES["fairqat_beats_ptq_and_qat"] per target bit-width on mitigate.summary (means and stds over seeds):
+  holds at b iff FV(fairqat) < FV(ptq), FV(fairqat) < FV(qat) and acc(qat) - acc(fairqat) <= std(acc(qat))."""
   m = results.get("mitigate")
   if m is None:
     return _not_tested("the mitigate stage did not run")
@@ -283,14 +317,16 @@ def fairqat_beats_ptq_and_qat(results: Mapping) -> dict:
   return {"verdict": _verdict(flags), "per_bits": per_bits, **({"not_tested_at": skipped} if skipped else {})}
 
 
+CLAIMS: dict[str, Callable[[Mapping], dict]] = {
+    "fairness_violation_grows_as_bits_shrink": fairness_violation_grows,
+    "minority_loses_more_accuracy": minority_loses_more,
+    "logit_variance_drops_more_for_minority": logit_variance_drops_more,
+    "minority_gradient_norm_larger": lambda results: _curvature_claim(results, "grad_norm"),
+    "minority_top_eigenvalue_larger": lambda results: _curvature_claim(results, "top_eigenvalue"),
+    "fairqat_beats_ptq_and_qat": fairqat_beats_ptq_and_qat,
+}
+
+
 def check_claims(results: Mapping) -> dict:
-  """The ``claims`` section of results.json."""
-  return {
-      "rules": __doc__.split("The rules are fixed here, never\ntuned to a run:\n")[-1].strip(),
-      "fairness_violation_grows_as_bits_shrink": fairness_violation_grows(results),
-      "minority_loses_more_accuracy": minority_loses_more(results),
-      "logit_variance_drops_more_for_minority": logit_variance_drops_more(results),
-      "minority_gradient_norm_larger": _curvature_claim(results, "grad_norm"),
-      "minority_top_eigenvalue_larger": _curvature_claim(results, "top_eigenvalue"),
-      "fairqat_beats_ptq_and_qat": fairqat_beats_ptq_and_qat(results),
-  }
+  """The ``claims`` section of results.json: {"rules": rules_text(), claim name: verdict dict}."""
+  return {"rules": rules_text(), **{name: check(results) for name, check in CLAIMS.items()}}

@@ -1,4 +1,4 @@
-"""Quantized Flax linen layers and the BitSpec that assigns their bit-widths.
+"""Quantized Flax linen layers and the rule that says how they quantize their weights.
 
 Bit-widths are data, not module attributes: every quantized layer reads its
 weight and activation bits from the ``"bits"`` variable collection, so
@@ -8,13 +8,18 @@ weight and activation bits from the ``"bits"`` variable collection, so
 quantizes with whatever ``bits_tree`` holds, traced or not (``jax.vmap`` over a
 stacked ``bits_tree`` is a bit-width sweep with one compilation). Without a
 ``"bits"`` collection a layer is full precision with no quantizer in the graph.
+How a layer quantizes (grid, per channel, STE, LSQ) is static: one frozen
+``QuantRule`` per layer, the ``quant`` field. Which bits each layer gets is a
+``BitSpec`` (fqjax.bitspec, re-exported here as ``layers.BitSpec``).
 
 Collections used here:
   "bits":        {layer path...: {"w": [] float32, "a": [] float32}}; >= 32 = full precision.
   "quant_stats": {layer path...: {"lo": [] float32, "hi": [] float32}}: calibrated input ranges.
                  Absent: activations are quantized with the batch's own min/max.
-  "act_inputs":  sown layer inputs, only when made mutable (calibration).
-  "quantized_kernels": sown effective kernels (after folding and quantization), only when mutable.
+  "act_inputs":  sown layer inputs {"x"}, only when made mutable (calibration).
+  "quantized_kernels": sown, only when mutable: {"kernel"} the kernel the layer multiplies by
+                 (after folding and quantization), and for a folded QuantConvBN {"fold_scale"}:
+                 g = gamma / sqrt(var + eps) [C], so kernel = Q(W g).
 """
 from __future__ import annotations
 
@@ -24,15 +29,85 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
+from flax import traverse_util
 
 from fqjax import quant
+# Re-exported: layers.BitSpec and friends are how callers reach them.
+from fqjax.bitspec import BitSpec, LayerBits, bits_tree_from, stack_bits_trees, weight_bits_by_layer  # noqa: F401
 
 BITS = "bits"
 QUANT_STATS = "quant_stats"
 ACT_INPUTS = "act_inputs"
 KERNELS = "quantized_kernels"
 Padding = Union[str, int, Sequence[tuple[int, int]]]
+
+
+# ----------------------------------------------------------------------------
+# The rule: how a layer quantizes its weights
+# ----------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class QuantRule:
+  """How a layer quantizes its weights (the bit-widths come from the "bits" collection, not from here).
+
+  per_channel: one scale per output channel (the kernel's last axis), else one per tensor.
+  narrow_range: symmetric grid without -2^(b-1), q in [-(2^(b-1) - 1), 2^(b-1) - 1].
+  ste: straight-through estimator of weights and inputs, "clipped" (zero gradient outside the
+    grid's range) or "identity" (quant.STE_MODES).
+  lsq: learned step size (LSQ): a "w_scale" param [C] (per channel) or [] replaces max|W| / qmax,
+    on the full grid with LSQ's own gradients (narrow_range and ste then apply to inputs only).
+  Frozen and hashable, so modules carrying it stay usable as jit / lru_cache keys. A weight
+  scale rule, for instance, would join as one more field read by ``quantize_weights``.
+  """
+  per_channel: bool = True
+  narrow_range: bool = False
+  ste: str = "clipped"
+  lsq: bool = False
+
+  def __post_init__(self):
+    for name in ("per_channel", "narrow_range", "lsq"):
+      if not isinstance(getattr(self, name), bool):
+        raise ValueError(f"QuantRule.{name} must be True or False, got {getattr(self, name)!r}.")
+    if self.ste not in quant.STE_MODES:
+      raise ValueError(f"QuantRule.ste must be one of {quant.STE_MODES}, got {self.ste!r}.")
+
+
+RULE_OPTIONS = tuple(f.name for f in dataclasses.fields(QuantRule))
+OPTIONS = RULE_OPTIONS + ("fold_bn", "dtype")  # what ``configured`` sets
+
+
+def quantize_weights(kernel: jax.Array, bits, rule: QuantRule, w_scale: Optional[jax.Array] = None) -> jax.Array:
+  """Fake-quantizes ``kernel`` [..., C] (output channels last) at ``bits`` as ``rule`` says.
+
+  Symmetric grid, scale max|W| / qmax per output channel or per tensor
+  (``quant.fake_quant``), or with ``rule.lsq`` the learned step size ``w_scale``
+  ([C] or []; ``quant.lsq_fake_quant``). Same shape and dtype as ``kernel``.
+  """
+  axis = kernel.ndim - 1 if rule.per_channel else None
+  if rule.lsq:
+    return quant.lsq_fake_quant(kernel, w_scale, bits, axis=axis)
+  return quant.fake_quant(kernel, bits, symmetric=True, narrow_range=rule.narrow_range, axis=axis, ste=rule.ste)
+
+
+def configured(model: nn.Module, **options: Any) -> nn.Module:
+  """A clone of a model or layer with quantization options applied.
+
+  Names in RULE_OPTIONS (per_channel, narrow_range, ste, lsq) update its ``quant``
+  rule; "fold_bn" and "dtype" set those fields. ``configured(m, per_channel=False)``
+  equals ``m.clone(quant=dataclasses.replace(m.quant, per_channel=False))``.
+  """
+  unknown = sorted(set(options) - set(OPTIONS))
+  if unknown:
+    raise ValueError(f"unknown quantization option(s) {unknown}; allowed: {list(OPTIONS)}.")
+  fields = {f.name for f in dataclasses.fields(model)}
+  if "quant" not in fields:
+    raise ValueError(f"{type(model).__name__} has no `quant` rule; configured() takes fqjax models and layers.")
+  missing = sorted(k for k in options if k not in RULE_OPTIONS and k not in fields)
+  if missing:
+    raise ValueError(f"{type(model).__name__} has no option(s) {missing} (it has {sorted(fields & set(OPTIONS))}).")
+  rule = {k: v for k, v in options.items() if k in RULE_OPTIONS}
+  rest = {k: v for k, v in options.items() if k not in RULE_OPTIONS}
+  return model.clone(quant=dataclasses.replace(model.quant, **rule), **rest)
 
 
 # ----------------------------------------------------------------------------
@@ -52,10 +127,12 @@ def _sow(module: nn.Module, collection: str, name: str, value: jax.Array) -> Non
     module.sow(collection, name, value)
 
 
-def _quantize_input(module: nn.Module, x: jax.Array, a_bits, ste: str) -> jax.Array:
+def _quantize_input(module: nn.Module, x: jax.Array, a_bits) -> jax.Array:
+  """Asymmetric per-tensor fake quantization of the layer input, on the calibrated range when there is one."""
   _sow(module, ACT_INPUTS, "x", x)
   if a_bits is None:
     return x
+  ste = module.quant.ste
   if module.has_variable(QUANT_STATS, "lo"):
     scale, zp = quant.scale_zero_point_from_range(
         module.get_variable(QUANT_STATS, "lo"), module.get_variable(QUANT_STATS, "hi"), a_bits,
@@ -64,17 +141,15 @@ def _quantize_input(module: nn.Module, x: jax.Array, a_bits, ste: str) -> jax.Ar
   return quant.fake_quant(x, a_bits, symmetric=False, ste=ste)
 
 
-def _quantize_kernel(module: nn.Module, kernel: jax.Array, w_bits, per_channel: bool, narrow_range: bool,
-                     ste: str) -> jax.Array:
-  axis = kernel.ndim - 1 if per_channel else None
-  if getattr(module, "lsq", False):
-    # Learned step size: one "w_scale" param per output channel (or per tensor); see quant.lsq_fake_quant.
-    shape = (kernel.shape[-1],) if per_channel else ()
+def _quantize_kernel(module: nn.Module, kernel: jax.Array, w_bits) -> jax.Array:
+  """The kernel the layer multiplies by: ``quantize_weights`` at ``w_bits`` (None: unchanged), sown."""
+  rule: QuantRule = module.quant
+  w_scale = None
+  if rule.lsq:  # the param exists at every bit-width, so QAT and full-precision variables match
+    shape = (kernel.shape[-1],) if rule.per_channel else ()
     w_scale = module.param("w_scale", nn.initializers.ones_init(), shape, jnp.float32)
-    if w_bits is not None:
-      kernel = quant.lsq_fake_quant(kernel, w_scale, w_bits, axis=axis)
-  elif w_bits is not None:
-    kernel = quant.fake_quant(kernel, w_bits, symmetric=True, narrow_range=narrow_range, axis=axis, ste=ste)
+  if w_bits is not None:
+    kernel = quantize_weights(kernel, w_bits, rule, w_scale)
   _sow(module, KERNELS, "kernel", kernel)
   return kernel
 
@@ -111,9 +186,8 @@ def _quantized_operands(module: nn.Module, x: jax.Array, kernel_shape) -> tuple[
   (in float32), then cast to its compute dtype."""
   kernel = module.param("kernel", module.kernel_init, kernel_shape, jnp.float32)
   w_bits, a_bits = _read_bits(module)
-  x = _quantize_input(module, x, a_bits, module.ste)
-  kernel = _quantize_kernel(module, kernel, w_bits, module.per_channel, module.narrow_range, module.ste)
-  return _compute_cast(module.dtype, x, kernel)
+  x = _quantize_input(module, x, a_bits)
+  return _compute_cast(module.dtype, x, _quantize_kernel(module, kernel, w_bits))
 
 
 def _add_bias(module: nn.Module, y: jax.Array) -> jax.Array:
@@ -123,21 +197,34 @@ def _add_bias(module: nn.Module, y: jax.Array) -> jax.Array:
   return y + bias.reshape((1,) * (y.ndim - 1) + (-1,)).astype(y.dtype)
 
 
-class QuantDense(nn.Module):
+def _kw(default: Any) -> Any:
+  # Keyword-only, so each layer keeps its own positional fields (features, kernel_size, strides).
+  return dataclasses.field(default=default, kw_only=True)
+
+
+class _QuantLayer(nn.Module):
+  """The fields every quantized layer has, declared once.
+
+  quant: how it quantizes its weights (QuantRule).
+  dtype: compute dtype of the matmul / conv (e.g. jnp.bfloat16); params, quantizers and
+    BatchNorm statistics stay float32.
+  """
+  quant: QuantRule = _kw(QuantRule())
+  dtype: Optional[Any] = _kw(None)
+  kernel_init: Callable = _kw(nn.initializers.lecun_normal())
+
+
+class _BiasedQuantLayer(_QuantLayer):
+  use_bias: bool = _kw(True)
+  bias_init: Callable = _kw(nn.initializers.zeros_init())
+
+
+class QuantDense(_BiasedQuantLayer):
   """Dense layer with fake-quantized weights and inputs; nn.Dense at full precision.
 
-  x: [..., in] float -> [..., features]. Weights per output channel (last axis)
-  when ``per_channel``; inputs asymmetric per tensor.
+  x: [..., in] float -> [..., features]. Weights as ``quant`` says; inputs asymmetric per tensor.
   """
   features: int
-  use_bias: bool = True
-  per_channel: bool = True
-  narrow_range: bool = False
-  ste: str = "clipped"
-  lsq: bool = False
-  dtype: Optional[Any] = None  # compute dtype (e.g. jnp.bfloat16); params and quantizers stay float32
-  kernel_init: Callable = nn.initializers.lecun_normal()
-  bias_init: Callable = nn.initializers.zeros_init()
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -145,7 +232,7 @@ class QuantDense(nn.Module):
     return _add_bias(self, jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ()))))
 
 
-class QuantConv(nn.Module):
+class QuantConv(_BiasedQuantLayer):
   """2-D convolution (NHWC, HWIO kernel) with fake-quantized weights and inputs; nn.Conv at full precision.
 
   x: [batch, height, width, in] float -> [batch, height', width', features].
@@ -154,19 +241,16 @@ class QuantConv(nn.Module):
   kernel_size: Sequence[int] = (3, 3)
   strides: Union[int, Sequence[int]] = 1
   padding: Padding = "SAME"
-  use_bias: bool = True
-  per_channel: bool = True
-  narrow_range: bool = False
-  ste: str = "clipped"
-  lsq: bool = False
-  dtype: Optional[Any] = None  # compute dtype (e.g. jnp.bfloat16); params and quantizers stay float32
-  kernel_init: Callable = nn.initializers.lecun_normal()
-  bias_init: Callable = nn.initializers.zeros_init()
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     x, kernel = _quantized_operands(self, x, tuple(self.kernel_size) + (jnp.shape(x)[-1], self.features))
     return _add_bias(self, _conv(x, kernel, self.strides, self.padding))
+
+
+def bn_fold_scale(gamma: jax.Array, var: jax.Array, eps: float) -> jax.Array:
+  """g = gamma / sqrt(var + eps): the per-channel factor BatchNorm folding multiplies a kernel by. [C]."""
+  return gamma * jax.lax.rsqrt(var + eps)
 
 
 def fold_bn(kernel: jax.Array, bias: Optional[jax.Array], gamma: jax.Array, beta: jax.Array,
@@ -176,12 +260,12 @@ def fold_bn(kernel: jax.Array, bias: Optional[jax.Array], gamma: jax.Array, beta
   kernel: [..., C] (output channels last); gamma, beta, mean, var, bias: [C].
   BN(conv(x, W) + b) = conv(x, W * g) + (beta + (b - mean) * g), g = gamma / sqrt(var + eps).
   """
-  g = gamma * jax.lax.rsqrt(var + eps)
+  g = bn_fold_scale(gamma, var, eps)
   b = jnp.zeros_like(mean) if bias is None else bias
   return kernel * g, beta + (b - mean) * g
 
 
-class QuantConvBN(nn.Module):
+class QuantConvBN(_QuantLayer):
   """Conv (no bias) followed by BatchNorm, as one quantizable layer.
 
   In training mode BatchNorm uses batch statistics and updates the running
@@ -195,14 +279,8 @@ class QuantConvBN(nn.Module):
   strides: Union[int, Sequence[int]] = 1
   padding: Padding = "SAME"
   fold_bn: bool = False
-  per_channel: bool = True
-  narrow_range: bool = False
-  ste: str = "clipped"
-  lsq: bool = False
-  dtype: Optional[Any] = None  # compute dtype of the conv; BatchNorm statistics stay float32
   momentum: float = 0.9
   epsilon: float = 1e-5
-  kernel_init: Callable = nn.initializers.lecun_normal()
   scale_init: Callable = nn.initializers.ones_init()
 
   @nn.compact
@@ -214,19 +292,11 @@ class QuantConvBN(nn.Module):
     ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((self.features,), jnp.float32))
     ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((self.features,), jnp.float32))
     w_bits, a_bits = _read_bits(self)
-    x = _quantize_input(self, x, a_bits, self.ste)
-
+    x = _quantize_input(self, x, a_bits)
     if not train and self.fold_bn:
-      if self.lsq:
-        raise ValueError(f"layer {'/'.join(self.scope.path)}: LSQ learned scales are not supported with "
-                         "fold_bn=True (the folded kernel's range differs); use fold_bn=False with LSQ.")
-      folded, bias = fold_bn(kernel, None, gamma, beta, ra_mean.value, ra_var.value, self.epsilon)
-      folded = _quantize_kernel(self, folded, w_bits, self.per_channel, self.narrow_range, self.ste)
-      y = _conv(*_compute_cast(self.dtype, x, folded), self.strides, self.padding)
-      return y + bias.astype(y.dtype)
+      return self._folded(x, kernel, gamma, beta, ra_mean.value, ra_var.value, w_bits)
 
-    kernel = _quantize_kernel(self, kernel, w_bits, self.per_channel, self.narrow_range, self.ste)
-    y = _conv(*_compute_cast(self.dtype, x, kernel), self.strides, self.padding)
+    y = _conv(*_compute_cast(self.dtype, x, _quantize_kernel(self, kernel, w_bits)), self.strides, self.padding)
     out_dtype = y.dtype
     y = y.astype(jnp.float32)
     if train:
@@ -240,30 +310,34 @@ class QuantConvBN(nn.Module):
       mean, var = ra_mean.value, ra_var.value
     return ((y - mean) * (gamma * jax.lax.rsqrt(var + self.epsilon)) + beta).astype(out_dtype)
 
+  def _folded(self, x, kernel, gamma, beta, mean, var, w_bits):
+    """Inference with BatchNorm folded: conv(x, Q(W g)) + beta - mean g, g sown as "fold_scale"."""
+    if self.quant.lsq:
+      raise ValueError(f"layer {'/'.join(self.scope.path)}: LSQ learned scales are not supported with "
+                       "fold_bn=True (the folded kernel's range differs); use fold_bn=False with LSQ.")
+    folded, bias = fold_bn(kernel, None, gamma, beta, mean, var, self.epsilon)
+    _sow(self, KERNELS, "fold_scale", bn_fold_scale(gamma, var, self.epsilon))
+    y = _conv(*_compute_cast(self.dtype, x, _quantize_kernel(self, folded, w_bits)), self.strides, self.padding)
+    return y + bias.astype(y.dtype)
+
 
 QUANT_LAYER_TYPES = (QuantDense, QuantConv, QuantConvBN)
 
 
-def init_lsq_scales(params: Mapping, layer_bits: Mapping[str, tuple], per_channel: bool = True) -> dict:
-  """Params with every layer's "w_scale" set to LSQ's init 2 mean|w| / sqrt(qmax) at its weight bits.
+def init_lsq_scales(params: Mapping, layer_bits: Mapping[str, tuple]) -> dict:
+  """Params with every layer's "w_scale" set to LSQ's init 2 mean|W| / sqrt(qmax) at its weight bits.
 
-  layer_bits: BitSpec.resolve output {layer: (w_bits, a_bits)}; layers at full precision keep 1.
+  layer_bits: BitSpec.resolve output {layer: (w_bits, a_bits)}; layers at full precision keep
+  their scale. Per channel or per tensor follows the existing "w_scale" ([C] or []).
   """
-  params = jax.tree_util.tree_map(lambda a: a, dict(params))  # shallow copies of the nested dicts
-
-  def node_of(tree, name):
-    for part in name.split("/"):
-      tree[part] = dict(tree[part])
-      tree = tree[part]
-    return tree
-
+  flat = traverse_util.flatten_dict(params, sep="/")
   for name, (w_bits, _) in layer_bits.items():
-    node = node_of(params, name)
-    if "w_scale" not in node:
+    key = f"{name}/w_scale"
+    if key not in flat:
       raise ValueError(f"layer {name!r} has no 'w_scale' param; build the model with lsq=True for LSQ.")
     if w_bits is not None and w_bits < quant.FULL_PRECISION_BITS:
-      node["w_scale"] = quant.lsq_init_scale(node["kernel"], w_bits, axis=-1 if per_channel else None)
-  return params
+      flat[key] = quant.lsq_init_scale(flat[f"{name}/kernel"], w_bits, axis=-1 if flat[key].ndim else None)
+  return traverse_util.unflatten_dict(flat, sep="/")
 
 
 # ----------------------------------------------------------------------------
@@ -296,98 +370,6 @@ def quant_layer_names(model: nn.Module, sample_input: Any, **apply_kwargs) -> li
 
 
 # ----------------------------------------------------------------------------
-# BitSpec: mixed precision as data
-# ----------------------------------------------------------------------------
-
-LayerBits = tuple[Optional[int], Optional[int]]
-
-
-@dataclasses.dataclass(frozen=True)
-class BitSpec:
-  """Weight/activation bits per layer: a default plus per-layer overrides.
-
-  w_bits, a_bits: defaults; None means full precision.
-  layers: {layer name: (w_bits, a_bits)}; a name is a layer path from
-    ``quant_layer_names`` or the alias "first" / "last" (first / last layer in
-    forward order). Later entries win; exact names win over aliases.
-  """
-  w_bits: Optional[int] = None
-  a_bits: Optional[int] = None
-  layers: Mapping[str, LayerBits] = dataclasses.field(default_factory=dict)
-
-  def __post_init__(self):
-    quant.check_bits(self.w_bits, name="BitSpec.w_bits")
-    quant.check_bits(self.a_bits, name="BitSpec.a_bits")
-    for name, pair in self.layers.items():
-      if not isinstance(pair, (tuple, list)) or len(pair) != 2:
-        raise ValueError(f"BitSpec.layers[{name!r}] must be a (w_bits, a_bits) pair, got {pair!r}.")
-      quant.check_bits(pair[0], name=f"BitSpec.layers[{name!r}] w_bits")
-      quant.check_bits(pair[1], name=f"BitSpec.layers[{name!r}] a_bits")
-
-  @classmethod
-  def uniform(cls, w_bits: Optional[int], a_bits: Optional[int] = None) -> "BitSpec":
-    return cls(w_bits=w_bits, a_bits=a_bits)
-
-  @classmethod
-  def first_last(cls, w_bits: Optional[int], edge_bits: int = 8, a_bits: Optional[int] = None,
-                 edge_a_bits: Optional[int] = None) -> "BitSpec":
-    """Mixed precision: first and last layer at ``edge_bits``, every other layer at ``w_bits``."""
-    edge_a = a_bits if edge_a_bits is None else edge_a_bits
-    return cls(w_bits=w_bits, a_bits=a_bits,
-               layers={"first": (edge_bits, edge_a), "last": (edge_bits, edge_a)})
-
-  def resolve(self, layer_names: Sequence[str]) -> dict[str, LayerBits]:
-    """{layer name: (w_bits, a_bits)} for every layer; unknown names are a ValueError."""
-    layer_names = list(layer_names)
-    if not layer_names:
-      raise ValueError("BitSpec.resolve got no layer names; the model has no quantizable layers.")
-    unknown = [n for n in self.layers if n not in layer_names and n not in ("first", "last")]
-    if unknown:
-      raise ValueError(f"BitSpec names layers the model does not have: {unknown}. "
-                       f"Allowed: 'first', 'last' or one of {layer_names}.")
-    out = {n: (self.w_bits, self.a_bits) for n in layer_names}
-    aliases = {"first": layer_names[0], "last": layer_names[-1]}
-    for alias, target in aliases.items():
-      if alias in self.layers:
-        out[target] = tuple(self.layers[alias])
-    for name, pair in self.layers.items():
-      if name not in aliases:
-        out[name] = tuple(pair)
-    return out
-
-  def bits_tree(self, layer_names: Sequence[str]) -> dict:
-    """The "bits" variable collection: nested {path: {"w": f32[], "a": f32[]}}; None -> 32."""
-    return bits_tree_from(self.resolve(layer_names))
-
-
-def _as_bits(b) -> jax.Array:
-  return jnp.asarray(quant.FULL_PRECISION_BITS if b is None else b, jnp.float32)
-
-
-def bits_tree_from(resolved: Mapping[str, LayerBits]) -> dict:
-  """Nested "bits" collection from {layer path: (w_bits, a_bits)}."""
-  tree: dict = {}
-  for name, (w, a) in resolved.items():
-    node = tree
-    for part in name.split("/"):
-      node = node.setdefault(part, {})
-    node["w"], node["a"] = _as_bits(w), _as_bits(a)
-  return tree
-
-
-def stack_bits_trees(trees: Sequence[dict]) -> dict:
-  """Stacks bits trees on a new leading axis, for ``jax.vmap`` over bit-widths."""
-  if not trees:
-    raise ValueError("stack_bits_trees needs at least one bits tree.")
-  return jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *trees)
-
-
-def weight_bits_by_layer(spec: BitSpec, layer_names: Sequence[str]) -> dict[str, Optional[int]]:
-  """{layer: w_bits} for ``quant.storage_size``."""
-  return {name: w for name, (w, _) in spec.resolve(layer_names).items()}
-
-
-# ----------------------------------------------------------------------------
 # Activation calibration
 # ----------------------------------------------------------------------------
 
@@ -397,7 +379,7 @@ def calibrate_activations(model: nn.Module, variables: Mapping, batches: Iterabl
 
   Runs the full-precision model in inference mode on each batch [batch, ...],
   and reduces each layer's inputs with ``quant.calibrate`` (minmax, ema or
-  percentile). Returns the "quant_stats" collection {path: {"lo", "hi"}}.
+  percentile). Returns the "quant_stats" collection {path: {"lo", "hi"}}, each [] float32.
   """
   fp_vars = {k: v for k, v in variables.items() if k not in (BITS, QUANT_STATS)}
 
@@ -406,18 +388,14 @@ def calibrate_activations(model: nn.Module, variables: Mapping, batches: Iterabl
     _, state = model.apply(fp_vars, x, train=False, mutable=[ACT_INPUTS])
     return state[ACT_INPUTS]
 
-  per_layer: dict[tuple, list] = {}
+  inputs: dict[str, list] = {}  # {layer path: its inputs, batch after batch}
   for batch in batches:
-    for path, leaf in jax.tree_util.tree_leaves_with_path(capture(batch)):
-      key = tuple(str(getattr(k, "key", k)) for k in path[:-2])  # drop "x" and the sow tuple index
-      per_layer.setdefault(key, []).append(leaf)
-  if not per_layer:
+    for key, sown in traverse_util.flatten_dict(capture(batch), sep="/").items():
+      inputs.setdefault(key.rpartition("/")[0], []).extend(sown)  # key "path/x"; sown: one per call
+  if not inputs:
     raise ValueError("calibrate_activations got no batches (or the model has no quantized layers).")
-  stats: dict = {}
-  for key, values in per_layer.items():
+  stats = {}
+  for layer, values in inputs.items():
     rng = quant.calibrate(values, method, **calib_kwargs)
-    node = stats
-    for part in key:
-      node = node.setdefault(part, {})
-    node["lo"], node["hi"] = rng.lo, rng.hi
-  return stats
+    stats[f"{layer}/lo"], stats[f"{layer}/hi"] = rng.lo, rng.hi
+  return traverse_util.unflatten_dict(stats, sep="/")

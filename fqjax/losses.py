@@ -36,9 +36,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-Array = jax.Array
+from fqjax.choices import WEIGHT_SCHEMES  # the config's choice tuple; _WEIGHT_TABLES has the same keys
 
-WEIGHT_SCHEMES = ("uniform", "inverse_frequency", "effective_number", "hardness")
+Array = jax.Array
 
 
 def _concrete(*xs) -> bool:
@@ -196,32 +196,38 @@ def hardness_weights(counts: Array, group_losses: Array, power: float = 1.0,
   return floor + (1.0 - floor) * hard
 
 
+# scheme -> (table function, the keyword options of weight_table it takes besides counts)
+_WEIGHT_TABLES = {
+    "uniform": (uniform_weights, ()),
+    "inverse_frequency": (inverse_frequency_weights, ()),
+    "effective_number": (effective_number_weights, ("beta",)),
+    "hardness": (hardness_weights, ("group_losses", "power", "floor")),
+}
+
+
 def weight_table(scheme: str, counts: Array, *, beta: float = 0.999,
                  group_losses: Optional[Array] = None, power: float = 1.0,
                  floor: float = 0.1) -> Array:
-  """Builds a [G] float32 weight table by name (the config's ``loss_weighting`` field).
+  """Builds a [G] float32 weight table by name (the config's ``loss_weights`` field).
 
   Args:
     scheme: one of WEIGHT_SCHEMES.
     counts: [G] training samples per group or class.
     beta: effective_number only.
-    group_losses, power, floor: hardness only (group_losses required).
+    group_losses: [G] float32 per-group validation losses; hardness only, and required there.
+    power, floor: hardness only.
   """
-  if scheme not in WEIGHT_SCHEMES:
+  if scheme not in _WEIGHT_TABLES:
     raise ValueError(f"Unknown weighting scheme {scheme!r}; allowed: {WEIGHT_SCHEMES}.")
-  if scheme == "hardness":
-    if group_losses is None:
-      raise ValueError(
-          "scheme 'hardness' needs group_losses [G], the current per-group validation loss; "
-          "before the first evaluation use scheme 'uniform'.")
-    return hardness_weights(counts, group_losses, power=power, floor=floor)
-  if group_losses is not None:
+  fn, takes = _WEIGHT_TABLES[scheme]
+  if "group_losses" in takes and group_losses is None:
+    raise ValueError(
+        f"scheme {scheme!r} needs group_losses [G], the current per-group validation loss; "
+        "before the first evaluation use scheme 'uniform'.")
+  if "group_losses" not in takes and group_losses is not None:
     raise ValueError(f"group_losses is only used by scheme 'hardness', got scheme {scheme!r}.")
-  if scheme == "uniform":
-    return uniform_weights(counts)
-  if scheme == "inverse_frequency":
-    return inverse_frequency_weights(counts)
-  return effective_number_weights(counts, beta=beta)
+  options = {"beta": beta, "group_losses": group_losses, "power": power, "floor": floor}
+  return fn(counts, **{name: options[name] for name in takes})
 
 
 def gather_weights(table: Array, ids: Array) -> Array:

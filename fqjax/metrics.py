@@ -15,6 +15,10 @@ Definitions (G groups, acc_g = accuracy on group g):
 Groups with no samples are left out of max/min (reported with count 0, NaN accuracy, which
 results.json stores as null); a statistic with no group to take it over is NaN. Nothing here
 emits a NumPy RuntimeWarning on empty groups: empty slices are masked, not averaged.
+
+Also here, as the one copy for the package: ``group_mean`` (per-group mean), ``finite_mean`` (mean
+of the finite entries), ``spearman`` (scipy.stats.spearmanr). No JAX: claims, tables and the report
+import this module.
 """
 from __future__ import annotations
 
@@ -50,6 +54,19 @@ def group_mean(values: np.ndarray, group: np.ndarray, num_groups: int) -> np.nda
   out = np.full(num_groups, np.nan)
   np.divide(total, count, out=out, where=count > 0)
   return out
+
+
+def finite_mean(values, axis: Optional[int] = None):
+  """Mean of the finite entries of ``values`` (any shape) over ``axis`` (None: all).
+
+  mean = sum_{finite v} v / #finite, NaN where no entry is finite (an empty group, a missing seed);
+  no RuntimeWarning. Returns a float64 array (0-d for axis=None).
+  """
+  values = np.asarray(values, np.float64)
+  finite = np.isfinite(values)
+  n = finite.sum(axis=axis)
+  total = np.where(finite, values, 0.0).sum(axis=axis)
+  return np.where(n > 0, total / np.maximum(n, 1), np.nan)
 
 
 def spearman(a, b) -> float:
@@ -90,23 +107,17 @@ def _finite_max(values) -> float:
 
 
 def _rates(pred, y, group, num_groups, num_classes):
-  """P(pred=c | g), TPR_g(c), FPR_g(c) as [G, C] arrays (NaN where undefined)."""
-  with np.errstate(invalid="ignore", divide="ignore"):
-    dp = np.full((num_groups, num_classes), np.nan)
-    tpr = np.full((num_groups, num_classes), np.nan)
-    fpr = np.full((num_groups, num_classes), np.nan)
-    for g in range(num_groups):
-      in_g = group == g
-      if not in_g.any():
-        continue
-      pg, yg = pred[in_g], y[in_g]
-      for c in range(num_classes):
-        dp[g, c] = np.mean(pg == c)
-        pos, neg = yg == c, yg != c
-        if pos.any():
-          tpr[g, c] = np.mean(pg[pos] == c)
-        if neg.any():
-          fpr[g, c] = np.mean(pg[neg] == c)
+  """P(pred=c | g), TPR_g(c) = P(pred=c | y=c, g), FPR_g(c) = P(pred=c | y!=c, g) as [G, C] float64 arrays.
+
+  pred, y, group: [N] int. NaN where the conditioning set is empty.
+  """
+  dp = np.full((num_groups, num_classes), np.nan)
+  tpr, fpr = dp.copy(), dp.copy()
+  for c in range(num_classes):
+    hit, pos = (pred == c).astype(np.float64), y == c
+    dp[:, c] = group_mean(hit, group, num_groups)
+    tpr[:, c] = group_mean(hit[pos], group[pos], num_groups)
+    fpr[:, c] = group_mean(hit[~pos], group[~pos], num_groups)
   return dp, tpr, fpr
 
 
@@ -132,9 +143,7 @@ def group_metrics(logits: np.ndarray, y: np.ndarray, group: np.ndarray, num_grou
   correct = (pred == y).astype(np.float64)
   loss = per_sample_loss(logits, y)
   count = np.bincount(group, minlength=num_groups)
-  with np.errstate(invalid="ignore", divide="ignore"):
-    acc_g = np.bincount(group, weights=correct, minlength=num_groups) / count
-    loss_g = np.bincount(group, weights=loss, minlength=num_groups) / count
+  acc_g, loss_g = group_mean(correct, group, num_groups), group_mean(loss, group, num_groups)
   present = count > 0
   out = {
       "n": int(len(y)),
@@ -159,11 +168,20 @@ def group_metrics(logits: np.ndarray, y: np.ndarray, group: np.ndarray, num_grou
 def bootstrap_fairness_violation(correct: np.ndarray, group: np.ndarray, num_groups: int, *,
                                  num_resamples: int = 1000, seed: int = 0,
                                  confidence: float = 0.95) -> dict:
-  """Percentile bootstrap interval of the fairness violation.
+  """Percentile bootstrap interval of the fairness violation, stratified by group.
 
-  Resamples the N test samples with replacement (stratified by group, so every
-  group keeps its size and its accuracy stays defined) ``num_resamples`` times.
-  correct: [N] bool/0-1; group: [N] int. Returns {"low", "high", "confidence", "num_resamples"}.
+  correct: [N] bool / 0-1; group: [N] int in [0, num_groups). For r = 1..R (R = ``num_resamples``)
+  every non-empty group g is resampled with replacement to its own size n_g (so its accuracy stays
+  defined): acc_g^r = mean of n_g draws from correct[group == g], FV^r = max_g acc_g^r - min_g acc_g^r.
+  The interval is the (alpha, 1 - alpha) quantiles of FV^1..FV^R (linear interpolation, numpy's
+  default), alpha = (1 - confidence) / 2. Draws come from ``np.random.default_rng(seed)``, one
+  [R, n_g] integer array per group in group order.
+
+  Why not scipy.stats.bootstrap: called with one sample per group (``paired=False``,
+  ``method="percentile"``, the same Generator) it gives the same interval (tests check this), but it
+  refuses a sample with fewer than 2 observations, and a group with one test row is a real case here.
+
+  Returns {"low", "high", "confidence", "num_resamples"}. ValueError when there is no sample at all.
   """
   correct = np.asarray(correct, np.float64)
   group = np.asarray(group, np.int64)
@@ -197,13 +215,16 @@ def mean_std(values: Sequence[Optional[float]]) -> dict:
 
 
 SUMMARY_SCALARS = ("accuracy", "loss", "worst_group_accuracy", "fairness_violation", "accuracy_drop",
-                   "demographic_parity_gap", "equalized_odds_gap")
+                   "demographic_parity_gap", "equalized_odds_gap", "size_bytes")
 
 
 def summarize_over_seeds(per_seed: Sequence[Mapping]) -> dict:
-  """Mean and std over seeds of every scalar metric and every per-group list of ``group_metrics``.
+  """Mean and std over seeds (``mean_std``) of every scalar metric and every per-group list of ``group_metrics``.
 
-  Per-group entries are mean_std dicts; a group with no samples in any seed gets n = 0 (mean NaN).
+  per_seed: S metric dicts of one variant (one per seed). A key is summarized only when every seed
+  has it: SUMMARY_SCALARS (size_bytes too), "fairness_violation_ci" as {"low": mean_std, "high":
+  mean_std}, and groups.{accuracy, loss, accuracy_drop} as [G] lists of mean_std dicts (a group with
+  no samples in any seed gets n = 0, mean NaN).
   """
   out: dict = {}
   if not per_seed:
@@ -211,6 +232,9 @@ def summarize_over_seeds(per_seed: Sequence[Mapping]) -> dict:
   for key in SUMMARY_SCALARS:
     if all(key in m for m in per_seed):
       out[key] = mean_std([m[key] for m in per_seed])
+  if all(isinstance(m.get("fairness_violation_ci"), Mapping) for m in per_seed):
+    out["fairness_violation_ci"] = {side: mean_std([m["fairness_violation_ci"].get(side) for m in per_seed])
+                                    for side in ("low", "high")}
   groups: dict = {}
   for key in ("accuracy", "loss", "accuracy_drop"):
     if all(key in m["groups"] for m in per_seed):

@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Mapping, Optional
+from typing import Mapping, Optional, Sequence
 
 import jax
 import ml_collections
 import numpy as np
 
-from fqjax import layers, metrics, ptq, quant, train
+from fqjax import layers, metrics, quant, stages, train
 from fqjax.errors import InputError
 from fqjax.layers import BitSpec
 
@@ -53,49 +53,6 @@ METHOD_PARTS = {
 }
 
 
-def default_mitigate_config() -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict({
-      "bit_widths": (8, 4, 3, 2),
-      "methods": ("ptq", "qat", "mp_qat", "sampling_qat", "weighted_qat", "fairqat"),
-      "a_bits": ml_collections.FieldReference(None, field_type=object),
-      "edge_bits": 8,
-      "epochs": 5,
-      "batch_size": 64,
-      "optimizer": "sgd",
-      "learning_rate": 0.01,
-      "momentum": 0.9,
-      "weight_decay": 5e-4,
-      "warmup_epochs": 0.0,
-      "bn": "freeze",          # "train": batch statistics throughout; "freeze"/"fold" after bn_train_epochs
-      "bn_train_epochs": 1,
-      "sampling": "fairqat",
-      "sampling_target": ml_collections.FieldReference("median", field_type=object),
-      "loss_weights": "hardness",
-      "weight_target": "group",
-      "effective_beta": 0.999,
-      "hardness_power": 1.0,
-      "hardness_floor": 0.1,
-  })
-
-
-def validate_mitigate_config(m: ml_collections.ConfigDict) -> None:
-  def fail(field, given, allowed):
-    raise InputError(f"config.mitigate.{field} is invalid: got {given!r}; allowed: {allowed}.")
-
-  if not m.methods or any(x not in METHODS for x in m.methods):
-    fail("methods", m.methods, f"a non-empty subset of {METHODS}")
-  if not m.bit_widths or any(not isinstance(b, int) or not 1 <= b <= 31 for b in m.bit_widths):
-    fail("bit_widths", m.bit_widths, "a non-empty list of ints in 1..31 (quantized targets)")
-  if m.bn not in BN_MODES:
-    fail("bn", m.bn, str(BN_MODES))
-  if not isinstance(m.edge_bits, int) or not 1 <= m.edge_bits <= 32:
-    fail("edge_bits", m.edge_bits, "an int in 1..32")
-  if not isinstance(m.epochs, int) or m.epochs < 1:
-    fail("epochs", m.epochs, "an int >= 1")
-  if m.a_bits is not None and not (isinstance(m.a_bits, int) and 1 <= m.a_bits <= 32):
-    fail("a_bits", m.a_bits, "None or an int in 1..32")
-
-
 def method_spec(method: str, bits: int, m: ml_collections.ConfigDict) -> BitSpec:
   parts = METHOD_PARTS[method]
   a = m.a_bits if m.a_bits is None or m.a_bits < quant.FULL_PRECISION_BITS else None
@@ -119,58 +76,59 @@ def qat_train_config(method: str, m: ml_collections.ConfigDict, base_train: ml_c
 
 def qat_model(model, method: str, m: ml_collections.ConfigDict):
   """The model clone a method trains and evaluates: LSQ scales, BN folding per ``mitigate.bn``."""
-  return model.clone(lsq=METHOD_PARTS[method].lsq, fold_bn=(m.bn == "fold"))
+  return layers.configured(model, lsq=METHOD_PARTS[method].lsq, fold_bn=(m.bn == "fold"))
 
 
-def run_method(study, method: str, bits: int, seed: int, fp_variables: Mapping, fp_test: Mapping,
-               ckpt_dir: str) -> dict:
-  """Trains (unless PTQ) and evaluates one (method, bit-width, seed) entry of the ablation table."""
-  cfg = study.config
-  m = cfg.mitigate
-  spec = method_spec(method, bits, m)
-  resolved = spec.resolve(study.layer_names)
+def run_entry(model, fp_variables: Mapping, fp_test: Mapping, splits, mcfg, pcfg, ecfg, base_train,
+              layer_names: Sequence[str], method: str, bits: int, seed: int, ckpt_dir: str, *, mesh=None) -> dict:
+  """One (method, bit-width, seed) entry of the ablation: fine-tune (unless PTQ) and evaluate on test.
+
+  model: the trained architecture; fp_variables: its trained variables; fp_test: its test
+  metrics (reference for accuracy drops); mcfg / pcfg / ecfg / base_train: config.mitigate,
+  config.ptq (activation calibration), config.eval and config.train; ckpt_dir: where the
+  fine-tuning resumes from. Returns group metrics + "size_bytes" and "train_s".
+  """
+  spec = method_spec(method, bits, mcfg)
+  resolved = spec.resolve(layer_names)
   bits_tree = layers.bits_tree_from(resolved)
-  model = qat_model(study.model, method, m)
+  qmodel = qat_model(model, method, mcfg)
   variables = {"params": fp_variables["params"], "batch_stats": fp_variables["batch_stats"]}
   if METHOD_PARTS[method].lsq:
-    init = jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(seed), x), study.splits.train.x[:2])
+    init = jax.eval_shape(lambda x: qmodel.init(jax.random.PRNGKey(seed), x), splits.train.x[:2])
     ones = jax.tree_util.tree_map(lambda a: jax.numpy.ones(a.shape, a.dtype), init["params"])
     variables["params"] = layers.init_lsq_scales(_merge(ones, variables["params"]), resolved)
-  if m.a_bits is not None:
-    calib = ptq.calibration_batches(study.splits.train.x, cfg.ptq.calibration_batch_size,
-                                    cfg.ptq.calibration_batches, seed)
-    variables = ptq.prepare_variables(study.model, variables, calib, cfg.ptq.calibration)
+  variables = stages.quantization_start(model, variables, splits.train.x, pcfg, seed, calibrate=mcfg.a_bits is not None)
   t0 = time.perf_counter()
   if METHOD_PARTS[method].trains:
-    tcfg = qat_train_config(method, m, cfg.train)
-    out = train.fit(model, study.splits, tcfg, seed, ckpt_dir, bits=bits_tree, init_variables=variables,
-                    bn_train_epochs=None if m.bn == "train" else m.bn_train_epochs, progress=False,
+    tcfg = qat_train_config(method, mcfg, base_train)
+    out = train.fit(qmodel, splits, tcfg, seed, ckpt_dir, bits_tree=bits_tree, init_variables=variables,
+                    bn_train_epochs=None if mcfg.bn == "train" else mcfg.bn_train_epochs, progress=False,
                     extra_variables={k: v for k, v in variables.items() if k == layers.QUANT_STATS},
-                    init_group_losses=_start_losses(study, model, variables, bits_tree, tcfg), mesh=study.mesh)
+                    init_group_losses=_start_losses(qmodel, variables, bits_tree, splits, tcfg, ecfg, mesh),
+                    mesh=mesh)
     variables = {**variables, **out["variables"]}
   train_s = time.perf_counter() - t0
-  eval_vars = {**variables, layers.BITS: bits_tree}
-  test = study.splits.test
-  logits = train.predict(model, eval_vars, test.x, cfg.eval.batch_size, study.mesh)
-  result = metrics.group_metrics(logits, test.y, test.group, study.info.num_groups,
-                                 group_is_label=study.info.group_is_label, reference=fp_test)
+  test, info = splits.test, splits.info
+  logits = train.predict(qmodel, {**variables, layers.BITS: bits_tree}, test.x, ecfg.batch_size, mesh)
+  result = metrics.group_metrics(logits, test.y, test.group, info.num_groups,
+                                 group_is_label=info.group_is_label, reference=fp_test)
   result["size_bytes"] = quant.storage_size(fp_variables["params"],
                                             {n: w for n, (w, _) in resolved.items()})["bytes"]
   result["train_s"] = train_s
   return result
 
 
-def _start_losses(study, model, variables: Mapping, bits_tree, tcfg) -> Optional[list]:
-  """Validation loss per group (or class) of the quantized starting point, for the first epoch's hardness weights."""
+def _start_losses(model, variables: Mapping, bits_tree, splits, tcfg, ecfg, mesh) -> Optional[list]:
+  """Validation loss per group (or class) of the quantized starting point, for the first epoch's hardness weights.
+
+  An id with no validation rows gets 0 (as fqjax.train does with NaN losses).
+  """
   if tcfg.loss_weights != "hardness":
     return None
-  val = study.splits.val
-  logits = train.predict(model, {**variables, layers.BITS: bits_tree}, val.x, study.config.eval.batch_size,
-                         study.mesh)
-  ids, n = (val.group, study.info.num_groups) if tcfg.weight_target == "group" else (val.y, study.info.num_classes)
-  loss = metrics.per_sample_loss(logits, val.y)
-  count = np.maximum(np.bincount(ids, minlength=n), 1)
-  return (np.bincount(ids, weights=loss, minlength=n) / count).tolist()
+  val, info = splits.val, splits.info
+  logits = train.predict(model, {**variables, layers.BITS: bits_tree}, val.x, ecfg.batch_size, mesh)
+  ids, n = (val.group, info.num_groups) if tcfg.weight_target == "group" else (val.y, info.num_classes)
+  return np.nan_to_num(metrics.group_mean(metrics.per_sample_loss(logits, val.y), ids, n), nan=0.0).tolist()
 
 
 def _merge(init: Mapping, trained: Mapping) -> dict:
@@ -207,41 +165,3 @@ def summarize(per_seed: Mapping, methods, bit_widths, seeds) -> dict:
       pick = max if direction == "max" else min
       best[str(b)][column] = pick(values, key=lambda k: values[k]) if values else None
   return {"summary": summary, "best": best}
-
-
-def format_ablation(section: Mapping) -> str:
-  """Plain-text ablation table: mean±std per method and bit-width; * marks the best per column.
-
-  A cell with no data (mean null / NaN, n = 0: no test rows behind it) prints as ``empty``.
-  """
-  def value(x):
-    try:
-      x = float(x)
-    except (TypeError, ValueError):
-      return None
-    return x if np.isfinite(x) else None
-
-  lines = []
-  header = f"{'bits':>4} {'method':<13} {'accuracy':>14} {'worst group':>14} {'fairness viol.':>15} " \
-           f"{'size KB':>8} {'train s':>8}"
-  lines.append(header)
-  for b in section["bit_widths"]:
-    best = section["best"][str(b)]
-    for method in section["methods"]:
-      s = section["summary"][method][str(b)]
-
-      def cell(col, fmt="{:.3f}"):
-        mean, std = value((s.get(col) or {}).get("mean")), value((s.get(col) or {}).get("std"))
-        if mean is None:
-          return "empty "
-        mark = "*" if best.get(col) == method else " "
-        return f"{fmt.format(mean)}±{fmt.format(std)}{mark}" if std is not None else f"{fmt.format(mean)}{mark}"
-
-      def plain(col, scale=1.0):
-        mean = value((s.get(col) or {}).get("mean"))
-        return "empty" if mean is None else f"{mean * scale:.1f}"
-
-      lines.append(f"{b:>4} {method:<13} {cell('accuracy'):>14} {cell('worst_group_accuracy'):>14} "
-                   f"{cell('fairness_violation'):>15} {plain('size_bytes', 1 / 1024):>8} "
-                   f"{plain('train_s'):>8}")
-  return "\n".join(lines)

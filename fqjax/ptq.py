@@ -8,7 +8,7 @@ jitted function maps it over the K bit-widths for each input batch:
   mode "devices": the K bit-widths split over the devices of a mesh (jax.shard_map), each
                device running lax.map over its share (one bit-width per device when K <= devices).
 Either way the sweep compiles once per batch shape, never once per bit-width.
-"auto" picks per backend from measurements in benchmarks/ptq_sweep.py.
+"auto" picks per backend (``resolve_mode``; measured by benchmarks/ptq_sweep.py).
 With a data-parallel mesh (modes vmap/map), each input batch is split over the devices instead.
 """
 from __future__ import annotations
@@ -29,19 +29,12 @@ SWEEP_MODES = ("auto", "vmap", "map", "devices")
 
 
 def resolve_mode(mode: str, num_params: int) -> str:
-  """The sweep mode for this backend and model size.
+  """The sweep mode for this backend and model size: "auto" -> "map" or "vmap".
 
-  Measured (benchmarks/ptq_sweep.py, 2-core CPU, 7 bit-widths, weights only):
-  on CPU lax.map is 5-9x faster than vmap for conv nets of every size, since
-  vmap over the weights turns each conv into a grouped conv (SmallCNN, 94k
-  params, 360 images: 0.069 s vs 0.41 s; ResNet-18, 256 images at batch 256:
-  15.8 s vs 145 s). vmap wins on CPU only for the dense-only MLP (50k params,
-  1.2-1.4x of a sweep under 2 ms), which a parameter count cannot tell from
-  SmallCNN, so CPU always gets map. map matches a loop of per-bit-width
-  compiled functions in steady state and beats it 1.6-3x counting compiles.
-  On GPU (DESIGN.md prototype; not re-measured here) vmap was 0.9x of the loop
-  for ResNet-18 at batch 256, and small models are launch-bound, so: vmap on
-  accelerators for models under 2M parameters, map otherwise.
+  On CPU vmap over the weights turns each conv into a grouped conv, so lax.map wins for
+  conv nets of every size, and the dense-only models where vmap wins cannot be told apart
+  by parameter count: CPU always gets map. Accelerators are launch-bound on small models:
+  vmap under 2M parameters, map above. (Timings: benchmarks/README.md, benchmarks/ptq_sweep.py.)
   """
   if mode not in SWEEP_MODES:
     raise ValueError(f"sweep mode must be one of {SWEEP_MODES}, got {mode!r}.")
@@ -52,45 +45,41 @@ def resolve_mode(mode: str, num_params: int) -> str:
   return "map"
 
 
-def sweep_specs(bit_widths: Sequence[int], a_bits: Union[int, str, None] = None,
-                edge_bits: Optional[int] = None) -> list[BitSpec]:
-  """One BitSpec per weight bit-width. a_bits: None, an int, or "same" (= weight bits).
+def sweep_specs(bit_widths: Sequence[int], a_bits: Union[int, str, None] = None) -> list[BitSpec]:
+  """One uniform BitSpec per weight bit-width (None or >= 32: full precision).
 
-  edge_bits: keep first and last layer at this width (mixed precision), or None.
+  a_bits: None (full-precision activations), an int, or "same" (= each weight bit-width).
   """
   specs = []
-  for b in bit_widths:
-    a = b if a_bits == "same" else a_bits
-    w = None if b is None or b >= quant.FULL_PRECISION_BITS else int(b)
+  for bits in bit_widths:
+    a = bits if a_bits == "same" else a_bits
+    w = None if bits is None or bits >= quant.FULL_PRECISION_BITS else int(bits)
     a = None if a is None or a >= quant.FULL_PRECISION_BITS else int(a)
-    if edge_bits is None:
-      specs.append(BitSpec.uniform(w, a))
-    else:
-      specs.append(BitSpec.first_last(w, edge_bits=edge_bits, a_bits=a))
+    specs.append(BitSpec.uniform(w, a))
   return specs
 
 
 @functools.lru_cache(maxsize=32)
 def sweep_fn(model: nn.Module, mode: str):
-  """jitted f(variables, stacked_bits [K], x [B, ...]) -> logits [K, B, C]."""
+  """jitted f(variables, stacked bits trees [K], x [B, ...]) -> logits [K, B, C]."""
 
-  def one(variables, bits, x):
-    return model.apply({**variables, layers.BITS: bits}, x, train=False)
+  def one(variables, bits_tree, x):
+    return model.apply({**variables, layers.BITS: bits_tree}, x, train=False)
 
   if mode == "vmap":
     return jax.jit(jax.vmap(one, in_axes=(None, 0, None)))
   if mode == "map":
-    return jax.jit(lambda variables, bits, x: jax.lax.map(lambda b: one(variables, b, x), bits))
+    return jax.jit(lambda variables, bits_trees, x: jax.lax.map(lambda t: one(variables, t, x), bits_trees))
   raise ValueError(f"sweep_fn mode must be 'vmap' or 'map', got {mode!r}.")
 
 
 @functools.lru_cache(maxsize=32)
 def device_sweep_fn(model: nn.Module, mesh: parallel.Mesh):
-  """jitted f(variables, stacked_bits [K], x) with K split over the mesh; K must be a multiple of its size."""
+  """jitted f(variables, stacked bits trees [K], x) with K split over the mesh; K must be a multiple of its size."""
   P = jax.sharding.PartitionSpec
 
-  def local(variables, bits, x):
-    return jax.lax.map(lambda b: model.apply({**variables, layers.BITS: b}, x, train=False), bits)
+  def local(variables, bits_trees, x):
+    return jax.lax.map(lambda t: model.apply({**variables, layers.BITS: t}, x, train=False), bits_trees)
 
   return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(P(), P(parallel.DATA_AXIS), P()),
                                out_specs=P(parallel.DATA_AXIS)))

@@ -1,5 +1,5 @@
 """Pure quantizer functions: fake quantization with straight-through gradients,
-integer storage, calibration of activation ranges, and storage size.
+learned step sizes, calibration of activation ranges, and storage size.
 
 No Flax and no state here. Every function that takes ``bits`` accepts a Python
 number or a traced JAX scalar, so a bit-width sweep is a ``jax.vmap`` (or a
@@ -234,59 +234,8 @@ def fake_quant(x: Array, bits: Bits, *, symmetric: bool = True, narrow_range: bo
 
 
 # ----------------------------------------------------------------------------
-# Real integer storage
-# ----------------------------------------------------------------------------
-
-def storage_dtype(bits: int, symmetric: bool = True):
-  """Smallest NumPy integer dtype that holds the grid of a concrete bit-width."""
-  check_bits(bits)
-  if bits is None or bits >= FULL_PRECISION_BITS:
-    raise ValueError(f"integer storage needs bits in 1..31, got {bits!r} (full precision has no integer form).")
-  if symmetric:
-    return np.int8 if bits <= 8 else np.int16 if bits <= 16 else np.int32
-  return np.uint8 if bits <= 8 else np.uint16 if bits <= 16 else np.uint32
-
-
-def quantize(x: Array, bits: int, *, symmetric: bool = True, narrow_range: bool = False,
-             axis: Optional[int] = None, scale: Optional[Array] = None,
-             zero_point: Optional[Array] = None) -> tuple[Array, Array, Array]:
-  """Real quantization for storage: returns (int_values, scale, zero_point).
-
-  ``bits`` must be concrete (it picks the integer dtype). int_values has the
-  shape of ``x``; scale and zero_point are [] (per tensor) or [C] (per channel).
-  ``dequantize(*quantize(x, b, ...), axis=...) == fake_quant(x, b, ...)``.
-  """
-  if not _is_concrete(bits):
-    raise ValueError("quantize() picks an integer dtype from bits, so bits must be a concrete number, "
-                     "not a traced value; use fake_quant for traced bit-widths.")
-  dtype = storage_dtype(bits, symmetric)
-  x = jnp.asarray(x)
-  axis, scale_b, zp_b = _prepare_params(x, bits, symmetric, narrow_range, axis, scale, zero_point)
-  q, _, _, _ = _quantize_float(x.astype(jnp.float32), bits, symmetric, narrow_range, scale_b, zp_b)
-  squeeze = (lambda p: p.reshape(-1)) if axis is not None else (lambda p: p.reshape(()))
-  return q.astype(dtype), squeeze(scale_b), squeeze(zp_b)
-
-
-def dequantize(int_values: Array, scale: Array, zero_point: Array, *, axis: Optional[int] = None,
-               dtype=jnp.float32) -> Array:
-  """x_hat = (q - z) * s, with per-channel [C] scale/zero point broadcast along ``axis``."""
-  q = jnp.asarray(int_values)
-  axis = _normalize_axis(axis, q.ndim)
-  s = _broadcast_param(scale, q.ndim, axis)
-  z = _broadcast_param(zero_point, q.ndim, axis)
-  return ((q.astype(jnp.float32) - z) * s).astype(dtype)
-
-
-# ----------------------------------------------------------------------------
 # Storage size of a params pytree
 # ----------------------------------------------------------------------------
-
-def _path_names(path) -> list[str]:
-  names = []
-  for key in path:
-    names.append(str(getattr(key, "key", getattr(key, "name", getattr(key, "idx", key)))))
-  return names
-
 
 def storage_size(params: Any, weight_bits: Union[Mapping[str, Optional[int]], Callable[[str], Optional[int]]],
                  *, default_bits: Optional[int] = FULL_PRECISION_BITS, per_channel: bool = True,
@@ -312,8 +261,8 @@ def storage_size(params: Any, weight_bits: Union[Mapping[str, Optional[int]], Ca
   total_bits = 0
   total_params = 0
   for path, leaf in jax.tree_util.tree_leaves_with_path(params):
-    names = _path_names(path)
-    layer, leaf_name = "/".join(names[:-1]), names[-1]
+    layer = jax.tree_util.keystr(path[:-1], simple=True, separator="/")
+    leaf_name = jax.tree_util.keystr(path[-1:], simple=True)
     n = int(np.prod(np.shape(leaf)))
     total_params += n
     entry = per_layer.setdefault(layer, {"params": 0, "bits": 0, "weight_bits": None})
@@ -390,24 +339,44 @@ def percentile_range(x: Array, lower: float = 0.01, upper: float = 99.99,
   return RangeState(lo, hi, jnp.ones((), jnp.int32))
 
 
-CALIBRATION_METHODS = ("minmax", "ema", "percentile")
+def _running_range(update: Callable[[RangeState, Array], RangeState], batches: Sequence[Array],
+                   axis: Optional[int]) -> RangeState:
+  state = init_range(tensor_range(batches[0], axis)[0].shape)
+  for b in batches:
+    state = update(state, b)
+  return state
+
+
+def _minmax(batches, axis, **_) -> RangeState:
+  return _running_range(lambda state, b: update_minmax(state, b, axis), batches, axis)
+
+
+def _ema(batches, axis, *, decay, **_) -> RangeState:
+  return _running_range(lambda state, b: update_ema(state, b, decay, axis), batches, axis)
+
+
+def _percentile(batches, axis, *, lower, upper, **_) -> RangeState:
+  return percentile_range(jnp.concatenate([jnp.asarray(b) for b in batches], axis=0), lower, upper, axis)
+
+
+# name -> f(batches, axis, *, decay, lower, upper) -> RangeState
+CALIBRATORS: dict[str, Callable[..., RangeState]] = {"minmax": _minmax, "ema": _ema, "percentile": _percentile}
+CALIBRATION_METHODS = tuple(CALIBRATORS)
 
 
 def calibrate(batches: Iterable[Array], method: str = "minmax", *, axis: Optional[int] = None,
               decay: float = 0.9, lower: float = 0.01, upper: float = 99.99) -> RangeState:
-  """Range of activations over calibration batches by one of CALIBRATION_METHODS."""
-  if method not in CALIBRATION_METHODS:
+  """Range of activations over calibration batches ([batch, ...] each) by one of CALIBRATION_METHODS.
+
+  minmax: running min/max; ema: moving average of per-batch min/max with ``decay``;
+  percentile: the [lower, upper] percentiles of all batches concatenated.
+  """
+  if method not in CALIBRATORS:
     raise ValueError(f"calibration method must be one of {CALIBRATION_METHODS}, got {method!r}.")
   batches = list(batches)
   if not batches:
     raise ValueError("calibrate() got no batches; pass at least one calibration batch.")
-  if method == "percentile":
-    return percentile_range(jnp.concatenate([jnp.asarray(b) for b in batches], axis=0), lower, upper, axis)
-  shape = tensor_range(batches[0], axis)[0].shape
-  state = init_range(shape)
-  for b in batches:
-    state = update_minmax(state, b, axis) if method == "minmax" else update_ema(state, b, decay, axis)
-  return state
+  return CALIBRATORS[method](batches, axis, decay=decay, lower=lower, upper=upper)
 
 
 # ----------------------------------------------------------------------------

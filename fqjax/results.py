@@ -4,17 +4,21 @@ results.json (schema_version 1), top level:
   schema_version: 1
   fqjax_version, created, updated: strings (ISO 8601 times, UTC)
   config:   the study config as a dict
-  dataset:  fqjax.data DatasetInfo.to_dict() plus split sizes
+  dataset:  fqjax.data DatasetInfo.to_dict() plus split sizes and "identity" (sha256 of the loaded splits)
   model:    {"name", "num_params", "layer_names": [forward order]}
   seeds:    [int]
-  train:    {"fingerprint", "per_seed": {seed: TrainRecord}, "summary": Summary}
-  ptq:      {"fingerprint", "bit_widths", "a_bits", "per_channel", "fold_bn", "sweep_mode",
+  Each stage section has "keys": {seed: cache key of that seed's entries} (see fqjax.runner) and, once
+  the stage has finished, "missing_seeds": [configured seeds without a complete entry]; its "summary"
+  (and mitigate's "best") exists only when missing_seeds is empty: over exactly the configured seeds.
+  train:    {"keys", "per_seed": {seed: TrainRecord}, "summary": Summary}
+  ptq:      {"keys", "bit_widths", "a_bits", "per_channel", "fold_bn", "sweep_mode", "sweep_s": {seed: s},
              "per_seed": {seed: {bits: Metrics}}, "summary": {bits: Summary}}
-  explain:  {"fingerprint", "bit_widths", "forward_split", "curvature_split", "group_sizes": [G],
+  explain:  {"keys", "bit_widths", "forward_split", "curvature_split", "group_sizes": [G],
              "per_seed": {seed: {bits: Explain}}}
-  mitigate: {"fingerprint", "bit_widths", "methods", "per_seed": {seed: {method: {bits: Metrics + train_s}}},
+  mitigate: {"keys", "bit_widths", "methods", "per_seed": {seed: {method: {bits: Metrics + train_s}}},
              "summary": {method: {bits: Summary}}, "best": {bits: {column: method}}, "wall_s"}
-  claims:   {claim name: {"verdict": holds | partly | does not hold | not tested, numbers...}, "rules": str}
+  claims:   {claim name: {"verdict": holds | partly | does not hold | not tested, numbers...}, "rules": str
+            (fqjax.claims.rules_text(): GENERAL_RULES, then "claim: rule" per RULES entry)}
   timings:  {stage: seconds of its last run}
   last_run: only in the dict fqjax.runner.run returns, never in the file: {"stages": {stage: seconds
             or "skipped"}, "total_s"} of that invocation.
@@ -23,8 +27,9 @@ where
             fairness_violation, groups{count, accuracy, loss, accuracy_drop}, ...)
             plus "size_bytes" and, for test metrics, "fairness_violation_ci" {low, high}.
   TrainRecord = {"history": [epoch dicts], "val": Metrics, "test": Metrics, "wall_s", "epochs_run",
-                 "resumed_from", "sample_counts"}
-  Summary = fqjax.metrics.summarize_over_seeds output ({"accuracy": {"mean", "std", "n"}, ...}).
+                 "resumed_from", "sample_counts", "variables_digest" (fqjax.train.tree_digest)}
+  Summary = fqjax.metrics.summarize_over_seeds output ({"accuracy": {"mean", "std", "n"}, ...}), plus
+            size_bytes and fairness_violation_ci {low, high: mean_std} when every seed has them.
   Explain = fqjax.explain.forward.forward_chain output (weights, activations, logits, softmax,
             accuracy, loss per group) plus "curvature": {"grad_norm", "top_eigenvalue", "loss": [G],
             "top_k_eigenvalues": [G][k], "num_hvps", "converged": [G], "spearman_size_grad_norm",
@@ -163,8 +168,10 @@ def validate(results: Mapping) -> None:
       _check_metrics(rec["test"], f"train.per_seed.{seed}.test", num_groups)
   if "ptq" in results:
     p = results["ptq"]
-    for key in ("bit_widths", "per_seed", "summary"):
+    for key in ("bit_widths", "per_seed"):
       _require(key in p, "ptq", f"missing {key!r}")
+    if p.get("missing_seeds") == []:
+      _require("summary" in p, "ptq", "missing 'summary' (every configured seed has its entry)")
     for seed, by_bits in p["per_seed"].items():
       _require(sorted(by_bits) == sorted(str(b) for b in p["bit_widths"]), f"ptq.per_seed.{seed}",
                "expected one entry per bit-width")

@@ -1,86 +1,109 @@
-"""The study runner: stages that talk only through the workdir.
+"""The study runner: the only code that reads and writes a workdir.
 
 workdir/
-  config.json          the config of the latest run
-  results.json         see fqjax.results (written atomically after every stage)
-  results.csv          one row per variant, bit-width, seed, split and group
-  fqjax.log            the log
-  checkpoints/seed_<s>/train/   orbax CheckpointManager of each training run
+  config.json     the config of the latest run (written with the results)
+  results.json    see fqjax.results; results.csv: one row per variant, bits, seed, split and group
+  fqjax.log       the log of every run; .fqjax.lock: the workdir lock (pid and start of its holder)
+  checkpoints/seed_<s>/train/                     the training run (orbax), with KEY: its cache key
+  checkpoints/seed_<s>/mitigate/<method>_w<bits>/ fine-tuning runs, each with KEY
+  report.md, report.html, figures/
 
-A stage whose outputs are in the workdir and were made from the same config
-sections (a fingerprint) is skipped unless forced; a stale one is rerun.
+One cache rule for every stage, per seed: an entry is reused only when its key (fqjax.cache:
+config sections, data identity, the upstream training entry) matches. Entries of
+seeds that are no longer configured, and entries whose key no longer matches, are dropped when
+the workdir is opened; summaries over seeds are computed from exactly the configured seeds, and
+only when every configured seed has its entry. ``--force`` recomputes the selected stages.
+A second process on the same workdir is refused (an OS file lock, released on exit or crash).
 """
 from __future__ import annotations
 
-import json
+import contextlib
+import dataclasses
 import logging
 import os
-import shutil
 import time
 from typing import Callable, Optional, Sequence
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from fqjax import claims, layers, metrics, mitigate, parallel, report, results, stages, train
 from fqjax import config as config_lib
 from fqjax import data as data_lib
-from fqjax import claims, layers, metrics, mitigate, parallel, ptq, quant, report, results, train
-from fqjax.errors import FqjaxError, InputError, MissingFileError, WorkdirError
-from fqjax.explain import curvature as curvature_lib
-from fqjax.explain import forward as forward_lib
+from fqjax import workdir as workdir_lib
+from fqjax.cache import data_identity, stage_key, train_key
+from fqjax.errors import FqjaxError, MissingFileError
 from fqjax.models import get_model
 
 log = logging.getLogger("fqjax")
 
-TRAIN_SECTIONS = ("data", "model", "train")
-PTQ_SECTIONS = ("data", "model", "train", "ptq", "eval")
-MITIGATE_SECTIONS = ("data", "model", "train", "ptq", "mitigate", "eval")
-EXPLAIN_SECTIONS = ("data", "model", "train", "ptq", "explain", "eval")
 
+# ----------------------------------------------------------------------------
+# One run
+# ----------------------------------------------------------------------------
 
-class Study:
-  """One study: config, workdir, loaded data, model and the results dict, shared by the stages."""
+@dataclasses.dataclass
+class _Run:
+  """What the runner holds during one run; stages never see it (they get explicit arguments)."""
+  config: ml_collections.ConfigDict
+  workdir: str
+  splits: data_lib.Splits
+  model: object
+  layer_names: list
+  mesh: object
+  data_id: str
+  progress: bool
+  force: bool
+  results: dict = dataclasses.field(default_factory=dict)
+  trained: dict = dataclasses.field(default_factory=dict)  # seed -> trained variables (loaded once)
+  changed: bool = False  # whether results changed in this run (the report is redrawn only then)
 
-  def __init__(self, config: ml_collections.ConfigDict, workdir: str, *, progress: bool = True):
-    self.config = config
-    self.workdir = workdir
-    self.progress = progress
-    self.seeds = config_lib.seeds_of(config)
-    self.is_writer = jax.process_index() == 0
-    t0 = time.perf_counter()
-    self.splits = data_lib.load(config)
-    self.data_s = time.perf_counter() - t0
-    self.info = self.splits.info
-    self.model = build_model(config, self.info)
-    self.mesh = parallel.data_mesh(config.parallel.num_devices) if config.parallel.data_parallel else None
-    sample = self.splits.train.x[:2]
-    self.layer_names = layers.quant_layer_names(self.model, sample)
-    self.changed = False  # whether a stage of this invocation did work (the report is redrawn only then)
-    self.retrained: set = set()  # seeds whose training ran in this invocation: downstream entries are stale
-    path = os.path.join(workdir, "results.json")
-    self.results = results.read_results_file(path) if os.path.exists(path) else results.new_results()
-    self.results.update({"config": config.to_dict(), "seeds": self.seeds,
-                         "dataset": self.splits.to_dict(),
-                         "model": {"name": resolved_model_name(config, self.info),
-                                   "num_params": _num_params(self.model, sample),
-                                   "layer_names": self.layer_names}})
+  @property
+  def seeds(self) -> list[int]:
+    return config_lib.seeds_of(self.config)
 
-  def ckpt_dir(self, seed: int, stage: str = "train") -> str:
-    return os.path.abspath(os.path.join(self.workdir, "checkpoints", f"seed_{seed}", stage))
+  @property
+  def writer(self) -> bool:
+    return jax.process_index() == 0  # multi-host: only process 0 writes results
 
-  def save(self) -> None:
-    if not self.is_writer:
-      return  # multi-host: only process 0 writes results
-    self.results["updated"] = results.now()
-    self.results["claims"] = claims.check_claims(self.results)  # always from the results as they stand
-    results.validate(self.results)
-    # config.json is written with the results, so it always describes what the workdir holds.
-    results.atomic_write_text(os.path.join(self.workdir, "config.json"),
-                              self.config.to_json_best_effort(indent=1) + "\n")
-    results.write_json(os.path.join(self.workdir, "results.json"), self.results)
-    results.write_csv(os.path.join(self.workdir, "results.csv"), results.csv_rows(self.results))
+  def ckpt_dir(self, seed: int, *parts: str) -> str:
+    return os.path.abspath(os.path.join(self.workdir, "checkpoints", f"seed_{seed}", *(parts or ("train",))))
+
+  def train_entry(self, seed: int) -> tuple[Optional[dict], Optional[str]]:
+    section = self.results.get("train") or {}
+    return section.get("per_seed", {}).get(str(seed)), section.get("keys", {}).get(str(seed))
+
+  def key(self, stage: str, seed: int) -> Optional[str]:
+    if stage == "train":
+      return train_key(self.config, self.data_id, seed)
+    return stage_key(self.config, stage, *self.train_entry(seed))
+
+  def trained_variables(self, seed: int) -> dict:
+    if seed not in self.trained:
+      loaded = train.load_trained(self.model, self.splits, self.config.train, seed, self.ckpt_dir(seed))
+      if loaded is None:
+        raise MissingFileError(
+            f"no finished training checkpoint for seed {seed} in {self.ckpt_dir(seed)}. Rerun with the train "
+            "stage included (no --stages, or e.g. --stages=train,ptq): it trains exactly the seeds whose "
+            "checkpoints are missing and reuses the others.")
+      self.trained[seed] = loaded["variables"]
+    return self.trained[seed]
+
+  def load_trained(self, seeds: Sequence[int]) -> None:
+    """Loads (and checks) the trained variables of ``seeds`` before a stage computes anything, so an
+    unreadable checkpoint stops the stage before it has written a single entry."""
+    for seed in seeds:
+      self.trained_variables(seed)
+
+  def save_progress(self, stage: str) -> None:
+    """results.json after one entry (a killed run keeps it); summaries and claims wait for the stage's end."""
+    if self.writer:
+      for key in ("summary", "best", "missing_seeds"):
+        self.results.get(stage, {}).pop(key, None)
+      self.results.pop("claims", None)
+      self.results["updated"] = results.now()
+      results.write_json(os.path.join(self.workdir, "results.json"), self.results)
 
 
 def resolved_model_name(config, info) -> str:
@@ -93,6 +116,7 @@ def build_model(config, info):
   kwargs = dict(config.model.kwargs.to_dict()) if hasattr(config.model.kwargs, "to_dict") else dict(
       config.model.kwargs or {})
   if config.model.get("compute_dtype", "float32") == "bfloat16":
+    import jax.numpy as jnp
     kwargs["dtype"] = jnp.bfloat16
   return get_model(resolved_model_name(config, info), info.num_classes, **kwargs)
 
@@ -102,341 +126,306 @@ def _num_params(model, sample) -> int:
   return int(sum(np.prod(a.shape) for a in jax.tree_util.tree_leaves(shapes["params"])))
 
 
+def _open(config, workdir: str, progress: bool, force: bool) -> _Run:
+  """Loads the data and builds the model (before the workdir exists: bad data leaves nothing behind)."""
+  t0 = time.perf_counter()
+  splits = data_lib.load(config)
+  data_s = time.perf_counter() - t0
+  model = build_model(config, splits.info)
+  mesh = parallel.data_mesh(config.parallel.num_devices) if config.parallel.data_parallel else None
+  sample = splits.train.x[:2]
+  r = _Run(config=config, workdir=workdir, splits=splits, model=model, layer_names=layers.quant_layer_names(model, sample),
+           mesh=mesh, data_id=data_identity(splits), progress=progress, force=force)
+  r.results = {"timings": {"data": data_s}, "model": {"num_params": _num_params(model, sample)}}
+  return r
+
+
+def _read_results(r: _Run) -> None:
+  """results.json of the workdir (or new ones) with this run's metadata and stale entries dropped."""
+  path = os.path.join(r.workdir, "results.json")
+  existing = results.read_results_file(path) if os.path.exists(path) else results.new_results()
+  fresh, r.results = r.results, existing
+  r.results["timings"]["data"] = fresh["timings"]["data"]
+  r.results.update({"config": r.config.to_dict(), "seeds": r.seeds, "dataset": {**r.splits.to_dict(),
+                    "identity": r.data_id},
+                    "model": {"name": resolved_model_name(r.config, r.splits.info),
+                              "num_params": fresh["model"]["num_params"], "layer_names": r.layer_names}})
+  _drop_stale(r)
+
+
+def _drop_stale(r: _Run) -> None:
+  """Drops entries of seeds no longer configured and entries whose key no longer matches."""
+  for stage in ("train", "ptq", "explain", "mitigate"):
+    section = r.results.get(stage)
+    if section is None:
+      continue
+    section.pop("fingerprint", None)  # written by fqjax before the cache rule; never matches a key
+    keys = section.setdefault("keys", {})
+    for seed in list(section.get("per_seed", {})):
+      expected = r.key(stage, int(seed)) if int(seed) in r.seeds else None
+      if expected is None or keys.get(seed) != expected:
+        why = "not configured" if int(seed) not in r.seeds else "its inputs changed"
+        log.info("%s seed %s: dropped from the results (%s)", stage, seed, why)
+        section["per_seed"].pop(seed)
+        keys.pop(seed, None)
+        section.get("sweep_s", {}).pop(seed, None)
+        r.changed = True
+    for seed in list(keys):
+      if seed not in section.get("per_seed", {}):
+        keys.pop(seed)
+
+
 # ----------------------------------------------------------------------------
-# Stages
+# Stages: what to compute (the computing is in fqjax.stages and fqjax.mitigate)
 # ----------------------------------------------------------------------------
 
-def stage_train(study: Study, force: bool) -> bool:
-  cfg = study.config
-  fp = config_lib.fingerprint(cfg, TRAIN_SECTIONS)
-  section = study.results.get("train")
-  if section is not None and section.get("fingerprint") != fp:
-    if not force:
-      raise InputError(
-          f"{study.workdir} holds a training run made with a different data/model/train config. "
-          "Use a new --workdir, or --force to delete those checkpoints and retrain.")
-    section = None
-  if section is None or force:
-    section = {"fingerprint": fp, "per_seed": {}}
+def _train(r: _Run) -> bool:
+  cfg = r.config
+  section = r.results.setdefault("train", {"keys": {}, "per_seed": {}})
   ran = False
-  for seed in study.seeds:
-    key = str(seed)
-    if force and key not in section["per_seed"]:
-      shutil.rmtree(study.ckpt_dir(seed), ignore_errors=True)
-    if key in section["per_seed"] and not force:
-      if train.finished_epochs(study.ckpt_dir(seed)) == cfg.train.epochs - 1:
-        log.info("train seed %d: done already, skipped", seed)
-        continue
+  for seed in r.seeds:
+    key, folder = r.key("train", seed), r.ckpt_dir(seed)
+    entry = section["per_seed"].get(str(seed))
+    finished = train.finished_epochs(folder) == cfg.train.epochs - 1 and workdir_lib.checkpoint_key(folder) == key
+    if entry is not None and finished and not r.force:
+      log.info("train seed %d: done already, skipped", seed)
+      continue
+    if entry is not None and not r.force:
       log.warning("train seed %d: results.json has it but its finished checkpoint in %s is missing; retraining "
-                  "this seed (resuming from an earlier epoch's checkpoint if one is left)", seed, study.ckpt_dir(seed))
-    log.info("train seed %d: %d epochs of %s on %s", seed, cfg.train.epochs, study.results["model"]["name"],
-             study.info.name)
-    ran = True
-    study.retrained.add(seed)
-    out = train.fit(study.model, study.splits, cfg.train, seed, study.ckpt_dir(seed), mesh=study.mesh,
-                    progress=study.progress)
-    kw = dict(group_is_label=study.info.group_is_label, batch_size=cfg.eval.batch_size, mesh=study.mesh)
-    val = train.evaluate(study.model, out["variables"], study.splits.val, study.info.num_groups, **kw)
-    test = train.evaluate(study.model, out["variables"], study.splits.test, study.info.num_groups, **kw)
-    section["per_seed"][key] = {"history": out["history"], "val": val, "test": test, "wall_s": out["wall_s"],
-                                "epochs_run": out["epochs_run"], "resumed_from": out["resumed_from"],
-                                "sample_counts": out["sample_counts"]}
+                  "this seed (resuming from an earlier epoch's checkpoint if one is left)", seed, folder)
+    workdir_lib.claim_checkpoints(folder, key, fresh=r.force)
+    log.info("train seed %d: %d epochs of %s on %s", seed, cfg.train.epochs, r.results["model"]["name"],
+             r.splits.info.name)
+    record, r.trained[seed] = stages.train_seed(r.model, r.splits, cfg.train, cfg.eval, seed, folder, mesh=r.mesh,
+                                                progress=r.progress)
+    section["per_seed"][str(seed)], section["keys"][str(seed)] = record, key
+    test = record["test"]
     log.info("train seed %d: test accuracy %.4f, worst group %.4f, fairness violation %.4f", seed,
              test["accuracy"], test["worst_group_accuracy"], test["fairness_violation"])
-    study.results["train"] = section
-    study.save()  # after each seed, so a killed multi-seed run keeps finished seeds
-  section["summary"] = metrics.summarize_over_seeds([section["per_seed"][str(s)]["test"] for s in study.seeds])
-  study.results["train"] = section
-  return ran
-
-
-def load_trained_variables(study: Study, seed: int) -> dict:
-  loaded = train.load_trained(study.model, study.splits, study.config.train, seed, study.ckpt_dir(seed))
-  if loaded is None:
-    raise MissingFileError(
-        f"no finished training checkpoint for seed {seed} in {study.ckpt_dir(seed)}. Rerun with the train "
-        "stage included (no --stages, or e.g. --stages=train,ptq): it trains exactly the seeds whose "
-        "checkpoints are missing and reuses the others.")
-  return loaded["variables"]
-
-
-def stage_ptq(study: Study, force: bool) -> bool:
-  cfg = study.config
-  p = cfg.ptq
-  fp = config_lib.fingerprint(cfg, PTQ_SECTIONS)
-  section = study.results.get("ptq")
-  done = section is not None and section.get("fingerprint") == fp and not study.retrained and all(
-      str(s) in section["per_seed"] for s in study.seeds)
-  if done and not force:
-    log.info("ptq: done already for this config, skipped")
-    return False
-  bit_widths = [int(b) for b in p.bit_widths]
-  specs = ptq.sweep_specs(bit_widths, p.a_bits)
-  bits_trees = [s.bits_tree(study.layer_names) for s in specs]
-  model = study.model.clone(per_channel=p.per_channel, fold_bn=p.fold_bn)
-  num_params = study.results["model"]["num_params"]
-  mode = ptq.resolve_mode(p.sweep_mode, num_params)
-  test = study.splits.test
-  section = {"fingerprint": fp, "bit_widths": bit_widths, "a_bits": p.a_bits, "per_channel": p.per_channel,
-             "fold_bn": p.fold_bn, "sweep_mode": mode, "per_seed": {}}
-  for seed in study.seeds:
-    variables = load_trained_variables(study, seed)
-    needs_calibration = any(s.a_bits is not None for s in specs)
-    calib = ptq.calibration_batches(study.splits.train.x, p.calibration_batch_size, p.calibration_batches,
-                                    seed) if needs_calibration else None
-    variables = ptq.prepare_variables(model, variables, calib, p.calibration)
-    t0 = time.perf_counter()
-    logits = ptq.sweep_logits(model, variables, test.x, bits_trees, batch_size=cfg.eval.batch_size, mode=mode,
-                              mesh=study.mesh)
-    sweep_s = time.perf_counter() - t0
-    # Reference: the trained model as it was trained (no folding, no quantizer in the graph).
-    ref_logits = train.predict(study.model, {k: variables[k] for k in ("params", "batch_stats")}, test.x,
-                               cfg.eval.batch_size, study.mesh)
-    ref = metrics.group_metrics(ref_logits, test.y, test.group, study.info.num_groups,
-                                group_is_label=study.info.group_is_label)
-    by_bits = {}
-    for i, (b, spec) in enumerate(zip(bit_widths, specs)):
-      m = metrics.group_metrics(logits[i], test.y, test.group, study.info.num_groups,
-                                group_is_label=study.info.group_is_label, reference=ref)
-      size = quant.storage_size(variables["params"], layers.weight_bits_by_layer(spec, study.layer_names),
-                                per_channel=p.per_channel)
-      m["size_bytes"] = size["bytes"]
-      if cfg.eval.bootstrap_resamples:
-        correct = logits[i].argmax(-1) == test.y
-        m["fairness_violation_ci"] = metrics.bootstrap_fairness_violation(
-            correct, test.group, study.info.num_groups, num_resamples=cfg.eval.bootstrap_resamples, seed=seed)
-      by_bits[str(b)] = m
-    section["per_seed"][str(seed)] = by_bits
-    section.setdefault("sweep_s", {})[str(seed)] = sweep_s
-    log.info("ptq seed %d: %s", seed, ", ".join(
-        f"{b}b acc {by_bits[str(b)]['accuracy']:.3f} fv {by_bits[str(b)]['fairness_violation']:.3f}"
-        for b in bit_widths))
-  section["summary"] = {str(b): metrics.summarize_over_seeds([section["per_seed"][str(s)][str(b)]
-                                                              for s in study.seeds]) for b in bit_widths}
-  study.results["ptq"] = section
-  return True
-
-
-def stage_explain(study: Study, force: bool) -> bool:
-  """Forward chain (test split) and curvature (train split) per group, seed and bit-width."""
-  cfg = study.config
-  e, p = cfg.explain, cfg.ptq
-  fp = config_lib.fingerprint(cfg, EXPLAIN_SECTIONS)
-  section = study.results.get("explain")
-  bit_widths = [int(b) for b in (e.bit_widths or p.bit_widths)]
-  if section is None or section.get("fingerprint") != fp or force:
-    section = {"fingerprint": fp, "bit_widths": bit_widths, "curvature_split": e.curvature_split,
-               "forward_split": e.forward_split, "per_seed": {},
-               "group_sizes": study.info.counts["train"]}
-  specs = ptq.sweep_specs(bit_widths, p.a_bits)
-  model = study.model.clone(per_channel=p.per_channel, fold_bn=p.fold_bn)
-  fwd, curv = study.splits[e.forward_split], study.splits[e.curvature_split]
-  ran = False
-  for seed in study.seeds:
-    if seed in study.retrained:
-      section["per_seed"].pop(str(seed), None)
-    entries = section["per_seed"].setdefault(str(seed), {})
-    todo = [(b, s) for b, s in zip(bit_widths, specs) if str(b) not in entries]
-    if not todo:
-      continue
     ran = True
-    variables = load_trained_variables(study, seed)
-    calib = None
-    if any(s.a_bits is not None for _, s in todo):
-      calib = ptq.calibration_batches(study.splits.train.x, p.calibration_batch_size, p.calibration_batches, seed)
-    variables = ptq.prepare_variables(model, variables, calib, p.calibration)
-    for bits, spec in todo:
-      t0 = time.perf_counter()
-      tree = spec.bits_tree(study.layer_names)
-      entry = forward_lib.forward_chain(model, variables, tree, fwd.x, fwd.y, fwd.group, study.info.num_groups,
-                                    study.layer_names, batch_size=cfg.eval.batch_size)
-      if e.curvature:
-        entry["curvature"] = _curvature(model, variables, tree, curv, study, e, seed)
-      entry["wall_s"] = time.perf_counter() - t0
-      entries[str(bits)] = entry
-      log.info("explain seed %d %d-bit: %.1f s", seed, bits, entry["wall_s"])
-      study.results["explain"] = section
-      study.save()
-  study.results["explain"] = section
+    _drop_stale(r)  # a retrained seed with new variables makes its later entries stale
+    r.save_progress("train")
   return ran
 
 
-def _curvature(model, variables, bits_tree, split, study, e, seed) -> dict:
-  """Per-group gradient norms and Lanczos top-k Hessian eigenvalues at the (dequantized) weights."""
-  num_groups = study.info.num_groups
-  # Activation bits are not a change of params: curvature is taken at the dequantized weights only.
-  kw = dict(bits=bits_tree, batch_size=e.batch_size, activations="ignore")
-  grads = curvature_lib.group_gradient_norms(model, variables, split.x, split.y, split.group, num_groups, **kw)
-  eig = curvature_lib.group_top_eigenvalues(model, variables, split.x, split.y, split.group, num_groups, k=e.top_k,
-                                      max_iters=e.lanczos_max_iters, tol=e.lanczos_tol, seed=seed,
-                                      trace_probes=e.trace_probes, **kw)
-  sizes = study.info.counts["train"]
-  out = {"grad_norm": grads["norms"].tolist(), "loss": grads["loss"].tolist(),
-         "top_eigenvalue": eig["eigenvalues"][:, 0].tolist(), "top_k_eigenvalues": eig["eigenvalues"].tolist(),
-         "num_hvps": eig["num_hvps"].tolist(), "converged": eig["converged"].tolist(),
-         "spearman_size_grad_norm": curvature_lib.spearman(sizes, grads["norms"]),
-         "spearman_size_top_eigenvalue": curvature_lib.spearman(sizes, eig["eigenvalues"][:, 0])}
-  if e.trace_probes:
-    out["trace"], out["trace_std"] = eig["trace"].tolist(), eig["trace_std"].tolist()
-  return out
+def _ptq(r: _Run) -> bool:
+  p = r.config.ptq
+  section = r.results.setdefault("ptq", {"keys": {}, "per_seed": {}})
+  section.update(bit_widths=[int(b) for b in p.bit_widths], a_bits=p.a_bits, per_channel=p.per_channel,
+                 fold_bn=p.fold_bn)
+  section.setdefault("sweep_s", {})
+  todo = [s for s in r.seeds if str(s) not in section["per_seed"] or r.force
+          or section["keys"].get(str(s)) != r.key("ptq", s)]
+  for seed in sorted(set(r.seeds) - set(todo)):
+    log.info("ptq seed %d: done already, skipped", seed)
+  r.load_trained(todo)
+  for seed in todo:
+    key = r.key("ptq", seed)
+    out = stages.ptq_seed(r.model, r.trained_variables(seed), r.splits, p, r.config.eval, r.layer_names, seed,
+                          mesh=r.mesh)
+    section["per_seed"][str(seed)], section["keys"][str(seed)] = out["by_bits"], key
+    section["sweep_s"][str(seed)], section["sweep_mode"] = out["sweep_s"], out["sweep_mode"]
+    log.info("ptq seed %d: %s", seed, ", ".join(f"{b}b acc {m['accuracy']:.3f} fv {m['fairness_violation']:.3f}"
+                                               for b, m in out["by_bits"].items()))
+    r.save_progress("ptq")
+  return bool(todo)
 
 
-def stage_mitigate(study: Study, force: bool) -> bool:
-  cfg = study.config
-  m = cfg.mitigate
-  fp = config_lib.fingerprint(cfg, MITIGATE_SECTIONS)
-  section = study.results.get("mitigate")
-  if section is None or section.get("fingerprint") != fp or force:
-    if section is not None or force:
-      log.info("mitigate: config changed or --force; earlier QAT checkpoints are deleted")
-      for seed in study.seeds:
-        shutil.rmtree(study.ckpt_dir(seed, "mitigate"), ignore_errors=True)
-    section = {"fingerprint": fp, "bit_widths": list(m.bit_widths), "methods": list(m.methods), "per_seed": {}}
-  ran = False
-  t0 = time.perf_counter()
-  for seed in study.seeds:
-    fp_vars = None
-    if seed in study.retrained and str(seed) in section["per_seed"]:
-      section["per_seed"].pop(str(seed))
-      shutil.rmtree(study.ckpt_dir(seed, "mitigate"), ignore_errors=True)
-    entries = section["per_seed"].setdefault(str(seed), {})
+def _entries(r: _Run, stage: str, names: Sequence[str]) -> Callable[[int], dict]:
+  """Per seed, the stage's dict of entries with a matching key, keeping only the configured ``names``."""
+  section = r.results[stage]
+
+  def entries(seed: int) -> dict:
+    key = r.key(stage, seed)
+    if section["keys"].get(str(seed)) != key or r.force:
+      section["per_seed"][str(seed)] = {}
+    section["keys"][str(seed)] = key
+    kept = {k: v for k, v in section["per_seed"].setdefault(str(seed), {}).items() if k in names}
+    section["per_seed"][str(seed)] = kept
+    return kept
+
+  return entries
+
+
+def _explain(r: _Run) -> bool:
+  xcfg, pcfg = r.config.explain, r.config.ptq
+  bit_widths = [int(b) for b in (xcfg.bit_widths or pcfg.bit_widths)]
+  section = r.results.setdefault("explain", {"keys": {}, "per_seed": {}})
+  section.update(bit_widths=bit_widths, curvature_split=xcfg.curvature_split, forward_split=xcfg.forward_split,
+                 group_sizes=r.splits.info.counts["train"])
+  entries_of, ran = _entries(r, "explain", [str(b) for b in bit_widths]), False
+  r.load_trained([s for s in r.seeds if any(str(b) not in entries_of(s) for b in bit_widths)])
+  for seed in r.seeds:
+    entries = entries_of(seed)
+    for bits in bit_widths:
+      if str(bits) in entries:
+        continue
+      entries[str(bits)] = stages.explain_entry(r.model, r.trained_variables(seed), r.splits, xcfg, pcfg,
+                                                r.config.eval, r.layer_names, bits, seed)
+      log.info("explain seed %d %d-bit: %.1f s", seed, bits, entries[str(bits)]["wall_s"])
+      ran = True
+      r.save_progress("explain")
+  return ran
+
+
+def _mitigate(r: _Run) -> bool:
+  cfg, m = r.config, r.config.mitigate
+  section = r.results.setdefault("mitigate", {"keys": {}, "per_seed": {}})
+  section.update(bit_widths=list(m.bit_widths), methods=list(m.methods))
+  names = list(m.methods)
+  entries_of, ran, t0 = _entries(r, "mitigate", names), False, time.perf_counter()
+  r.load_trained([s for s in r.seeds if any(str(b) not in entries_of(s).get(mth, {})
+                                            for mth in m.methods for b in m.bit_widths)])
+  for seed in r.seeds:
+    entries, fp_test = entries_of(seed), None
     for method in m.methods:
       for bits in m.bit_widths:
         if str(bits) in entries.get(method, {}):
           continue
-        ran = True
-        if fp_vars is None:
-          fp_vars = load_trained_variables(study, seed)
-          fp_test = train.evaluate(study.model, fp_vars, study.splits.test, study.info.num_groups,
-                                   group_is_label=study.info.group_is_label, batch_size=cfg.eval.batch_size,
-                                   mesh=study.mesh)
-        ckpt = os.path.join(study.ckpt_dir(seed, "mitigate"), f"{method}_w{bits}")
-        r = mitigate.run_method(study, method, int(bits), seed, fp_vars, fp_test, ckpt)
-        entries.setdefault(method, {})[str(bits)] = r
+        if fp_test is None:
+          fp_test = train.evaluate(r.model, r.trained_variables(seed), r.splits.test, r.splits.info.num_groups,
+                                   group_is_label=r.splits.info.group_is_label, batch_size=cfg.eval.batch_size,
+                                   mesh=r.mesh)
+        folder = r.ckpt_dir(seed, "mitigate", f"{method}_w{bits}")
+        workdir_lib.claim_checkpoints(folder, r.key("mitigate", seed), fresh=r.force)
+        out = mitigate.run_entry(r.model, r.trained_variables(seed), fp_test, r.splits, m, cfg.ptq, cfg.eval,
+                                 cfg.train, r.layer_names, method, int(bits), seed, folder, mesh=r.mesh)
+        entries.setdefault(method, {})[str(bits)] = out
         log.info("mitigate seed %d %s %d-bit: acc %.3f worst %.3f fv %.3f (%.1f s)", seed, method, bits,
-                 r["accuracy"], r["worst_group_accuracy"], r["fairness_violation"], r["train_s"])
-        study.results["mitigate"] = section
-        study.save()  # after every entry: a killed run keeps what it finished
-  section.update(mitigate.summarize(section["per_seed"], m.methods, m.bit_widths, study.seeds))
+                 out["accuracy"], out["worst_group_accuracy"], out["fairness_violation"], out["train_s"])
+        ran = True
+        r.save_progress("mitigate")
+    for method in list(entries):  # bit-widths no longer configured
+      entries[method] = {b: v for b, v in entries[method].items() if int(b) in m.bit_widths}
   if ran:
     section["wall_s"] = time.perf_counter() - t0
-  study.results["mitigate"] = section
   return ran
 
 
-def stage_report(study: Study, force: bool) -> bool:
-  if not (study.changed or force) and os.path.exists(os.path.join(study.workdir, "report.html")):
+def _report(r: _Run) -> bool:
+  if not (r.changed or r.force) and os.path.exists(os.path.join(r.workdir, "report.html")):
     log.info("report: no stage changed the results, skipped")
     return False
-  if study.is_writer:  # multi-host: only process 0 writes
-    out = report.write_report(study.workdir, study.results)
+  if r.writer:
+    out = report.write_report(r.workdir, r.results)
     log.info("report: %s", out["html"])
   return True
 
 
-# Each stage returns whether it did any work (False: skipped, outputs already in the workdir).
-STAGE_FUNCTIONS: dict[str, Callable[[Study, bool], bool]] = {
-    "train": stage_train, "ptq": stage_ptq, "explain": stage_explain, "mitigate": stage_mitigate,
-    "report": stage_report}
+STAGE_FUNCTIONS: dict[str, Callable[[_Run], bool]] = {
+    "train": _train, "ptq": _ptq, "explain": _explain, "mitigate": _mitigate, "report": _report}
 
 
 def available_stages() -> list[str]:
   return [s for s in config_lib.STAGES if s in STAGE_FUNCTIONS]
 
 
+# ----------------------------------------------------------------------------
+# Summaries, claims and the result files
+# ----------------------------------------------------------------------------
+
+def _missing_seeds(r: _Run, stage: str) -> list[int]:
+  section = r.results.get(stage) or {}
+  per_seed = section.get("per_seed", {})
+  if stage == "explain":
+    bits = section.get("bit_widths", [])
+    return [s for s in r.seeds if any(str(b) not in per_seed.get(str(s), {}) for b in bits)]
+  if stage == "mitigate":
+    return [s for s in r.seeds if any(str(b) not in per_seed.get(str(s), {}).get(mth, {})
+                                      for mth in section.get("methods", []) for b in section.get("bit_widths", []))]
+  if stage == "ptq":
+    bits = section.get("bit_widths", [])
+    return [s for s in r.seeds if sorted(per_seed.get(str(s), {})) != sorted(str(b) for b in bits)]
+  return [s for s in r.seeds if str(s) not in per_seed]
+
+
+def _summarize(r: _Run) -> list[str]:
+  """Summaries of every complete section over exactly the configured seeds; returns the incomplete stages."""
+  incomplete = []
+  for stage in ("train", "ptq", "explain", "mitigate"):
+    section = r.results.get(stage)
+    if section is None:
+      continue
+    section.pop("summary", None)
+    section.pop("best", None)
+    missing = _missing_seeds(r, stage)
+    section["missing_seeds"] = missing
+    if missing:
+      incomplete.append(stage)
+      continue
+    per_seed = section["per_seed"]
+    if stage == "train":
+      section["summary"] = metrics.summarize_over_seeds([per_seed[str(s)]["test"] for s in r.seeds])
+    elif stage == "ptq":
+      section["summary"] = {str(b): metrics.summarize_over_seeds([per_seed[str(s)][str(b)] for s in r.seeds])
+                            for b in section["bit_widths"]}
+    elif stage == "mitigate":
+      section.update(mitigate.summarize(per_seed, section["methods"], section["bit_widths"], r.seeds))
+  return incomplete
+
+
+def _claims(r: _Run, incomplete: list[str]) -> dict:
+  """The claims on the complete sections; a claim resting on an incomplete one says which seeds it lacks."""
+  complete = {k: v for k, v in r.results.items() if k not in incomplete}
+  out = claims.check_claims(complete)
+  for stage in incomplete:
+    said = f"the {stage} stage did not run"
+    missing = r.results[stage]["missing_seeds"]
+    for claim in out.values():
+      if isinstance(claim, dict) and claim.get("why") == said:
+        claim["why"] = f"the {stage} stage has no results yet for seeds {missing} (rerun with that stage)"
+  return out
+
+
+def _finalize(r: _Run) -> None:
+  """Summaries, claims, validation, then results.json, results.csv and config.json (atomically)."""
+  incomplete = _summarize(r)
+  r.results["claims"] = _claims(r, incomplete)
+  if not r.writer:
+    return
+  r.results["updated"] = results.now()
+  results.validate(r.results)
+  # config.json is written with the results, so it always describes what the workdir holds.
+  results.atomic_write_text(os.path.join(r.workdir, "config.json"), r.config.to_json_best_effort(indent=1) + "\n")
+  results.write_json(os.path.join(r.workdir, "results.json"), r.results)
+  results.write_csv(os.path.join(r.workdir, "results.csv"), results.csv_rows(r.results))
+
+
 def run(config: ml_collections.ConfigDict, workdir: str, stages: Optional[Sequence[str]] = None, *,
         force: bool = False, progress: bool = True) -> dict:
-  """Runs the selected stages (default: every available stage) and returns the results dict."""
+  """Runs the selected stages (default: every available stage) and returns the results dict.
+
+  The returned dict also holds "last_run": {"stages": {stage: seconds or "skipped"}, "total_s"}
+  for this call (not written to results.json). A run with nothing to do changes no file.
+  """
   t_start = time.perf_counter()
   config_lib.validate_config(config)
-  if stages is None:
-    stages = available_stages()
-  else:
-    stages = config_lib.check_stages(stages)
-  _check_workdir(workdir)
-  study = Study(config, workdir, progress=progress)  # data errors stop here, before the workdir is made
-  _make_workdir(workdir)
-  _attach_log_file(workdir)
-  study.results["timings"]["data"] = study.data_s
-  last_run = {"data": study.data_s}  # this invocation's wall times; "skipped" for stages with nothing to do
-  for stage in stages:
-    t0 = time.perf_counter()
-    try:
-      ran = STAGE_FUNCTIONS[stage](study, force)
-    except FqjaxError as e:
-      log.error("stage %s: %s", stage, e)
-      raise
-    if ran:
-      study.changed = True
-      last_run[stage] = study.results["timings"][stage] = time.perf_counter() - t0
-      log.info("stage %s finished in %.1f s", stage, last_run[stage])
-      study.save()  # only after work: a run with nothing to do (or that fails) leaves the workdir as it was
+  stages = available_stages() if stages is None else config_lib.check_stages(stages)
+  workdir_lib.check_workdir(workdir)
+  r = _open(config, workdir, progress, force)  # data errors stop here, before the workdir is made
+  workdir_lib.make_workdir(workdir)
+  lock = workdir_lib.workdir_lock(workdir) if r.writer else contextlib.nullcontext()
+  with lock, workdir_lib.log_file(workdir):
+    _read_results(r)
+    last_run = {"data": r.results["timings"]["data"]}
+    for stage in stages:
+      t0 = time.perf_counter()
+      try:
+        if stage == "report" and r.changed:
+          _finalize(r)  # the report reads the finished summaries and claims
+        ran = STAGE_FUNCTIONS[stage](r)
+      except FqjaxError as e:
+        log.error("stage %s: %s", stage, e)
+        raise
+      if ran:
+        r.changed = True
+        last_run[stage] = r.results["timings"][stage] = time.perf_counter() - t0
+        log.info("stage %s finished in %.1f s", stage, last_run[stage])
+      else:
+        last_run[stage] = "skipped"
+    if r.changed:
+      _finalize(r)
     else:
-      last_run[stage] = "skipped"
-  study.results["last_run"] = {"stages": last_run, "total_s": time.perf_counter() - t_start}
-  return study.results
-
-
-def _check_workdir(workdir: str) -> None:
-  if os.path.exists(workdir) and not os.path.isdir(workdir):
-    raise WorkdirError(f"--workdir {workdir} is a file, not a folder; choose another --workdir (or move the "
-                       "file away).")
-
-
-def _make_workdir(workdir: str) -> None:
-  try:
-    os.makedirs(workdir, exist_ok=True)
-  except OSError as e:
-    raise WorkdirError(f"--workdir {workdir} cannot be created ({e.strerror}); choose a folder you can write "
-                       "to.") from e
-
-
-def _attach_log_file(workdir: str) -> None:
-  path = os.path.abspath(os.path.join(workdir, "fqjax.log"))
-  log.setLevel(logging.INFO)
-  if not any(isinstance(h, logging.FileHandler) and h.baseFilename == path for h in log.handlers):
-    handler = logging.FileHandler(path)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    log.addHandler(handler)
-
-
-def format_claims(res: dict) -> str:
-  if "claims" not in res:
-    return ""
-  return "\n".join(f"  {name}: {c['verdict']}" + (f" ({c['why']})" if c.get("why") else "")
-                   for name, c in res["claims"].items() if isinstance(c, dict))
-
-
-def format_table(res: dict) -> str:
-  """A plain-text table of the PTQ sweep: accuracy, worst group, fairness violation (mean +- std).
-
-  A value with no data (a group with no test rows: mean null / NaN, n = 0) prints as ``empty``.
-  """
-  if "ptq" not in res:
-    return "(no ptq results)"
-
-  def value(x):
-    try:
-      x = float(x)
-    except (TypeError, ValueError):
-      return None
-    return x if np.isfinite(x) else None
-
-  def cell(ms):
-    mean, std = value((ms or {}).get("mean")), value((ms or {}).get("std"))
-    if mean is None:
-      return "empty"
-    return f"{mean:.3f}±{std:.3f}" if std is not None else f"{mean:.3f}"
-
-  names = res["dataset"]["group_names"]
-  lines = [f"{'bits':>4} {'size KB':>8} {'accuracy':>14} {'worst group':>14} {'fairness viol.':>15}  "
-           + " ".join(f"{n[:8]:>8}" for n in names)]
-  first_seed = str(res["seeds"][0])
-  for b in res["ptq"]["bit_widths"]:
-    s = res["ptq"]["summary"][str(b)]
-    size = res["ptq"]["per_seed"][first_seed][str(b)]["size_bytes"] / 1024
-    cell_k = lambda k: cell(s.get(k))
-    groups = " ".join(f"{cell({'mean': g.get('mean')}):>8}" for g in s["groups"]["accuracy"])
-    lines.append(f"{b:>4} {size:>8.1f} {cell_k('accuracy'):>14} {cell_k('worst_group_accuracy'):>14} "
-                 f"{cell_k('fairness_violation'):>15}  {groups}")
-  return "\n".join(lines)
+      r.results["claims"] = _claims(r, _summarize(r))  # same as on disk: nothing is written
+  r.results["last_run"] = {"stages": last_run, "total_s": time.perf_counter() - t_start}
+  return r.results

@@ -28,10 +28,13 @@ from typing import NamedTuple, Union
 
 import numpy as np
 
+from fqjax.choices import SAMPLING_METHODS
+
 Seed = Union[int, np.random.Generator]
 
-METHODS = ("none", "undersample", "oversample", "balanced", "fairqat")
+METHODS = SAMPLING_METHODS  # the config's choice tuple; _SAMPLERS has the same keys
 TARGET_STATISTICS = ("median", "mean")
+_STATISTICS = {"median": np.median, "mean": np.mean}  # fairqat's target statistic, keyed as TARGET_STATISTICS
 
 
 class SampleResult(NamedTuple):
@@ -173,6 +176,8 @@ def undersample(group, num_groups: int, seed: Seed, target: int | None = None) -
 
   t_g = min(n_g, target); ``target`` defaults to the smallest group's size
   (then every group ends up that size, and an empty group is an error).
+
+  group: [N] int ids in [0, num_groups); returns SampleResult (indices [M] int64, counts [G] int64).
   """
   counts = group_counts(group, num_groups)
   if target is None:
@@ -187,6 +192,8 @@ def oversample(group, num_groups: int, seed: Seed, target: int | None = None) ->
 
   t_g = max(n_g, target); every original row is kept. ``target`` defaults to
   the largest group's size. Every group must be non-empty.
+
+  group: [N] int ids in [0, num_groups); returns SampleResult (indices [M] int64, counts [G] int64).
   """
   counts = group_counts(group, num_groups)
   _require_nonempty(counts, "oversample")
@@ -200,6 +207,8 @@ def balanced(group, num_groups: int, seed: Seed, n_per_group: int | None = None)
   Groups with at least that many rows are subsampled without replacement; only
   smaller groups repeat rows. ``n_per_group`` defaults to floor(N / G), which
   keeps the epoch length close to the original.
+
+  group: [N] int ids in [0, num_groups); returns SampleResult (indices [M] int64, counts [G] int64).
   """
   counts = group_counts(group, num_groups)
   _require_nonempty(counts, "balanced")
@@ -217,45 +226,77 @@ def fairqat(group, num_groups: int, seed: Seed, target: Union[str, int] = "media
   A median target keeps the epoch near its original length while removing most
   of the imbalance, with fewer repeats of minority rows than oversampling to the
   largest group.
+
+  group: [N] int ids in [0, num_groups); returns SampleResult (indices [M] int64, counts [G] int64).
   """
   counts = group_counts(group, num_groups)
   _require_nonempty(counts, "fairqat")
   if isinstance(target, str):
-    if target not in TARGET_STATISTICS:
+    if target not in _STATISTICS:
       raise ValueError(
           f"fairqat target must be one of {TARGET_STATISTICS} or an int >= 1, got {target!r}.")
-    stat = np.median(counts) if target == "median" else np.mean(counts)
+    stat = _STATISTICS[target](counts)
     target = max(int(np.rint(stat)), 1)
   target = _check_target(target)
   return resample_to_counts(group, num_groups, np.full(len(counts), target, np.int64), seed)
+
+
+def all_rows(group, num_groups: int, seed: Seed = None) -> SampleResult:
+  """Method 'none': every row once, in order (indices 0..N-1); the seed is not used."""
+  counts = group_counts(group, num_groups)
+  return SampleResult(indices=np.arange(int(counts.sum()), dtype=np.int64), counts=counts)
+
+
+# method -> (sampler(group, num_groups, seed, **option), the name of its one option or None)
+_SAMPLERS = {
+    "none": (all_rows, None),
+    "undersample": (undersample, "target"),
+    "oversample": (oversample, "target"),
+    "balanced": (balanced, "n_per_group"),
+    "fairqat": (fairqat, "target"),
+}
+
+
+def _check_method(method: str) -> None:
+  if method not in _SAMPLERS:
+    raise ValueError(f"Unknown sampling method {method!r}; allowed: {METHODS}.")
+
+
+def target_option(method: str, target) -> dict:
+  """The options of ``sample_indices`` that give ``method`` the target ``target`` (config's sampling_target).
+
+  Returns {} when target is None, else {'target': target}, or {'n_per_group': target} for
+  'balanced'. Method 'none' takes no target (ValueError when one is given).
+  """
+  _check_method(method)
+  option = _SAMPLERS[method][1]
+  if target is None:
+    return {}
+  if option is None:
+    raise ValueError(f"sampling method {method!r} takes no target, got {target!r}.")
+  return {option: target}
 
 
 def sample_indices(group, num_groups: int, method: str, seed: Seed, **kwargs) -> SampleResult:
   """Dispatches on ``method`` (the config's ``sampling`` field).
 
   Args:
-    group: [N] int group ids.
+    group: [N] int group ids in [0, num_groups).
     num_groups: G.
     method: one of 'none' (all rows once, in order), 'undersample', 'oversample',
       'balanced', 'fairqat'.
     seed: int or np.random.Generator.
     **kwargs: the method's own option: ``target`` (undersample, oversample,
-      fairqat) or ``n_per_group`` (balanced).
+      fairqat) or ``n_per_group`` (balanced); see target_option.
 
   Returns:
-    SampleResult.
+    SampleResult: indices [M] int64, counts [G] int64.
   """
-  options = {"none": (), "undersample": ("target",), "oversample": ("target",),
-             "balanced": ("n_per_group",), "fairqat": ("target",)}
-  if method not in options:
-    raise ValueError(f"Unknown sampling method {method!r}; allowed: {METHODS}.")
-  unknown = sorted(set(kwargs) - set(options[method]))
+  _check_method(method)
+  fn, option = _SAMPLERS[method]
+  allowed = () if option is None else (option,)
+  unknown = sorted(set(kwargs) - set(allowed))
   if unknown:
     raise ValueError(
-        f"sampling method {method!r} takes the options {list(options[method])}, got unknown {unknown}.")
-  if method == "none":
-    counts = group_counts(group, num_groups)
-    return SampleResult(indices=np.arange(int(counts.sum()), dtype=np.int64), counts=counts)
-  fn = {"undersample": undersample, "oversample": oversample, "balanced": balanced,
-        "fairqat": fairqat}[method]
+        f"sampling method {method!r} takes the options {list(allowed)}, got unknown {unknown}.")
   return fn(group, num_groups, seed, **kwargs)

@@ -9,6 +9,7 @@ uninterrupted one. Host syncs happen once per epoch, not per step.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import hashlib
 import logging
@@ -257,13 +258,27 @@ def _weight_table(tcfg, counts: np.ndarray, group_losses: Optional[np.ndarray]) 
 def _epoch_rows(train_split, num_ids: int, ids: np.ndarray, tcfg, seed: int, epoch: int) -> np.ndarray:
   if tcfg.sampling == "none":
     return np.arange(len(train_split), dtype=np.int64)
-  kw = {} if tcfg.sampling_target is None else (
-      {"n_per_group": tcfg.sampling_target} if tcfg.sampling == "balanced" else {"target": tcfg.sampling_target})
+  kw = sampling.target_option(tcfg.sampling, tcfg.sampling_target)
   return sampling.sample_indices(ids, num_ids, tcfg.sampling, seed=seed * 100_003 + epoch, **kw).indices
 
 
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+  """What one ``fit`` call trains: fixed before the first epoch."""
+  model: nn.Module
+  splits: Any
+  tcfg: ml_collections.ConfigDict
+  seed: int
+  ckpt_dir: str
+  ids: np.ndarray          # [N] the group (or class) id of each training example: what weights and sampling see
+  num_ids: int
+  by_group: bool
+  bn_train_epochs: Optional[int]
+  mesh: Optional[parallel.Mesh]
+
+
 def fit(model: nn.Module, splits, tcfg: ml_collections.ConfigDict, seed: int, ckpt_dir: str, *,
-        bits: Optional[Mapping] = None, init_variables: Optional[Mapping] = None,
+        bits_tree: Optional[Mapping] = None, init_variables: Optional[Mapping] = None,
         bn_train_epochs: Optional[int] = None, extra_variables: Optional[Mapping] = None,
         init_group_losses: Optional[np.ndarray] = None, mesh: Optional[parallel.Mesh] = None,
         on_epoch_end: Optional[Callable[[int, dict], None]] = None, progress: bool = True) -> dict:
@@ -273,7 +288,7 @@ def fit(model: nn.Module, splits, tcfg: ml_collections.ConfigDict, seed: int, ck
     tcfg: config.train (epochs, batch_size, optimizer, learning_rate, momentum,
       weight_decay, warmup_epochs, sampling, sampling_target, loss_weights,
       weight_target, effective_beta, hardness_power, hardness_floor, eval_batch_size).
-    bits: a bits tree for quantization-aware training, None for full precision.
+    bits_tree: a "bits" tree for quantization-aware training, None for full precision.
     init_variables: start from these (fine-tuning) instead of a fresh init.
     bn_train_epochs: BatchNorm trains (batch statistics) for this many epochs, then
       is frozen (running statistics; folded when the model has fold_bn). None: never frozen.
@@ -287,96 +302,58 @@ def fit(model: nn.Module, splits, tcfg: ml_collections.ConfigDict, seed: int, ck
   Returns:
     {"variables", "history": [per-epoch dicts], "epochs_run", "resumed_from", "wall_s", "sample_counts"}.
   Raises:
-    TrainingDiverged naming the first step whose loss was not finite.
+    TrainingDiverged naming the first step whose loss was not finite; CorruptFileError for an
+    unreadable checkpoint in ``ckpt_dir``.
   """
-  info = splits.info
   train = splits.train
   if tcfg.weight_target not in WEIGHT_TARGETS:
     raise ValueError(f"config.train.weight_target must be one of {WEIGHT_TARGETS}, got {tcfg.weight_target!r}.")
   by_group = tcfg.weight_target == "group"
-  num_ids = info.num_groups if by_group else info.num_classes
-  ids = train.group if by_group else train.y
-  weight_key = "group" if by_group else "y"
-  steps_per_epoch = -(-len(_epoch_rows(train, num_ids, ids, tcfg, seed, 0)) // tcfg.batch_size)
-  tx = make_optimizer(tcfg, steps_per_epoch)
-  state = create_train_state(model, jax.random.PRNGKey(seed), train.x[:2], tx, init_variables)
+  plan = _Plan(model=model, splits=splits, tcfg=tcfg, seed=seed, ckpt_dir=ckpt_dir,
+               ids=train.group if by_group else train.y,
+               num_ids=splits.info.num_groups if by_group else splits.info.num_classes, by_group=by_group,
+               bn_train_epochs=bn_train_epochs, mesh=mesh)
+  steps_per_epoch = -(-len(_epoch_rows(train, plan.num_ids, plan.ids, tcfg, seed, 0)) // tcfg.batch_size)
+  state = create_train_state(model, jax.random.PRNGKey(seed), train.x[:2], make_optimizer(tcfg, steps_per_epoch),
+                             init_variables)
   if mesh is not None:
     parallel.check_divisible(tcfg.batch_size, mesh, "batch_size")
-  data = DeviceArrays(train.x, train.y, train.group,
-                      sharding=None if mesh is None else parallel.replicated(mesh))
+  extra = {**(extra_variables or {}), **({"bits": bits_tree} if bits_tree is not None else {})} or None
   mngr = checkpoint_manager(ckpt_dir)
   try:
-    return _fit_loop(model, splits, tcfg, seed, ckpt_dir, mngr, state, data, bits=bits, ids=ids, num_ids=num_ids,
-                     weight_key=weight_key, by_group=by_group, bn_train_epochs=bn_train_epochs,
-                     extra_variables=extra_variables, init_group_losses=init_group_losses, mesh=mesh,
-                     on_epoch_end=on_epoch_end, progress=progress)
+    return _fit_loop(plan, mngr, state, extra, init_group_losses, on_epoch_end, progress)
   finally:
     mngr.close()  # also on errors: an open manager's threads print noise at interpreter exit
 
 
-def _fit_loop(model, splits, tcfg, seed, ckpt_dir, mngr, state, data, *, bits, ids, num_ids, weight_key, by_group,
-              bn_train_epochs, extra_variables, init_group_losses, mesh, on_epoch_end, progress) -> dict:
-  """The body of ``fit`` once the state, data and checkpoint manager exist."""
-  info, train = splits.info, splits.train
-  extra = dict(extra_variables or {})
-  if bits is not None:
-    extra["bits"] = bits
-  extra = extra or None
-  history: list = []
+def _fit_loop(plan: _Plan, mngr, state, extra, init_group_losses, on_epoch_end, progress) -> dict:
+  """The epochs of ``fit`` from its latest checkpoint on."""
+  tcfg, mesh = plan.tcfg, plan.mesh
+  history, start_epoch, sample_counts = [], 0, None
   group_losses = None if init_group_losses is None else np.asarray(init_group_losses, np.float64)
-  start_epoch = 0
-  sample_counts = None
   restored = restore_checkpoint(mngr, state)
   if restored is not None:
     state, meta = restored
-    history = meta["history"]
+    history, start_epoch = meta["history"], int(meta["epoch"]) + 1
     group_losses = None if meta["val_group_losses"] is None else np.asarray(meta["val_group_losses"])
-    start_epoch = int(meta["epoch"]) + 1
     sample_counts = meta.get("sample_counts")  # the last epoch's draw, so a resumed run reports it too
-    log.info("resuming from checkpoint of epoch %d in %s", start_epoch - 1, ckpt_dir)
+    log.info("resuming from checkpoint of epoch %d in %s", start_epoch - 1, plan.ckpt_dir)
   if mesh is not None:
     state = parallel.put_tree(state, parallel.replicated(mesh))
     extra = None if extra is None else parallel.put_tree(extra, parallel.replicated(mesh))
-
+  train = plan.splits.train
+  data = DeviceArrays(train.x, train.y, train.group, sharding=None if mesh is None else parallel.replicated(mesh))
   t0 = time.perf_counter()
-  bar = tqdm(range(start_epoch, tcfg.epochs), desc=f"train seed {seed}", disable=not progress,
+  bar = tqdm(range(start_epoch, tcfg.epochs), desc=f"train seed {plan.seed}", disable=not progress,
              initial=start_epoch, total=tcfg.epochs, leave=False)
   for epoch in bar:
-    rows = _epoch_rows(train, num_ids, ids, tcfg, seed, epoch)
-    sample_counts = np.bincount(ids[rows], minlength=num_ids).tolist()
-    table = _weight_table(tcfg, np.bincount(ids[rows], minlength=num_ids), group_losses)
+    rows = _epoch_rows(train, plan.num_ids, plan.ids, tcfg, plan.seed, epoch)
+    sample_counts = np.bincount(plan.ids[rows], minlength=plan.num_ids).tolist()
+    table = _weight_table(tcfg, np.asarray(sample_counts), group_losses)
     table = jnp.asarray(table) if mesh is None else parallel.global_array(table, parallel.replicated(mesh))
-    plan = epoch_batches(rows, tcfg.batch_size, seed=seed * 1_000_003 + epoch)
-    step_fn = make_train_step(model, weight_key, bn_train_epochs is None or epoch < bn_train_epochs)
-    step_metrics = []
-    for idx, mask in zip(plan.idx, plan.mask):
-      batch = data.gather(idx, mask)
-      if mesh is not None:  # replicated -> split on the batch axis: a local slice, no communication
-        batch = jax.device_put(batch, parallel.batch_sharding(mesh))
-      state, m = step_fn(state, batch, table, extra)
-      step_metrics.append(m)
-    stacked = jax.device_get(jax.tree_util.tree_map(lambda *v: jnp.stack(v), *step_metrics))
-    bad = np.flatnonzero(~np.isfinite(stacked["loss"]))
-    if bad.size:
-      first = epoch * len(plan.idx) + int(bad[0])
-      last_good = mngr.latest_step()
-      mngr.wait_until_finished()
-      kept = (f"The last good checkpoint is epoch {last_good} in {ckpt_dir}." if last_good is not None
-              else f"No checkpoint was written yet (it failed in the first epoch); {ckpt_dir} is empty.")
-      raise TrainingDiverged(
-          f"loss became {stacked['loss'][bad[0]]} at step {first} (epoch {epoch}, batch {int(bad[0])}); "
-          f"training stopped. {kept} Lower config.train.learning_rate or check the data for NaN/inf.")
+    state, stacked = _epoch(plan, state, data, rows, table, extra, epoch, mngr)
     eval_vars = {**model_variables(state), **(extra or {})}
-    val = evaluate(model, eval_vars, splits.val, info.num_groups, group_is_label=info.group_is_label,
-                   batch_size=tcfg.eval_batch_size, mesh=mesh)
-    per_id = val["groups"]["loss"] if by_group else _class_losses(model, eval_vars, splits.val, info, tcfg, mesh)
-    group_losses = np.nan_to_num(np.asarray(per_id, np.float64), nan=0.0)
-    entry = {"epoch": epoch,
-             "train_loss": float(np.sum(stacked["loss"] * stacked["count"]) / np.sum(stacked["count"])),
-             "train_accuracy": float(np.sum(stacked["correct"]) / np.sum(stacked["count"])),
-             "val_accuracy": val["accuracy"], "val_loss": val["loss"],
-             "val_worst_group_accuracy": val["worst_group_accuracy"],
-             "weights": np.asarray(table).tolist()}
+    entry, group_losses = _validate(plan, eval_vars, stacked, table, epoch)
     history.append(entry)
     # A deep copy: orbax saves asynchronously, and the live history list grows in the next epoch.
     save_checkpoint(mngr, epoch, state, {"epoch": epoch, "history": copy.deepcopy(history),
@@ -393,13 +370,52 @@ def _fit_loop(model, splits, tcfg, seed, ckpt_dir, mngr, state, data, *, bits, i
           "wall_s": time.perf_counter() - t0, "sample_counts": sample_counts}
 
 
+def _epoch(plan: _Plan, state, data, rows: np.ndarray, table, extra, epoch: int, mngr):
+  """One epoch of steps over ``rows``; returns (state, per-step metrics stacked on the host)."""
+  batches = epoch_batches(rows, plan.tcfg.batch_size, seed=plan.seed * 1_000_003 + epoch)
+  step_fn = make_train_step(plan.model, "group" if plan.by_group else "y",
+                            plan.bn_train_epochs is None or epoch < plan.bn_train_epochs)
+  step_metrics = []
+  for idx, mask in zip(batches.idx, batches.mask):
+    batch = data.gather(idx, mask)
+    if plan.mesh is not None:  # replicated -> split on the batch axis: a local slice, no communication
+      batch = jax.device_put(batch, parallel.batch_sharding(plan.mesh))
+    state, m = step_fn(state, batch, table, extra)
+    step_metrics.append(m)
+  stacked = jax.device_get(jax.tree_util.tree_map(lambda *v: jnp.stack(v), *step_metrics))
+  bad = np.flatnonzero(~np.isfinite(stacked["loss"]))
+  if bad.size:
+    first = epoch * len(batches.idx) + int(bad[0])
+    last_good = mngr.latest_step()
+    mngr.wait_until_finished()
+    kept = (f"The last good checkpoint is epoch {last_good} in {plan.ckpt_dir}." if last_good is not None
+            else f"No checkpoint was written yet (it failed in the first epoch); {plan.ckpt_dir} is empty.")
+    raise TrainingDiverged(
+        f"loss became {stacked['loss'][bad[0]]} at step {first} (epoch {epoch}, batch {int(bad[0])}); "
+        f"training stopped. {kept} Lower config.train.learning_rate or check the data for NaN/inf.")
+  return state, stacked
+
+
+def _validate(plan: _Plan, eval_vars, stacked, table, epoch: int) -> tuple[dict, np.ndarray]:
+  """The epoch's history entry and the per-id validation losses (hardness weights of the next epoch)."""
+  info, splits, tcfg = plan.splits.info, plan.splits, plan.tcfg
+  val = evaluate(plan.model, eval_vars, splits.val, info.num_groups, group_is_label=info.group_is_label,
+                 batch_size=tcfg.eval_batch_size, mesh=plan.mesh)
+  per_id = val["groups"]["loss"] if plan.by_group else _class_losses(plan.model, eval_vars, splits.val, info, tcfg,
+                                                                      plan.mesh)
+  group_losses = np.nan_to_num(np.asarray(per_id, np.float64), nan=0.0)
+  entry = {"epoch": epoch,
+           "train_loss": float(np.sum(stacked["loss"] * stacked["count"]) / np.sum(stacked["count"])),
+           "train_accuracy": float(np.sum(stacked["correct"]) / np.sum(stacked["count"])),
+           "val_accuracy": val["accuracy"], "val_loss": val["loss"],
+           "val_worst_group_accuracy": val["worst_group_accuracy"], "weights": np.asarray(table).tolist()}
+  return entry, group_losses
+
+
 def _class_losses(model, variables, split, info, tcfg, mesh=None) -> list:
-  """Per-class validation loss (for class-weighted hardness)."""
+  """Per-class validation loss [C] (NaN for a class with no validation rows), for class-weighted hardness."""
   logits = predict(model, variables, split.x, tcfg.eval_batch_size, mesh)
-  loss = metrics.per_sample_loss(logits, split.y)
-  count = np.bincount(split.y, minlength=info.num_classes)
-  with np.errstate(invalid="ignore", divide="ignore"):
-    return (np.bincount(split.y, weights=loss, minlength=info.num_classes) / count).tolist()
+  return metrics.group_mean(metrics.per_sample_loss(logits, split.y), split.y, info.num_classes).tolist()
 
 
 def load_trained(model: nn.Module, splits, tcfg, seed: int, ckpt_dir: str) -> Optional[dict]:

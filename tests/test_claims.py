@@ -1,10 +1,15 @@
 """The claims' verdict logic on constructed results (never on an empirical outcome)."""
 import math
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
-from fqjax import claims
+from fqjax import claims, metrics
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _ms(mean, std=0.0):
@@ -129,3 +134,29 @@ def test_check_claims_has_every_claim_and_rules():
                       "minority_top_eigenvalue_larger", "fairqat_beats_ptq_and_qat"}
   assert all(v["verdict"] == "not tested" for k, v in out.items() if k != "rules")
   assert "Spearman" in out["rules"]
+
+
+def test_claims_tables_metrics_and_report_import_no_jax():
+  code = ("import sys, fqjax.claims, fqjax.tables, fqjax.metrics, fqjax.report; "
+          "bad = [m for m in sys.modules if m == 'jax' or m.startswith('jax.')]; assert not bad, bad[:5]")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+  assert out.returncode == 0, out.stderr
+  assert claims.spearman is metrics.spearman  # one rank correlation for the package
+
+
+def test_rules_are_a_constant_copied_into_the_results(monkeypatch):
+  assert set(claims.RULES) == set(claims.CLAIMS)
+  out = claims.check_claims(_base())
+  assert set(out) == {"rules", *claims.RULES}
+  lines = out["rules"].splitlines()
+  assert lines == [*claims.GENERAL_RULES, *(f"{name}: {rule}" for name, rule in claims.RULES.items())]
+  assert "below half the median group size" in lines[0]
+  monkeypatch.setattr(claims, "__doc__", None)  # never parsed out of the docstring
+  assert claims.check_claims(_base())["rules"] == out["rules"]
+
+
+def test_minority_threshold_is_half_the_median():
+  assert claims.minority_threshold(_base((100, 100, 100, 10))) == 50.0
+  assert claims.minority_threshold(_base((50, 40, 45, 30))) == 21.25  # median 42.5
+  assert claims.minority_threshold(_base((7,))) is None
+  assert claims.minority_mask(_base((50, 40, 45, 30))) is None  # 30 is below the median, not below half of it

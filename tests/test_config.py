@@ -6,7 +6,7 @@ import runpy
 import pytest
 
 from fqjax import config as config_lib
-from fqjax import runner
+from fqjax import cache, runner
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXPERIMENTS = sorted(glob.glob(os.path.join(REPO, "experiments", "*.py")))
@@ -105,21 +105,28 @@ def test_check_stages_returns_pipeline_order():
   assert config_lib.check_stages(("report", "train", "explain")) == ["train", "explain", "report"]
 
 
-def test_fingerprint_tracks_only_the_named_sections():
+def test_cache_keys_track_exactly_their_inputs():
   a = config_lib.base_config()
-  fp_train = config_lib.fingerprint(a, runner.TRAIN_SECTIONS)
-  fp_ptq = config_lib.fingerprint(a, runner.PTQ_SECTIONS)
-  assert fp_train == config_lib.fingerprint(config_lib.base_config(), runner.TRAIN_SECTIONS)
+  entry = {"variables_digest": "d0"}
+  train_a, ptq_a = cache.train_key(a, "data0", 0), cache.stage_key(a, "ptq", entry, "t0")
+  assert train_a == cache.train_key(config_lib.base_config(), "data0", 0)
+  assert cache.train_key(a, "data1", 0) != train_a  # other data
+  assert cache.train_key(a, "data0", 1) != train_a  # another seed
   b = config_lib.base_config()
   b.ptq.bit_widths = (32, 4)
-  b.seeds = (0, 1, 2)  # seeds are per-seed records, not part of a stage's inputs
-  assert config_lib.fingerprint(b, runner.TRAIN_SECTIONS) == fp_train
-  assert config_lib.fingerprint(b, runner.PTQ_SECTIONS) != fp_ptq
+  b.seeds = (0, 1, 2)  # the list of seeds is not an input of one seed's entry
+  assert cache.train_key(b, "data0", 0) == train_a
+  assert cache.stage_key(b, "ptq", entry, "t0") != ptq_a
+  # explain keeps its entries per bit-width: its key leaves the bit-width lists out
+  assert cache.stage_key(b, "explain", entry, "t0") == cache.stage_key(a, "explain", entry, "t0")
   c = config_lib.base_config()
   c.train.learning_rate = 0.2
-  assert config_lib.fingerprint(c, runner.TRAIN_SECTIONS) != fp_train
-  assert config_lib.fingerprint(c, runner.PTQ_SECTIONS) != fp_ptq  # ptq reads the trained model
+  assert cache.train_key(c, "data0", 0) != train_a
+  # downstream keys follow the train entry they were computed from, by key and by variables
+  assert cache.stage_key(a, "ptq", entry, "t1") != ptq_a
+  assert cache.stage_key(a, "ptq", {"variables_digest": "d1"}, "t0") != ptq_a
+  assert cache.stage_key(a, "ptq", None, None) is None
   d = config_lib.base_config()
   d.eval.bootstrap_resamples = 10
-  assert config_lib.fingerprint(d, runner.TRAIN_SECTIONS) == fp_train
-  assert config_lib.fingerprint(d, runner.PTQ_SECTIONS) != fp_ptq
+  assert cache.train_key(d, "data0", 0) == train_a
+  assert cache.stage_key(d, "ptq", entry, "t0") != ptq_a

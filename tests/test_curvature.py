@@ -17,8 +17,9 @@ from jax.flatten_util import ravel_pytree
 from fqjax import layers, quant
 from fqjax.explain import curvature
 from fqjax.explain import (dequantized_params, group_gradient_norms, group_top_eigenvalues, hutchinson_trace,
-                           lanczos_top_eigenvalues, make_hvp, power_iteration, spearman)
-from fqjax.layers import BitSpec
+                           lanczos_top_eigenvalues, make_hvp, power_iteration)
+from fqjax.layers import BitSpec, QuantRule
+from fqjax.metrics import spearman
 from fqjax.models import MLP, SmallCNN
 
 GROUPS = np.array([0] * 21 + [1] * 9 + [2] * 1 + [0] * 4 + [1] * 5)  # uneven, interleaved, one singleton
@@ -105,7 +106,7 @@ def _to64(tree):
 @pytest.mark.parametrize("per_channel", [True, False])
 def test_dequantized_params_are_the_layers_fake_quantized_kernels(per_channel):
   _, variables, x, _ = _cnn()  # same params for either setting
-  model = SmallCNN(num_classes=3, width=2, per_channel=per_channel)
+  model = SmallCNN(num_classes=3, width=2, quant=QuantRule(per_channel=per_channel))
   spec = BitSpec(w_bits=3, layers={"conv2": (None, None), "head": (5, None)})
   deq = dequantized_params(model, variables, spec.bits_tree(layers.quant_layer_names(model, x)), x)
   for name, bits in [("conv1", 3), ("conv2", None), ("conv3", 3), ("head", 5)]:
@@ -120,13 +121,53 @@ def test_dequantized_params_are_the_layers_fake_quantized_kernels(per_channel):
 @pytest.mark.parametrize("fold_bn", [False, True])
 def test_dequantized_network_computes_the_quantized_model(fold_bn):
   model, variables, x, _ = _cnn(fold_bn, fold_bn)
-  bits = BitSpec.uniform(3).bits_tree(layers.quant_layer_names(model, x))
-  quantized = model.apply({**variables, "bits": bits}, x, train=False)
-  deq = dequantized_params(model, variables, bits, x)
+  bits_tree = BitSpec.uniform(3).bits_tree(layers.quant_layer_names(model, x))
+  quantized = model.apply({**variables, "bits": bits_tree}, x, train=False)
+  deq = dequantized_params(model, variables, bits_tree, x)
   plain = model.apply({**variables, "params": deq}, x, train=False)
   fp = model.apply(variables, x, train=False)
   np.testing.assert_allclose(plain, quantized, rtol=1e-5, atol=1e-5)
   assert np.max(np.abs(quantized - fp)) > 1e-2  # 3 bits really changed the network
+
+
+def _sown_kernels(model, variables, bits_tree, x):
+  _, state = model.apply({**variables, "bits": bits_tree}, x, train=False, mutable=[layers.KERNELS])
+  return state[layers.KERNELS]
+
+
+def test_dequantized_params_fold_the_sown_kernels_back():
+  model, variables, x, _ = _cnn(fold_bn=True, zero_gamma=True)
+  bits_tree = BitSpec(w_bits=3, layers={"conv3": (None, None)}).bits_tree(layers.quant_layer_names(model, x))
+  sown = _sown_kernels(model, variables, bits_tree, x)
+  deq = dequantized_params(model, variables, bits_tree, x)
+  for name in ("conv1", "conv2"):
+    p, s = variables["params"][name], variables["batch_stats"][name]
+    g = p["scale"] / np.sqrt(s["var"] + 1e-5)
+    np.testing.assert_allclose(sown[name]["fold_scale"][0], g, rtol=1e-6)
+    live = g != 0  # W' g = Q(W g), the kernel the folded layer multiplies by; dead channels keep W
+    np.testing.assert_allclose((deq[name]["kernel"] * g)[..., live], sown[name]["kernel"][0][..., live],
+                               rtol=1e-5, atol=1e-7)
+    np.testing.assert_array_equal(deq[name]["kernel"][..., ~live], p["kernel"][..., ~live])
+  assert not np.all(variables["params"]["conv2"]["scale"] != 0)  # the g = 0 branch is exercised
+  # 32 bits: (W g) / g, W up to rounding.
+  np.testing.assert_allclose(deq["conv3"]["kernel"], variables["params"]["conv3"]["kernel"], rtol=1e-6, atol=1e-7)
+  np.testing.assert_array_equal(deq["head"]["kernel"], sown["head"]["kernel"][0])  # a dense layer: no fold
+
+
+def test_dequantized_params_follow_the_rule_lsq_and_narrow_range():
+  _, variables, x, _ = _cnn()
+  names = layers.quant_layer_names(_cnn()[0], x)
+  bits_tree = BitSpec.uniform(3).bits_tree(names)
+  narrow = SmallCNN(num_classes=3, width=2, quant=QuantRule(narrow_range=True))
+  k = variables["params"]["conv2"]["kernel"]
+  np.testing.assert_array_equal(dequantized_params(narrow, variables, bits_tree, x)["conv2"]["kernel"],
+                                quant.fake_quant(k, 3, narrow_range=True, axis=-1))
+  lsq = SmallCNN(num_classes=3, width=2, quant=QuantRule(lsq=True))
+  lsq_vars = {**variables, "params": layers.init_lsq_scales(
+      jax.jit(lsq.init)(_key(0), x)["params"], BitSpec.uniform(3).resolve(names))}
+  w_scale = lsq_vars["params"]["conv2"]["w_scale"]
+  np.testing.assert_array_equal(dequantized_params(lsq, lsq_vars, bits_tree, x)["conv2"]["kernel"],
+                                quant.lsq_fake_quant(lsq_vars["params"]["conv2"]["kernel"], w_scale, 3, axis=-1))
 
 
 def test_dequantized_params_under_jit_and_vmap_with_traced_bits():
@@ -145,12 +186,12 @@ def test_dequantized_params_under_jit_and_vmap_with_traced_bits():
 
 def test_dequantized_params_refuse_activation_bits_unless_ignored():
   model, variables, x, _ = _cnn()
-  bits = BitSpec.uniform(4, 8).bits_tree(layers.quant_layer_names(model, x))
+  bits_tree = BitSpec.uniform(4, 8).bits_tree(layers.quant_layer_names(model, x))
   with pytest.raises(ValueError, match="activations"):
-    dequantized_params(model, variables, bits, x)
+    dequantized_params(model, variables, bits_tree, x)
   with pytest.raises(ValueError, match="activations must be one of"):
-    dequantized_params(model, variables, bits, x, activations="quantize")
-  ignored = dequantized_params(model, variables, bits, x, activations="ignore")
+    dequantized_params(model, variables, bits_tree, x, activations="quantize")
+  ignored = dequantized_params(model, variables, bits_tree, x, activations="ignore")
   weights_only = dequantized_params(model, variables, BitSpec.uniform(4).bits_tree(layers.quant_layer_names(
       model, x)), x)
   jax.tree_util.tree_map(np.testing.assert_array_equal, ignored, weights_only)
@@ -174,9 +215,9 @@ def _loop_norms(model, variables, params, x, y, group, num_groups):
 @pytest.mark.parametrize("quantized,batch_size", [(False, 8), (True, 256)])
 def test_group_gradient_norms_equal_a_per_group_loop(quantized, batch_size):
   model, variables, x, y = _cnn()
-  bits = BitSpec.uniform(3).bits_tree(layers.quant_layer_names(model, x)) if quantized else None
-  params = dequantized_params(model, variables, bits, x) if quantized else variables["params"]
-  out = group_gradient_norms(model, variables, x, y, GROUPS, 3, bits=bits, batch_size=batch_size)
+  bits_tree = BitSpec.uniform(3).bits_tree(layers.quant_layer_names(model, x)) if quantized else None
+  params = dequantized_params(model, variables, bits_tree, x) if quantized else variables["params"]
+  out = group_gradient_norms(model, variables, x, y, GROUPS, 3, bits_tree=bits_tree, batch_size=batch_size)
   want, want_layers, want_loss = _loop_norms(model, variables, params, x, y, GROUPS, 3)
   np.testing.assert_allclose(out["norms"], want, rtol=1e-4)
   for name in ("conv1", "conv2", "conv3", "head"):

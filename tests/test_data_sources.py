@@ -2,14 +2,12 @@
 import json
 import subprocess
 import sys
-import types
 
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
 import fqjax.data as data
-from fqjax.data import arrays as arrays_lib
 from fqjax.data import synthetic, tfds_sources
 
 
@@ -116,6 +114,12 @@ def test_validate_accepts_study_config_with_data_section():
 def test_memory_guard_says_how_to_fix():
   with pytest.raises(ValueError, match="image_size"):
     data.load(_cfg(max_gib=1e-4))
+
+
+def test_every_dataset_has_a_loader():
+  assert set(data.LOADERS) == set(data.DATASET_NAMES)
+  for name, (module, function) in data.LOADERS.items():
+    assert module.startswith("fqjax.data.") and function.startswith("load_"), name
 
 
 def test_digits_and_arrays_never_import_tfds():
@@ -329,9 +333,8 @@ def fake_utkface(monkeypatch):
     calls.append((data_dir, image_size))
     return prepared
 
-  module = types.ModuleType("fqjax.data.utkface")
-  module.read_prepared = read_prepared
-  monkeypatch.setitem(sys.modules, "fqjax.data.utkface", module)
+  from fqjax.data import utkface
+  monkeypatch.setattr(utkface, "read_prepared", read_prepared)
   return prepared, calls
 
 

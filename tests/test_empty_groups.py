@@ -13,7 +13,7 @@ import warnings
 import numpy as np
 import pytest
 
-from fqjax import claims, metrics, mitigate, report, results, runner
+from fqjax import claims, metrics, mitigate, report, results, tables
 
 BITS = (32, 8, 4, 2)
 SEEDS = (0, 1)
@@ -284,16 +284,16 @@ def test_fairqat_with_missing_means_is_not_tested():
 def test_text_tables_show_empty_not_nan(case, tmp_path):
   res = _results(*case)
   for r in (res, _round_trip(res, tmp_path)):
-    table = runner.format_table(r)
-    ablation = mitigate.format_ablation(r["mitigate"])
-    text = runner.format_claims(r)
+    table = tables.ptq_table(r)
+    ablation = tables.ablation_table(r["mitigate"])
+    text = tables.claims_lines(r)
     for out in (table, ablation, text):
       assert not NAN.search(out), out
     if 0 in case[1]:
       assert "empty" in table
       assert all("empty" in line for line in table.splitlines()[1:])  # one empty cell per bit-width row
   if case is SINGLE_GROUP:
-    assert "not tested (" in runner.format_claims(res)
+    assert "not tested (" in tables.claims_lines(res)
 
 
 def test_ablation_table_with_a_method_without_data():
@@ -306,7 +306,7 @@ def test_ablation_table_with_a_method_without_data():
   m.update(mitigate.summarize(m["per_seed"], m["methods"], m["bit_widths"], SEEDS))
   assert m["summary"]["qat"]["4"]["accuracy"]["n"] == 0
   assert m["best"]["4"]["accuracy"] in ("ptq", "fairqat")
-  table = mitigate.format_ablation(m)
+  table = tables.ablation_table(m)
   qat_line = next(line for line in table.splitlines() if " qat " in line)
   assert qat_line.count("empty") == 3 and not NAN.search(table)
 

@@ -61,15 +61,15 @@ def test_full_precision_chain_has_no_shift(tiny):
 
 def test_quantized_chain_matches_direct_computation(tiny):
   model, variables, x, y, group, names = tiny
-  bits = BitSpec.uniform(2).bits_tree(names)
-  out = forward.forward_chain(model, variables, bits, x, y, group, 3, names, batch_size=16)
+  bits_tree = BitSpec.uniform(2).bits_tree(names)
+  out = forward.forward_chain(model, variables, bits_tree, x, y, group, 3, names, batch_size=16)
   # Kernel statistics equal those of fake_quant applied per output channel.
   k = variables["params"]["conv2"]["kernel"]
   expected = forward.weight_stats(k, quant.fake_quant(k, 2, axis=-1))
   assert out["weights"]["per_layer"]["conv2"] == pytest.approx(expected)
   # Logit statistics per group equal a direct computation.
   z_fp = np.asarray(model.apply(variables, x))
-  z_q = np.asarray(model.apply({**variables, "bits": bits}, x))
+  z_q = np.asarray(model.apply({**variables, "bits": bits_tree}, x))
   for g in range(3):
     m = group == g
     assert out["logits"]["abs_shift"][g] == pytest.approx(np.abs(z_q[m] - z_fp[m]).mean(), rel=1e-4)
@@ -82,7 +82,7 @@ def test_quantized_chain_matches_direct_computation(tiny):
 
 def test_effective_kernels_include_bn_folding(tiny):
   model, variables, x, y, group, names = tiny
-  folded_model = model.clone(fold_bn=True)
+  folded_model = layers.configured(model, fold_bn=True)
   k = forward.effective_kernels(folded_model, variables, None, x[:1], names)
   p, s = variables["params"]["conv1"], variables["batch_stats"]["conv1"]
   expected, _ = layers.fold_bn(p["kernel"], None, p["scale"], p["bias"], s["mean"], s["var"], 1e-5)

@@ -118,8 +118,23 @@ def test_subsample_keeps_label_mix_within_group():
 def test_apply_imbalance_none_is_identity(balanced):
   out, meta = imb.apply_imbalance(balanced.train, {"kind": "none"}, balanced.info.group_names, 0)
   assert out is balanced.train and meta == {"kind": "none"}
-  with pytest.raises(ValueError, match="imbalance.kind='halve'"):
+  with pytest.raises(ValueError, match="imbalance.kind='halve'; allowed: 'none', 'keep_fractions', 'long_tail'"):
     imb.apply_imbalance(balanced.train, {"kind": "halve"}, balanced.info.group_names, 0)
+  assert ("none",) + tuple(imb._PROFILES) == data.config.IMBALANCE_KINDS
+
+
+def test_apply_imbalance_metadata(balanced):
+  names = balanced.info.group_names
+  before = balanced.train.counts(len(names)).tolist()
+  out, meta = imb.apply_imbalance(balanced.train, {"kind": "keep_fractions", "keep_fractions": {1: 0.5}}, names, 0)
+  assert list(meta) == ["kind", "keep_fractions", "counts_before", "counts_after"]
+  assert meta["counts_before"] == before and meta["counts_after"] == out.counts(len(names)).tolist()
+  assert meta["keep_fractions"][1] == 0.5
+  out, meta = imb.apply_imbalance(balanced.train, {"kind": "long_tail", "rho": 4.0}, names, 0)
+  assert list(meta) == ["kind", "rho", "order", "counts_before", "counts_after"]
+  assert meta["rho"] == 4.0 and meta["order"] == list(range(len(names)))
+  counts = out.counts(len(names))
+  assert counts.max() / counts.min() == pytest.approx(4.0, rel=0.1)
 
 
 def test_config_validation_of_imbalance():

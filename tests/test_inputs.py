@@ -55,8 +55,9 @@ def _config(path, seeds=(0,), epochs=2):
   return c
 
 
-def _snapshot(folder, skip=("fqjax.log",)):
-  """{relative path: bytes} of every file under ``folder`` except the log (which records the error)."""
+def _snapshot(folder, skip=("fqjax.log", ".fqjax.lock")):
+  """{relative path: bytes} of every file under ``folder`` but the log (it records the error) and the lock
+  (it names its latest holder)."""
   out = {}
   for root, _, files in os.walk(folder):
     for name in files:

@@ -1,4 +1,5 @@
-"""Tests for fqjax.layers: equivalence with Flax at full precision, BitSpec, BN folding, calibration."""
+"""Tests for fqjax.layers: equivalence with Flax at full precision, QuantRule and configured, BitSpec,
+BN folding, LSQ init, calibration."""
 import chex
 import flax.linen as nn
 import jax
@@ -7,7 +8,7 @@ import numpy as np
 import pytest
 
 from fqjax import layers, quant
-from fqjax.layers import BitSpec, QuantConv, QuantConvBN, QuantDense
+from fqjax.layers import BitSpec, QuantConv, QuantConvBN, QuantDense, QuantRule
 from fqjax.models import SmallCNN
 
 
@@ -21,8 +22,8 @@ def test_quant_dense_equals_flax_dense_at_32_bits():
   params = ref.init(_key(), x)
   ours = QuantDense(7)
   np.testing.assert_array_equal(ours.apply(params, x), ref.apply(params, x))
-  bits = {"bits": {"w": jnp.float32(32), "a": jnp.float32(32)}}
-  np.testing.assert_array_equal(ours.apply({**params, **bits}, x), ref.apply(params, x))
+  bits_vars = {"bits": {"w": jnp.float32(32), "a": jnp.float32(32)}}
+  np.testing.assert_array_equal(ours.apply({**params, **bits_vars}, x), ref.apply(params, x))
 
 
 @pytest.mark.parametrize("padding,strides", [("SAME", 1), ("VALID", 2), (1, 1)])
@@ -38,10 +39,72 @@ def test_quant_dense_quantizes_weights_per_channel():
   x = jax.random.normal(_key(1), (4, 12))
   layer = QuantDense(6)
   params = layer.init(_key(), x)
-  bits = {"bits": {"w": jnp.float32(3), "a": jnp.float32(32)}}
-  y = layer.apply({**params, **bits}, x)
+  bits_vars = {"bits": {"w": jnp.float32(3), "a": jnp.float32(32)}}
+  y = layer.apply({**params, **bits_vars}, x)
   kq = quant.fake_quant(params["params"]["kernel"], 3, axis=1)
   np.testing.assert_allclose(y, x @ kq + params["params"]["bias"], rtol=1e-5, atol=1e-6)
+
+
+def test_per_tensor_rule_equals_per_tensor_fake_quant():
+  """quant=QuantRule(per_channel=False): one scale max|W| / qmax for the whole kernel, as before the rule."""
+  x = jax.random.normal(_key(1), (4, 12))
+  params = QuantDense(6).init(_key(), x)
+  bits_vars = {"bits": {"w": jnp.float32(3), "a": jnp.float32(32)}}
+  y = QuantDense(6, quant=QuantRule(per_channel=False)).apply({**params, **bits_vars}, x)
+  kq = quant.fake_quant(params["params"]["kernel"], 3, axis=None)
+  np.testing.assert_allclose(y, x @ kq + params["params"]["bias"], rtol=1e-5, atol=1e-6)
+  assert not np.allclose(kq, quant.fake_quant(params["params"]["kernel"], 3, axis=1))  # the rule matters
+  xc = jax.random.normal(_key(2), (2, 6, 6, 3))
+  conv = QuantConvBN(4, quant=QuantRule(per_channel=False, narrow_range=True))
+  v = conv.init(_key(), xc)
+  _, state = conv.apply({**v, **bits_vars}, xc, mutable=[layers.KERNELS])
+  np.testing.assert_array_equal(state[layers.KERNELS]["kernel"][0],
+                                quant.fake_quant(v["params"]["kernel"], 3, narrow_range=True, axis=None))
+
+
+def test_quant_rule_validation():
+  assert QuantRule() == QuantRule(per_channel=True, narrow_range=False, ste="clipped", lsq=False)
+  assert hash(QuantRule()) == hash(QuantRule())  # modules carrying it stay hashable (lru_cache keys)
+  with pytest.raises(ValueError, match="QuantRule.ste must be one of"):
+    QuantRule(ste="round")
+  with pytest.raises(ValueError, match="QuantRule.per_channel must be True or False"):
+    QuantRule(per_channel=1)
+  with pytest.raises(ValueError, match="QuantRule.lsq"):
+    QuantRule(lsq="yes")
+
+
+def test_configured_sets_rule_and_layer_options():
+  model = SmallCNN(num_classes=3, width=4)
+  new = layers.configured(model, per_channel=False, ste="identity", fold_bn=True, dtype=jnp.bfloat16)
+  assert new.quant == QuantRule(per_channel=False, ste="identity")
+  assert new.fold_bn and new.dtype == jnp.bfloat16 and new.width == 4
+  assert model.quant == QuantRule() and not model.fold_bn  # the original is unchanged
+  assert layers.configured(model, lsq=True).quant == QuantRule(lsq=True)
+  assert layers.configured(QuantDense(3), narrow_range=True).quant.narrow_range
+  with pytest.raises(ValueError, match=r"unknown quantization option\(s\) \['per_chanel'\]; allowed: .*fold_bn"):
+    layers.configured(model, per_chanel=False)
+  with pytest.raises(ValueError, match="QuantDense has no option"):
+    layers.configured(QuantDense(3), fold_bn=True)
+  with pytest.raises(ValueError, match="no `quant` rule"):
+    layers.configured(nn.Dense(3), per_channel=False)
+  with pytest.raises(ValueError, match="QuantRule.ste"):
+    layers.configured(model, ste="round")
+
+
+def test_init_lsq_scales_follow_the_scale_shape():
+  x = jax.random.normal(_key(1), (2, 8, 8, 1))
+  for per_channel in (True, False):
+    model = SmallCNN(num_classes=3, width=4, quant=QuantRule(lsq=True, per_channel=per_channel))
+    params = model.init(_key(), x)["params"]
+    resolved = BitSpec(w_bits=4, layers={"head": (None, None)}).resolve(layers.quant_layer_names(model, x))
+    out = layers.init_lsq_scales(params, resolved)
+    k = params["conv2"]["kernel"]
+    np.testing.assert_allclose(out["conv2"]["w_scale"],
+                               quant.lsq_init_scale(k, 4, axis=-1 if per_channel else None), rtol=1e-6)
+    np.testing.assert_array_equal(out["head"]["w_scale"], params["head"]["w_scale"])  # full precision: kept
+    np.testing.assert_array_equal(out["conv2"]["kernel"], k)
+    assert params["conv2"]["w_scale"].shape == ((8,) if per_channel else ())
+    np.testing.assert_array_equal(params["conv2"]["w_scale"], 1.0)  # the input is not modified
 
 
 def test_activation_quantization_uses_calibrated_range():
@@ -49,8 +112,8 @@ def test_activation_quantization_uses_calibrated_range():
   layer = QuantDense(4)
   params = layer.init(_key(), x)
   stats = {"quant_stats": {"lo": jnp.float32(0.0), "hi": jnp.float32(1.0)}}
-  bits = {"bits": {"w": jnp.float32(32), "a": jnp.float32(2)}}
-  y = layer.apply({**params, **bits, **stats}, x)
+  bits_vars = {"bits": {"w": jnp.float32(32), "a": jnp.float32(2)}}
+  y = layer.apply({**params, **bits_vars, **stats}, x)
   s, z = quant.scale_zero_point_from_range(0.0, 1.0, 2, symmetric=False)
   xq = quant.fake_quant(x, 2, symmetric=False, scale=s, zero_point=z)
   np.testing.assert_allclose(y, xq @ params["params"]["kernel"], rtol=1e-5, atol=1e-6)

@@ -157,6 +157,22 @@ def test_gather_then_weighted_ce_matches_manual_sum():
   np.testing.assert_allclose(loss, jnp.sum(table[group] * ce) / 4, rtol=1e-6)
 
 
+def test_every_scheme_has_a_table():
+  assert tuple(losses._WEIGHT_TABLES) == losses.WEIGHT_SCHEMES
+
+
+def test_weight_table_passes_each_scheme_its_options():
+  counts = jnp.array([10, 30, 60])
+  np.testing.assert_allclose(losses.weight_table("effective_number", counts, beta=0.9),
+                             losses.effective_number_weights(counts, beta=0.9), rtol=1e-6)
+  np.testing.assert_allclose(
+      losses.weight_table("hardness", counts, group_losses=jnp.array([1.0, 2.0, 0.5]), power=2.0, floor=0.3),
+      losses.hardness_weights(counts, jnp.array([1.0, 2.0, 0.5]), power=2.0, floor=0.3), rtol=1e-6)
+  # Options a scheme does not take are ignored, as before the table.
+  np.testing.assert_allclose(losses.weight_table("inverse_frequency", counts, beta=0.5, power=3.0),
+                             losses.inverse_frequency_weights(counts), rtol=1e-6)
+
+
 @pytest.mark.parametrize("call,match", [
     (lambda: losses.weight_table("focal", jnp.array([1, 2])), "Unknown weighting scheme 'focal'"),
     (lambda: losses.weight_table("hardness", jnp.array([1, 2])), "needs group_losses"),

@@ -188,3 +188,45 @@ def test_mean_std_skips_nan_and_none_and_handles_one_value():
   assert metrics.mean_std([5.0]) == {"mean": 5.0, "std": 0.0, "n": 1}
   empty = metrics.mean_std([float("nan")])
   assert empty["n"] == 0 and math.isnan(empty["mean"]) and math.isnan(empty["std"])
+
+
+def test_bootstrap_matches_scipy_stats_bootstrap():
+  """The docstring's claim: scipy.stats.bootstrap with one sample per group and the same Generator agrees."""
+  from scipy import stats
+  correct = np.array([1] * 9 + [0] + [1] * 8 + [0] * 12 + [1, 0, 0])
+  group = np.array([0] * 10 + [1] * 20 + [2] * 3)
+  ours = metrics.bootstrap_fairness_violation(correct, group, 4, num_resamples=300, seed=5, confidence=0.9)
+  samples = [correct[group == g].astype(np.float64) for g in range(3)]
+
+  def fv(*groups, axis=-1):
+    accs = np.stack([g.mean(axis=axis) for g in groups])
+    return accs.max(axis=0) - accs.min(axis=0)
+
+  ref = stats.bootstrap(samples, fv, n_resamples=300, confidence_level=0.9, method="percentile", paired=False,
+                        vectorized=True, rng=np.random.default_rng(5)).confidence_interval
+  assert (ours["low"], ours["high"]) == pytest.approx((ref.low, ref.high), abs=1e-12)
+  # What scipy refuses and this function handles: a group with a single test row.
+  one = metrics.bootstrap_fairness_violation(np.array([1, 0, 1, 1]), np.array([0, 1, 1, 1]), 2, num_resamples=50)
+  assert 0.0 <= one["low"] <= one["high"] <= 1.0
+
+
+def test_group_mean_and_finite_mean():
+  np.testing.assert_allclose(metrics.group_mean([1.0, 3.0, 5.0, 2.0], [0, 0, 2, 2], 3)[[0, 2]], [2.0, 3.5])
+  assert math.isnan(metrics.group_mean([1.0], [0], 2)[1])
+  vals = np.array([[1.0, np.nan, np.inf], [3.0, np.nan, 2.0]])
+  np.testing.assert_allclose(metrics.finite_mean(vals, axis=0), [2.0, np.nan, 2.0])
+  assert float(metrics.finite_mean(vals)) == 2.0  # (1 + 3 + 2) / 3
+  assert math.isnan(float(metrics.finite_mean([])))
+
+
+def test_summarize_over_seeds_size_and_bootstrap_interval():
+  runs = [{**_seed_metrics(0.7, 0.1, [0.5, 1.0]), "size_bytes": 512,
+           "fairness_violation_ci": {"low": 0.05, "high": 0.2}},
+          {**_seed_metrics(0.8, 0.2, [0.6, 1.0]), "size_bytes": 512,
+           "fairness_violation_ci": {"low": 0.15, "high": 0.3}}]
+  s = metrics.summarize_over_seeds(runs)
+  assert s["size_bytes"] == {"mean": 512.0, "std": 0.0, "n": 2}
+  assert s["fairness_violation_ci"]["low"]["mean"] == pytest.approx(0.1)
+  assert s["fairness_violation_ci"]["high"]["mean"] == pytest.approx(0.25)
+  del runs[1]["fairness_violation_ci"]  # not in every seed: not summarized
+  assert "fairness_violation_ci" not in metrics.summarize_over_seeds(runs)

@@ -5,9 +5,9 @@ import ml_collections
 import numpy as np
 import pytest
 
-from fqjax import layers, mitigate, results, runner, train
+from fqjax import layers, mitigate, results, runner, tables, train
 from fqjax.config import base_config
-from fqjax.layers import BitSpec
+from fqjax.layers import BitSpec, QuantRule
 from fqjax.models import SmallCNN
 
 
@@ -58,7 +58,7 @@ def test_ablation_section(run):
                                                                for k in m["methods"])
   assert "claims" in res and res["claims"]["fairqat_beats_ptq_and_qat"]["verdict"] != "not tested"
   results.validate(results.read_json(f"{workdir}/results.json"))
-  table = mitigate.format_ablation(m)
+  table = tables.ablation_table(m)
   assert "fairqat" in table and "*" in table
 
 
@@ -83,7 +83,7 @@ def test_qat_lowers_the_quantized_training_loss(run):
   bits = BitSpec.uniform(2).bits_tree(names)
   tcfg = mitigate.qat_train_config("qat", cfg.mitigate, cfg.train)
   tcfg.epochs, tcfg.learning_rate = 3, 0.05
-  out = train.fit(study_model, splits, tcfg, 0, f"{workdir}/qat_probe", bits=bits, init_variables=fp_vars,
+  out = train.fit(study_model, splits, tcfg, 0, f"{workdir}/qat_probe", bits_tree=bits, init_variables=fp_vars,
                   progress=False)
 
   def quantized_loss(variables):
@@ -112,7 +112,7 @@ def test_frozen_batchnorm_keeps_running_stats():
 
 
 def test_lsq_scales_init_and_learn():
-  model = SmallCNN(num_classes=2, width=4, lsq=True)
+  model = SmallCNN(num_classes=2, width=4, quant=QuantRule(lsq=True))
   x = np.random.default_rng(0).normal(size=(4, 8, 8, 1)).astype(np.float32)
   variables = model.init(jax.random.PRNGKey(0), x)
   names = layers.quant_layer_names(model, x)

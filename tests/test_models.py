@@ -3,10 +3,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import traverse_util
 
 from fqjax import layers, quant
-from fqjax.layers import BitSpec
-from fqjax.models import MODEL_NAMES, get_model
+from fqjax.layers import BitSpec, QuantRule
+from fqjax.models import MODEL_NAMES, MODELS, get_model
 
 # (model, input shape, expected parameter count range)
 CASES = [
@@ -67,3 +68,30 @@ def test_unknown_model_and_depth():
   with pytest.raises(ValueError, match="num_classes"):
     get_model("mlp", 1)
   assert "resnet18" in MODEL_NAMES
+
+
+def test_get_model_folds_rule_kwargs_into_the_rule():
+  model = get_model("small_cnn", 3, width=4, per_channel=False, lsq=True, fold_bn=True)
+  assert model.quant == QuantRule(per_channel=False, lsq=True) and model.fold_bn and model.width == 4
+  assert get_model("mlp", 3).quant == QuantRule()
+  given = get_model("resnet18", 3, quant=QuantRule(narrow_range=True), ste="identity")
+  assert given.quant == QuantRule(narrow_range=True, ste="identity") and given.stage_sizes == (2, 2, 2, 2)
+  assert MODEL_NAMES == tuple(MODELS) and get_model("vgg11", 3).layout[0] == 64
+  with pytest.raises(ValueError, match="QuantRule.ste"):
+    get_model("mlp", 3, ste="round")
+
+
+def test_rule_reaches_every_layer():
+  """per_channel=False from get_model is what the layers do: their sown kernels are per-tensor quantized."""
+  model = get_model("resnet18", 3, width=4, per_channel=False)
+  x = jnp.zeros((1, 8, 8, 3)).at[0, 0, 0, 0].set(1.0)
+  variables = model.init(jax.random.PRNGKey(0), x)
+  names = layers.quant_layer_names(model, x)
+  _, state = model.apply({**variables, "bits": BitSpec.uniform(2).bits_tree(names)}, x,
+                         mutable=[layers.KERNELS])
+  params = traverse_util.flatten_dict(variables["params"], sep="/")
+  sown = traverse_util.flatten_dict(state[layers.KERNELS], sep="/")
+  assert sorted(sown) == sorted(f"{name}/kernel" for name in names)
+  for name in names:
+    np.testing.assert_array_equal(sown[f"{name}/kernel"][0],
+                                  quant.fake_quant(params[f"{name}/kernel"], 2, axis=None))

@@ -1,7 +1,7 @@
-"""Tests for fqjax.data.pipeline: epoch plans, the on-device gather and the prefetcher."""
-import time
+"""Tests for fqjax.data.pipeline: epoch plans, the on-device gather and fixed-shape evaluation batches.
 
-import jax
+The host reader and prefetch thread live in benchmarks/host_pipeline.py (self-check: run that file).
+"""
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -84,13 +84,6 @@ def test_device_arrays_gather_matches_numpy():
   assert "mask" not in data.gather(plan.idx[0])
 
 
-def test_device_arrays_batches_cover_epoch():
-  x, y, g = _arrays()
-  data = pipeline.DeviceArrays(x, y, g)
-  seen = [b["y"][b["mask"] == 1] for b in data.batches(pipeline.epoch_batches(10, 3, seed=2))]
-  np.testing.assert_array_equal(np.sort(np.concatenate(seen)), np.sort(y))
-
-
 def test_gather_compiles_once_for_a_fixed_batch_shape():
   x, y, g = _arrays()
   data = pipeline.DeviceArrays(x, y, g)
@@ -103,107 +96,34 @@ def test_gather_compiles_once_for_a_fixed_batch_shape():
   assert pipeline._gather._cache_size() == before
 
 
-def test_device_arrays_from_split_and_errors():
+def test_device_arrays_errors():
   x, y, g = _arrays()
-
-  class FakeSplit:
-    pass
-
-  split = FakeSplit()
-  split.x, split.y, split.group = x, y, g
-  np.testing.assert_array_equal(pipeline.DeviceArrays.from_split(split).gather(np.array([3]))["group"], g[[3]])
   with pytest.raises(ValueError, match="same number of rows as x"):
     pipeline.DeviceArrays(x, y[:5], g)
+  with pytest.raises(ValueError, match="0 rows"):
+    pipeline.DeviceArrays(x[:0], y[:0], g[:0])
   data = pipeline.DeviceArrays(x, y, g)
   with pytest.raises(ValueError, match=r"idx must be in \[0, 10\)"):
     data.gather(np.array([0, 10]))
+  with pytest.raises(ValueError, match="integer rows"):
+    data.gather(np.array([0.0, 1.0]))
 
 
-def test_source_batches_from_random_access_source():
-  records = [{"image": np.full((2, 2), i, np.uint8), "label": i % 4} for i in range(7)]
-  plan = pipeline.epoch_batches(7, 3, seed=0)
-  batches = list(pipeline.source_batches(records, plan))
-  assert len(batches) == 3
-  for batch, idx, mask in zip(batches, plan.idx, plan.mask):
-    np.testing.assert_array_equal(batch["image"][:, 0, 0], idx)
-    np.testing.assert_array_equal(batch["label"], idx % 4)
-    np.testing.assert_array_equal(batch["mask"], mask)
+@pytest.mark.parametrize("n,batch_size,multiple,expected_b", [
+    (10, 4, 1, 4), (10, 16, 1, 10), (10, 3, 2, 4), (1, 8, 4, 4), (8, 8, 1, 8)])
+def test_padded_batches_fixed_shape_and_real_rows(n, batch_size, multiple, expected_b):
+  x = np.arange(n * 2, dtype=np.float32).reshape(n, 2)
+  chunks = list(pipeline.padded_batches(x, batch_size, multiple))
+  assert {c.shape for c, _ in chunks} == {(expected_b, 2)}
+  assert all(c.dtype == np.float32 for c, _ in chunks)
+  assert [r for _, r in chunks] == [min(expected_b, n - s) for s in range(0, n, expected_b)]
+  np.testing.assert_array_equal(np.concatenate([c[:r] for c, r in chunks]), x)
+  last, real = chunks[-1]
+  np.testing.assert_array_equal(last[real:], np.repeat(last[:1], expected_b - real, axis=0))
 
 
-def test_source_batches_uses_batched_read():
-  calls = []
-
-  class Source:
-    def __len__(self):
-      return 5
-
-    def __getitems__(self, rows):
-      calls.append(list(rows))
-      return [{"v": r} for r in rows]
-
-  plan = pipeline.epoch_batches(5, 5, shuffle=False)
-  (batch,) = pipeline.source_batches(Source(), plan)
-  assert calls == [[0, 1, 2, 3, 4]]
-  np.testing.assert_array_equal(batch["v"], np.arange(5))
-
-
-def test_prefetch_preserves_order_and_transform():
-  out = list(pipeline.prefetch(iter(range(20)), size=3, transform=lambda v: v * 2))
-  assert out == [2 * v for v in range(20)]
-  batches = list(pipeline.prefetch(({"a": np.ones(2) * i} for i in range(3)), transform=jax.device_put))
-  assert isinstance(batches[0]["a"], jax.Array)
-
-
-def test_prefetch_runs_ahead_in_background():
-  produced = []
-
-  def slow_source():
-    for i in range(4):
-      produced.append(i)
-      yield i
-
-  it = pipeline.prefetch(slow_source(), size=2)
-  deadline = time.time() + 5
-  while len(produced) < 3 and time.time() < deadline:  # 2 in the queue + 1 waiting to be put
-    time.sleep(0.01)
-  assert produced == [0, 1, 2]
-  assert list(it) == [0, 1, 2, 3]
-
-
-def test_prefetch_reraises_producer_errors_in_order():
-  def broken():
-    yield 1
-    raise KeyError("record 7 is corrupt")
-
-  it = pipeline.prefetch(broken())
-  assert next(it) == 1
-  with pytest.raises(KeyError, match="record 7 is corrupt"):
-    next(it)
-
-
-def test_prefetch_close_stops_thread():
-  def endless():
-    i = 0
-    while True:
-      yield i
-      i += 1
-
-  with pipeline.prefetch(endless(), size=1) as it:
-    assert next(it) == 0
-    thread = it._thread
-  assert not thread.is_alive()
-  with pytest.raises(StopIteration):
-    next(it)
-  with pytest.raises(ValueError, match="size must be an int >= 1"):
-    pipeline.prefetch(iter([]), size=0)
-
-
-def test_dropped_prefetcher_thread_ends():
-  it = pipeline.prefetch(iter(range(10**9)), size=1)
-  thread = it._thread
-  del it
-  thread.join(timeout=5)
-  assert not thread.is_alive()
+def test_padded_batches_of_nothing_is_empty():
+  assert list(pipeline.padded_batches(np.zeros((0, 3), np.float32), 4)) == []
 
 
 def test_masked_loss_over_padded_epoch_equals_full_mean():

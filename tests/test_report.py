@@ -49,7 +49,7 @@ def fake_explain(res, bit_widths=(32, 4, 2), k=3):
   """An explain section with the documented schema; minority groups get larger curvature and shifts."""
   sizes = np.asarray(res["dataset"]["counts"]["train"], np.float64)
   num_groups, layer_names = len(sizes), res["model"]["layer_names"]
-  small = (sizes < np.median(sizes)).astype(np.float64)
+  small = claims.minority_mask(res).astype(np.float64)
   per_seed = {}
   for si, seed in enumerate(res["seeds"]):
     rng = np.random.default_rng(si)
@@ -151,15 +151,61 @@ def test_full_report_figures_links_and_sections(workdirs):
 
 def test_unfinished_mitigate_stage_is_marked_incomplete(workdirs, tmp_path):
   res = json.loads(json.dumps(workdirs["results"]))
-  del res["mitigate"]["per_seed"]["1"]["fairqat"]  # a run killed before its last entry
+  del res["mitigate"]["per_seed"]["1"]["fairqat"]  # a run killed before its last entry: no summary stored yet
   del res["mitigate"]["summary"], res["mitigate"]["best"]
   out = report.write_report(str(tmp_path), results=res)
   assert out["sections"]["mitigate"] == "incomplete"
+  assert "mitigate_ablation" not in out["figures"]
   md = open(out["markdown"]).read()
-  assert "has not finished" in md
-  row = next(line for line in md.splitlines() if line.startswith("| 4 | fairqat |"))
+  assert "has not finished (5 of 6 (method, bit-width, seed) entries done)" in md
+  assert "| 4 | fairqat | 1 of 2 |" in md and "| 4 | qat | 2 of 2 |" in md
   acc = res["mitigate"]["per_seed"]["0"]["fairqat"]["4"]["accuracy"]
-  assert f"{acc:.3f} ± 0.000" in row  # the one seed that finished
+  assert f"{acc:.3f} ±" not in md.split("## Mitigation ablation")[1].split("## Claims")[0]  # nothing re-averaged
+
+
+def test_stored_summary_of_an_unfinished_mitigate_stage_is_shown_and_marked(workdirs, tmp_path):
+  res = json.loads(json.dumps(workdirs["results"]))
+  del res["mitigate"]["per_seed"]["1"]["fairqat"]  # e.g. a seed added after the summary was stored
+  out = report.write_report(str(tmp_path), results=res)
+  assert out["sections"]["mitigate"] == "incomplete"
+  md = open(out["markdown"]).read()
+  assert "summary as last stored" in md
+  fv = res["mitigate"]["summary"]["fairqat"]["4"]["fairness_violation"]
+  row = next(line for line in md.splitlines() if line.startswith("| 4 | fairqat |"))
+  assert f"{fv['mean']:.3f} ± {fv['std']:.3f}" in row
+
+
+def test_unfinished_ptq_stage_is_marked_incomplete(workdirs, tmp_path):
+  res = json.loads(json.dumps(workdirs["results"]))
+  del res["ptq"]["per_seed"]["1"], res["ptq"]["summary"]
+  out = report.write_report(str(tmp_path), results=res)
+  assert out["sections"]["ptq"] == "incomplete"
+  assert not {"ptq_group_accuracy", "ptq_fairness"} & set(out["figures"])
+  assert "the ptq stage has not finished (no entry yet for seeds [1])" in open(out["markdown"]).read()
+
+
+def test_report_reads_the_stored_summaries(workdirs, tmp_path):
+  """Numbers and the best method come from ptq.summary, mitigate.summary and mitigate.best as stored."""
+  res = json.loads(json.dumps(workdirs["results"]))
+  res["ptq"]["summary"]["4"]["accuracy"] = {"mean": 0.1234, "std": 0.0456, "n": 2}
+  res["ptq"]["summary"]["4"]["fairness_violation_ci"] = {"low": {"mean": 0.011, "std": 0.0, "n": 2},
+                                                         "high": {"mean": 0.022, "std": 0.0, "n": 2}}
+  res["ptq"]["summary"]["4"]["groups"]["accuracy"][0] = {"mean": None, "std": None, "n": 0}
+  res["mitigate"]["summary"]["qat"]["4"]["worst_group_accuracy"] = {"mean": 0.9876, "std": 0.0, "n": 2}
+  res["mitigate"]["best"]["4"]["worst_group_accuracy"] = "qat"
+  out = report.write_report(str(tmp_path), results=res)
+  md = open(out["markdown"]).read()
+  ptq_section = md.split("## PTQ sweep")[1].split("## Explain")[0]
+  row = next(line for line in ptq_section.splitlines() if line.startswith("| 4 | "))
+  assert "| 0.123 ± 0.046 |" in row and "| [0.011, 0.022] |" in row
+  label = report._Ctx(res, "").group_label(0)
+  group_row = next(line for line in ptq_section.splitlines() if line.startswith(f"| {label} |"))
+  assert group_row.split("|")[4].strip() == "empty"  # columns 32 (FP), 8, 4, 2: no data stored at 4 bits
+  ablation = md.split("## Mitigation ablation")[1].split("## Claims")[0]
+  worst = {line.split("|")[2].strip(): line.split("|")[4].strip() for line in ablation.splitlines()
+           if line.startswith("| 4 | ")}  # method -> worst-group cell
+  assert worst["qat"] == "**0.988 ± 0.000**"
+  assert [m for m, cell in worst.items() if cell.startswith("**")] == ["qat"]
 
 
 def test_report_numbers_come_from_results(workdirs):
@@ -206,6 +252,28 @@ def test_minority_groups_are_dashed(workdirs):
     assert line.get_ydata()[-1] == pytest.approx(mean_acc)  # last point: 2 bits, mean over seeds
   fig = report.figure_explain_curvature(report._Ctx(res, workdirs["explained"]))
   assert all(ax.get_xscale() == "log" and ax.get_yscale() == "log" for ax in fig.axes)
+
+
+def test_minority_sentence_and_curvature_shading_follow_the_rule(workdirs):
+  """Below half the median train count (claims.minority_threshold), in words and in the shaded band."""
+  res = json.loads(json.dumps(workdirs["results"]))
+  res["dataset"]["counts"]["train"] = [100, 60, 45, 20]  # median 52.5, threshold 26.25: only 20 (45 < median)
+  res["dataset"]["num_groups"], res["dataset"]["group_names"] = 4, ["a", "b", "c", "d"]
+  res["explain"] = fake_explain(res)
+  ctx = report._Ctx(res, workdirs["explained"])
+  assert ctx.minority.tolist() == [False, False, False, True] and ctx.minority_threshold == 26.25
+  from fqjax.report.sections import _minority_sentence
+  assert _minority_sentence(ctx) == "Minority: train count below half the median group size (below 26.25 here)."
+  fig = report.figure_explain_curvature(ctx)
+  for ax in fig.axes:
+    (band,) = [p for p in ax.patches if str(p.get_label()).startswith("minority")]
+    box = band.get_bbox()
+    assert box.x1 == pytest.approx(26.25) and box.x0 < 20
+    assert "half the median" in band.get_label()
+  even = {**res, "dataset": {**res["dataset"], "counts": {"train": [50, 40, 45, 30]}}}  # 30 < median 42.5, not < half
+  assert "none here: no group is below 21.25" in _minority_sentence(report._Ctx(even, ""))
+  assert report.figure_explain_curvature(report._Ctx(even, "")) is not None
+  assert not [p for ax in report.figure_explain_curvature(report._Ctx(even, "")).axes for p in ax.patches]
 
 
 def test_partial_workdir_says_what_is_missing(workdirs):

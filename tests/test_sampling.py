@@ -103,7 +103,24 @@ def test_dispatcher_none_and_options():
   _check(r, GROUP, [2, 2, 2, 2])
 
 
+def test_every_method_has_a_sampler():
+  assert tuple(sampling._SAMPLERS) == sampling.METHODS
+  assert tuple(sampling._STATISTICS) == sampling.TARGET_STATISTICS
+
+
+@pytest.mark.parametrize("method,target,expected", [
+    ("none", None, {}), ("undersample", 3, {"target": 3}), ("oversample", None, {}),
+    ("balanced", 4, {"n_per_group": 4}), ("fairqat", "mean", {"target": "mean"})])
+def test_target_option_names_the_method_option(method, target, expected):
+  options = sampling.target_option(method, target)
+  assert options == expected
+  sampling.sample_indices(GROUP, 4, method, seed=0, **options)  # accepted by the dispatcher
+
+
 @pytest.mark.parametrize("call,match", [
+    (lambda: sampling.target_option("none", 3), "takes no target"),
+    (lambda: sampling.target_option("smote", 3), "Unknown sampling method 'smote'"),
+    (lambda: sampling.sample_indices(GROUP, 4, "none", seed=0, target=3), "unknown \\['target'\\]"),
     (lambda: sampling.sample_indices(GROUP, 4, "smote", seed=0), "Unknown sampling method 'smote'"),
     (lambda: sampling.sample_indices(GROUP, 4, "balanced", seed=0, target=3), "unknown \\['target'\\]"),
     (lambda: sampling.undersample(np.array([0, -1, 1]), 2, seed=0), "must be >= 0"),

@@ -8,8 +8,11 @@ Sources are imported on demand, so loading digits never imports TFDS.
 """
 from __future__ import annotations
 
+import importlib
+
 from fqjax.data.arrays import from_arrays
-from fqjax.data.config import DATASET_NAMES, default_data_config, validate_data_config
+from fqjax.data.config import (DATASET_NAMES, TFDS_NAMES, default_data_config,
+                               validate_data_config)
 from fqjax.data.imbalance import apply_imbalance
 from fqjax.data.splits import DatasetInfo, Split, Splits, stratified_split
 
@@ -17,25 +20,27 @@ __all__ = ["load", "from_arrays", "default_data_config", "validate_data_config",
            "apply_imbalance", "stratified_split", "Split", "Splits", "DatasetInfo",
            "DATASET_NAMES"]
 
+# config.data.name -> (module, function taking the validated data config and returning Splits).
+# Imported on first use, so that loading digits never imports TFDS (or PIL).
+LOADERS = {
+    "digits": ("fqjax.data.digits", "load_digits"),
+    "synthetic": ("fqjax.data.synthetic", "load_synthetic"),
+    "arrays": ("fqjax.data.arrays", "load_npz"),
+    "utkface": ("fqjax.data.utkface_source", "load_utkface"),
+    **{name: ("fqjax.data.tfds_sources", "load_tfds") for name in TFDS_NAMES},
+}
+
 
 def load(config) -> Splits:
   """Loads the dataset named by config.data.name (or config.name for a data config).
 
-  Returns Splits with x [N, ...] float32 normalized, y / group [N] int32 and
-  index [N] int64 per split, deterministic given config.data.seed.
+  Args:
+    config: a study config (its ``data`` section is used) or a data config; validated first.
+
+  Returns:
+    Splits; per split x [N, ...] float32 normalized ([N, H, W, C] images or [N, D] features),
+    y / group [N] int32 and index [N] int64, deterministic given config.data.seed.
   """
   cfg = validate_data_config(config)
-  if cfg.name == "digits":
-    from fqjax.data.digits import load_digits
-    return load_digits(cfg)
-  if cfg.name == "synthetic":
-    from fqjax.data.synthetic import load_synthetic
-    return load_synthetic(cfg)
-  if cfg.name == "arrays":
-    from fqjax.data.arrays import load_npz
-    return load_npz(cfg)
-  if cfg.name == "utkface":
-    from fqjax.data.utkface_source import load_utkface
-    return load_utkface(cfg)
-  from fqjax.data.tfds_sources import load_tfds  # validated: one of TFDS_NAMES
-  return load_tfds(cfg)
+  module, function = LOADERS[cfg.name]  # validated: one of DATASET_NAMES
+  return getattr(importlib.import_module(module), function)(cfg)

@@ -47,6 +47,7 @@ from fqjax.errors import InputError
 DATASET_NAMES = ("digits", "mnist", "fashion_mnist", "cifar10", "svhn_cropped", "celeb_a",
                  "utkface", "arrays", "synthetic")
 TFDS_CLASSIFICATION = ("mnist", "fashion_mnist", "cifar10", "svhn_cropped")
+TFDS_NAMES = TFDS_CLASSIFICATION + ("celeb_a",)  # the datasets read by fqjax.data.tfds_sources
 NORMALIZE_KINDS = ("standardize", "unit")
 RESIZE_METHODS = ("area", "nearest")
 IMBALANCE_KINDS = ("none", "keep_fractions", "long_tail")

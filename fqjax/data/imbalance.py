@@ -116,12 +116,32 @@ def subsample_groups(split: Split, targets: np.ndarray, seed: int,
   return split.take(np.sort(np.concatenate(keep)) if keep else np.zeros((0,), np.int64))
 
 
+def _keep_fraction_targets(imbalance, before: np.ndarray,
+                           group_names: Sequence[str]) -> Tuple[np.ndarray, Dict[str, Any]]:
+  if imbalance.get("keep_fractions") is None:
+    raise InputError("imbalance.kind='keep_fractions' needs imbalance.keep_fractions.")
+  fractions = keep_fraction_vector(imbalance["keep_fractions"], group_names)
+  return np.round(fractions * before).astype(np.int64), {"keep_fractions": fractions.tolist()}
+
+
+def _long_tail_targets(imbalance, before: np.ndarray,
+                       group_names: Sequence[str]) -> Tuple[np.ndarray, Dict[str, Any]]:
+  rho = float(imbalance.get("rho"))
+  targets = long_tail_targets(before, rho, imbalance.get("order"))
+  return targets, {"rho": rho, "order": list(imbalance.get("order") or range(len(group_names)))}
+
+
+# imbalance.kind -> targets(imbalance, counts before [G] int64, group names) ->
+#   (kept examples per group [G] int64, the profile's parameters for the metadata)
+_PROFILES = {"keep_fractions": _keep_fraction_targets, "long_tail": _long_tail_targets}
+
+
 def apply_imbalance(split: Split, imbalance, group_names: Sequence[str],
                     seed: int) -> Tuple[Split, Dict[str, Any]]:
   """Applies `imbalance` (config.data.imbalance or a dict) to a training split.
 
   Args:
-    split: the training Split.
+    split: the training Split (group [N] int32 ids in [0, G)).
     imbalance: mapping with 'kind' in {'none', 'keep_fractions', 'long_tail'} and
       'keep_fractions' / 'rho' / 'order' as in the module doc.
     group_names: [G] names; G = number of groups.
@@ -132,24 +152,13 @@ def apply_imbalance(split: Split, imbalance, group_names: Sequence[str],
   """
   imbalance = imbalance or {}
   kind = imbalance.get("kind", "none")
-  num_groups = len(group_names)
-  before = split.counts(num_groups)
   if kind == "none":
     return split, {"kind": "none"}
-  meta: Dict[str, Any] = {"kind": kind}
-  if kind == "keep_fractions":
-    if imbalance.get("keep_fractions") is None:
-      raise InputError("imbalance.kind='keep_fractions' needs imbalance.keep_fractions.")
-    fractions = keep_fraction_vector(imbalance["keep_fractions"], group_names)
-    targets = np.round(fractions * before).astype(np.int64)
-    meta["keep_fractions"] = fractions.tolist()
-  elif kind == "long_tail":
-    rho = float(imbalance.get("rho"))
-    targets = long_tail_targets(before, rho, imbalance.get("order"))
-    meta.update(rho=rho, order=list(imbalance.get("order") or range(num_groups)))
-  else:
-    raise InputError(
-        f"imbalance.kind={kind!r}; allowed: 'none', 'keep_fractions', 'long_tail'.")
+  if kind not in _PROFILES:
+    raise InputError(f"imbalance.kind={kind!r}; allowed: 'none', {', '.join(map(repr, _PROFILES))}.")
+  num_groups = len(group_names)
+  before = split.counts(num_groups)
+  targets, params = _PROFILES[kind](imbalance, before, group_names)
   out = subsample_groups(split, targets, seed, group_names)
-  meta.update(counts_before=before.tolist(), counts_after=out.counts(num_groups).tolist())
-  return out, meta
+  return out, {"kind": kind, **params, "counts_before": before.tolist(),
+               "counts_after": out.counts(num_groups).tolist()}

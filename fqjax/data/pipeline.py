@@ -1,27 +1,24 @@
-"""Input pipeline: epoch index plans, a jitted on-device gather, and a prefetcher.
+"""Input pipeline: epoch index plans, a jitted on-device gather, fixed-shape evaluation batches.
 
-For datasets that fit in memory (digits, CIFAR-10, UTKFace at 32 or 64 px) the
-arrays go to the device once (:class:`DeviceArrays`) and each step gathers its
-batch there with one jitted ``take``; only the [B] int32 batch indices cross
-from the host. The indices are a jit *argument*, never a closed-over constant
-(XLA would constant-fold a captured array into every compile).
-
-For random-access host sources too large for memory (a ``tfds.data_source``, a
-grain source) :func:`source_batches` reads the same index plan record by record
-and :func:`prefetch` overlaps that reading with the training step in a
-background thread.
+The datasets fqjax studies fit in memory (digits, CIFAR-10, UTKFace at 32 or 64
+px): the arrays go to the device once (:class:`DeviceArrays`) and each step
+gathers its batch there with one jitted ``take``; only the [B] int32 batch
+indices cross from the host. The indices are a jit *argument*, never a
+closed-over constant (XLA would constant-fold a captured array into every
+compile). ``benchmarks/host_pipeline.py`` holds the host-side reader and
+prefetch thread that ``benchmarks/input_pipeline.py`` measures against this path.
 
 An epoch plan from :func:`epoch_batches` covers every sample exactly once; the
 last uneven batch is padded and its padding carries mask 0, so losses and
 metrics divide by the number of real samples (see
 ``fqjax.losses.weighted_cross_entropy(..., mask=...)``) and no sample is dropped.
+:func:`padded_batches` cuts an array into fixed-shape chunks for evaluation, so
+one compilation serves them all; it is the package's one padded-batch helper.
 """
 from __future__ import annotations
 
 import numbers
-import queue
-import threading
-from typing import Any, Callable, Dict, Iterable, Iterator, NamedTuple, Optional, Sequence, Union
+from typing import Any, Dict, Iterator, NamedTuple, Tuple, Union
 
 import jax
 import jax.numpy as jnp
@@ -104,10 +101,19 @@ def epoch_batches(indices_or_n, batch_size: int, seed: Seed = None, *, shuffle: 
                       mask=mask.reshape(num_batches, batch_size))
 
 
-def padded_batches(x: np.ndarray, batch_size: int, multiple: int = 1):
-  """Yields (chunk [B, ...], real) over ``x`` [N, ...] with B fixed: the last chunk is padded by repeating
-  its first row (the ``B - real`` padded rows are dropped by the caller), so one compilation serves all.
-  B is min(batch_size, N) rounded up to ``multiple`` (the data-parallel device count)."""
+def padded_batches(x: np.ndarray, batch_size: int, multiple: int = 1) -> Iterator[Tuple[np.ndarray, int]]:
+  """Fixed-shape chunks of ``x`` for evaluation: one compilation serves every chunk.
+
+  Args:
+    x: [N, ...] array of any dtype (e.g. [N, H, W, C] float32 images); N = 0 yields nothing.
+    batch_size: the wanted chunk size.
+    multiple: B is rounded up to a multiple of this (the data-parallel device count).
+
+  Yields:
+    (chunk [B, ...] with x's dtype, real: int), B = min(batch_size, N) rounded up to ``multiple``.
+    The first ``real`` rows are x's; the last chunk is padded by repeating its first row, and the
+    caller drops the ``B - real`` padded rows of the output.
+  """
   n = len(x)
   if n == 0:
     return
@@ -143,8 +149,8 @@ class DeviceArrays:
 
     Args:
       x: [N, ...] inputs (e.g. [N, H, W, C] float32).
-      y: [N] int labels.
-      group: [N] int group ids, or None.
+      y: [N] int32 labels.
+      group: [N] int32 group ids, or None.
       sharding: optional ``jax.sharding.Sharding`` or device for ``jax.device_put``
         (fqjax.parallel decides it); None means the default device.
       **extra: more [N, ...] arrays to carry along (e.g. per-sample weights).
@@ -162,11 +168,6 @@ class DeviceArrays:
             f"all arrays must have the same number of rows as x ({n}); {name!r} has shape {np.shape(a)}.")
     self.num_rows = n
     self.arrays = {name: jax.device_put(a, sharding) for name, a in arrays.items()}
-
-  @classmethod
-  def from_split(cls, split, *, sharding: Any = None) -> "DeviceArrays":
-    """From any object with x, y, group attributes (e.g. fqjax.data.splits.Split)."""
-    return cls(split.x, split.y, split.group, sharding=sharding)
 
   def __len__(self) -> int:
     return self.num_rows
@@ -190,141 +191,3 @@ class DeviceArrays:
         raise ValueError(f"idx must be in [0, {self.num_rows}), got min {lo} and max {hi}.")
     passthrough = {} if mask is None else {"mask": jnp.asarray(mask, jnp.float32)}
     return _gather(self.arrays, idx, passthrough)
-
-  def batches(self, plan: EpochBatches) -> Iterator[Dict[str, jax.Array]]:
-    """Yields ``gather(idx, mask)`` for each batch of an epoch plan."""
-    for idx, mask in zip(plan.idx, plan.mask):
-      yield self.gather(idx, mask)
-
-
-def source_batches(source: Sequence[Dict[str, Any]], plan: EpochBatches,
-                   keys: Optional[Sequence[str]] = None) -> Iterator[Dict[str, np.ndarray]]:
-  """Reads an epoch plan from a random-access host source, batch by batch.
-
-  Args:
-    source: indexable by row, each record a dict of arrays or scalars (a
-      ``tfds.data_source`` split, a grain source, a list of dicts). A
-      ``__getitems__`` method (batched read) is used when present.
-    plan: from epoch_batches.
-    keys: which fields to stack; default all fields of the first record.
-
-  Yields:
-    {key: [B, ...] np.ndarray stacked from the records, 'mask': [B] float32}.
-    Wrap in prefetch() so the reads overlap the training step.
-  """
-  batched = getattr(source, "__getitems__", None)
-  for idx, mask in zip(plan.idx, plan.mask):
-    rows = idx.tolist()
-    records = batched(rows) if batched is not None else [source[i] for i in rows]
-    fields = keys if keys is not None else list(records[0])
-    batch = {k: np.stack([np.asarray(r[k]) for r in records]) for k in fields}
-    batch["mask"] = mask
-    yield batch
-
-
-_DONE = object()
-
-
-class _Raised:
-  def __init__(self, error: BaseException):
-    self.error = error
-
-
-def _put(buffer: queue.Queue, stop: threading.Event, item) -> bool:
-  # Time-out so that a consumer that stopped early never leaves the thread blocked forever.
-  while not stop.is_set():
-    try:
-      buffer.put(item, timeout=0.05)
-      return True
-    except queue.Full:
-      continue
-  return False
-
-
-def _produce(iterator, transform, buffer: queue.Queue, stop: threading.Event) -> None:
-  try:
-    for item in iterator:
-      if stop.is_set():
-        return
-      if transform is not None:
-        item = transform(item)
-      if not _put(buffer, stop, item):
-        return
-  except BaseException as error:  # handed to the consumer and re-raised there
-    _put(buffer, stop, _Raised(error))
-    return
-  _put(buffer, stop, _DONE)
-
-
-class Prefetcher:
-  """Runs ``iterator`` (and ``transform``) in a background thread, ``size`` items ahead.
-
-  The thread starts at once, so the first batches load while the first step compiles.
-
-  Args:
-    iterator: any iterable of batches (e.g. source_batches(...)).
-    size: how many items to hold ready (>= 1).
-    transform: optional function applied in the thread, e.g. ``jax.device_put``
-      so that the host-to-device copy also overlaps the step.
-
-  Iterating yields the items in order. An exception raised by the iterator or
-  by ``transform`` is re-raised at that position. ``close()`` (also on leaving a
-  ``with`` block or on garbage collection) stops the thread.
-  """
-
-  def __init__(self, iterator: Iterable, size: int = 2,
-               transform: Optional[Callable[[Any], Any]] = None):
-    size = _positive_int(size, "size")
-    self._buffer: queue.Queue = queue.Queue(maxsize=size)
-    self._stop = threading.Event()
-    self._finished = False
-    # The thread gets the queue and the event, not self, so that a dropped Prefetcher
-    # can be garbage-collected and its __del__ stops the thread.
-    self._thread = threading.Thread(
-        target=_produce, args=(iter(iterator), transform, self._buffer, self._stop),
-        name="fqjax-prefetch", daemon=True)
-    self._thread.start()
-
-  def __iter__(self):
-    return self
-
-  def __next__(self):
-    if self._finished:
-      raise StopIteration
-    item = self._buffer.get()
-    if item is _DONE:
-      self.close()
-      raise StopIteration
-    if isinstance(item, _Raised):
-      self.close()
-      raise item.error
-    return item
-
-  def close(self) -> None:
-    """Stops the background thread; later next() calls raise StopIteration."""
-    self._finished = True
-    self._stop.set()
-    if self._thread is not threading.current_thread():
-      self._thread.join(timeout=1.0)
-
-  def __enter__(self):
-    return self
-
-  def __exit__(self, *exc):
-    self.close()
-
-  def __del__(self):
-    stop = getattr(self, "_stop", None)  # absent if __init__ raised
-    if stop is not None:
-      stop.set()
-
-
-def prefetch(iterator: Iterable, size: int = 2,
-             transform: Optional[Callable[[Any], Any]] = None) -> Prefetcher:
-  """Iterates ``iterator`` ``size`` items ahead in a background thread (see Prefetcher).
-
-  Example:
-    for batch in prefetch(source_batches(source, plan), size=2, transform=jax.device_put):
-      state, metrics = train_step(state, batch)
-  """
-  return Prefetcher(iterator, size=size, transform=transform)

@@ -189,4 +189,5 @@ def random_subset(n: int, k: Optional[int], seed: int) -> np.ndarray:
 
 
 def group_count_dict(splits: Mapping[str, Split], num_groups: int) -> Dict[str, list]:
+  """{split name: [num_groups] list of int example counts} (JSON-ready)."""
   return {name: split.counts(num_groups).tolist() for name, split in splits.items()}

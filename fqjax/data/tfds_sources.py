@@ -25,7 +25,6 @@ from fqjax.data.config import TFDS_CLASSIFICATION, resolve_attributes
 from fqjax.data.splits import Splits, random_subset
 from fqjax.errors import FqjaxError
 
-TFDS_NAMES = TFDS_CLASSIFICATION + ("celeb_a",)
 _RESAMPLE = {"area": Image.Resampling.BOX, "nearest": Image.Resampling.NEAREST}
 
 
@@ -78,6 +77,7 @@ def resize_image(image: np.ndarray, size: Optional[int], method: str) -> np.ndar
 
 
 def target_shape(native: Sequence[int], size: Optional[int]) -> Tuple[int, int, int]:
+  """The stored image shape (H, W, C): the native one, or (size, size, C) when resizing."""
   return tuple(native) if size is None else (size, size, int(native[-1]))
 
 
@@ -100,23 +100,38 @@ def _binary_names(attribute: str) -> Tuple[str, str]:
   return (f"not {attribute}", attribute)
 
 
+def _classification_fields(features, label_attr: str, group_attr: str):
+  """y = group = the class label (mnist, fashion_mnist, cifar10, svhn_cropped)."""
+  def extract(example):
+    label = int(example["label"])
+    return label, label
+  class_names = tuple(features["label"].names)
+  return extract, class_names, class_names
+
+
+def _celeb_a_fields(features, label_attr: str, group_attr: str):
+  """y and group are two of the 40 binary attributes."""
+  def extract(example):
+    attributes = example["attributes"]
+    return int(attributes[label_attr]), int(attributes[group_attr])
+  return extract, _binary_names(label_attr), _binary_names(group_attr)
+
+
+# dataset -> fields(features, label attribute, group attribute) ->
+#   (extract(example) -> (y, group) ints, class names, group names)
+_FIELDS = {"celeb_a": _celeb_a_fields, **{name: _classification_fields for name in TFDS_CLASSIFICATION}}
+
+
 def load_tfds(cfg) -> Splits:
-  """Splits of a TFDS image dataset (config.data.name in TFDS_NAMES) from a validated config."""
+  """Splits of a TFDS image dataset (config.data.name in fqjax.data.config.TFDS_NAMES) from a validated config.
+
+  x is [N, H, W, C] float32 (H = W = config.data.image_size when set, else the native shape).
+  """
   name = cfg.name
   label_attr, group_attr = resolve_attributes(cfg)
   sources = {split: open_source(name, split, cfg.data_dir) for split in ("train", "test")}
   features = sources["train"].dataset_info.features
-  if name == "celeb_a":
-    def extract(example):
-      attributes = example["attributes"]
-      return int(attributes[label_attr]), int(attributes[group_attr])
-    class_names, group_names = _binary_names(label_attr), _binary_names(group_attr)
-  else:
-    def extract(example):
-      label = int(example["label"])
-      return label, label
-    class_names = tuple(features["label"].names)
-    group_names = class_names
+  extract, class_names, group_names = _FIELDS[name](features, label_attr, group_attr)
   shape = target_shape(features["image"].shape, cfg.image_size)
   rows = {split: random_subset(len(src), cfg.max_examples, seed=cfg.seed + 2 + i)
           for i, (split, src) in enumerate(sources.items())}

@@ -7,26 +7,20 @@ group = race.
 """
 from __future__ import annotations
 
-import importlib
-import os
 from typing import Mapping, Sequence, Tuple
 
 import numpy as np
 
+from fqjax.data import utkface  # imports no TFDS; its read_prepared does
 from fqjax.data.assemble import assemble
 from fqjax.data.config import resolve_attributes
 from fqjax.data.splits import Splits, random_subset
+from fqjax.data.utkface import GENDER_NAMES, RACE_NAMES, default_data_dir
 from fqjax.errors import InputError
 
-RACE_NAMES = ("White", "Black", "Asian", "Indian", "Others")
-GENDER_NAMES = ("Male", "Female")
 NATIVE_SIZE = 200  # UTKFace's aligned and cropped faces are 200 x 200
 REQUIRED_KEYS = ("image", "race", "gender", "age")
-
-
-def default_data_dir() -> str:
-  """TFDS's default data dir, without importing TFDS: $TFDS_DATA_DIR or ~/tensorflow_datasets."""
-  return os.path.expanduser(os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets"))
+_NAMES = {"race": RACE_NAMES, "gender": GENDER_NAMES}  # the categorical attributes' value names
 
 
 def age_bin_names(edges: Sequence[int]) -> Tuple[str, ...]:
@@ -38,10 +32,13 @@ def age_bin_names(edges: Sequence[int]) -> Tuple[str, ...]:
 
 def attribute(data: Mapping[str, np.ndarray], name: str,
               edges: Sequence[int]) -> Tuple[np.ndarray, Tuple[str, ...]]:
-  """(values [N] int32, names) of one UTKFace attribute: race, gender or age_bin."""
+  """(values [N] int32, names) of one UTKFace attribute: race, gender or age_bin.
+
+  data: read_prepared's arrays ('race', 'gender', 'age': [N] int); edges: age_bin edges (increasing ints).
+  """
   if name == "age_bin":
     return np.digitize(data["age"], edges).astype(np.int32), age_bin_names(edges)
-  names = {"race": RACE_NAMES, "gender": GENDER_NAMES}[name]
+  names = _NAMES[name]
   values = np.asarray(data[name]).astype(np.int32)
   if values.size and (values.min() < 0 or values.max() >= len(names)):
     raise InputError(f"UTKFace {name} values must be in 0..{len(names) - 1} ({names}); got "
@@ -66,7 +63,6 @@ def _check_prepared(data: Mapping[str, np.ndarray], size: int) -> None:
 
 def load_utkface(cfg) -> Splits:
   """UTKFace Splits from a validated data config (label / group among race, gender, age_bin)."""
-  utkface = importlib.import_module("fqjax.data.utkface")  # lazy: it imports TFDS
   size = cfg.image_size or NATIVE_SIZE
   data = utkface.read_prepared(cfg.data_dir or default_data_dir(), size)
   _check_prepared(data, size)

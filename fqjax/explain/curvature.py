@@ -8,7 +8,7 @@ inference mode (BatchNorm on its running statistics):
   top-k eigenvalues of the Hessian H_g = d^2 L_g / d theta^2, by Lanczos on
   Hessian-vector products H_g v = d/de grad L_g(theta + e v) (forward-over-reverse).
 
-theta is either the full-precision params or, with ``bits``, a quantized model's
+theta is either the full-precision params or, with ``bits_tree``, a quantized model's
 dequantized params (``dequantized_params``): the plain network evaluated at the
 quantized weights, so no straight-through estimator enters any derivative. Only
 weights are substituted; activation quantization is not a change of params, so
@@ -24,9 +24,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import traverse_util
 from jax.flatten_util import ravel_pytree
 
-from fqjax import layers, quant
+from fqjax import layers, metrics, quant
+from fqjax.data.pipeline import padded_batches
 from fqjax.explain import lanczos
 
 ACTIVATION_MODES = ("error", "ignore")
@@ -36,40 +38,8 @@ ACTIVATION_MODES = ("error", "ignore")
 # Dequantized params: the quantized network as a plain parameter substitution
 # ----------------------------------------------------------------------------
 
-def _layer_configs(model: nn.Module, variables: Mapping, sample_x) -> dict:
-  """{layer path: (type, per_channel, narrow_range, fold_bn, epsilon)} by one abstract forward pass."""
-  configs = {}
-
-  def interceptor(next_fun, args, kwargs, context):
-    m = context.module
-    if context.method_name == "__call__" and isinstance(m, layers.QUANT_LAYER_TYPES):
-      configs["/".join(m.scope.path)] = (type(m), m.per_channel, m.narrow_range,
-                                         getattr(m, "fold_bn", False), getattr(m, "epsilon", None))
-    return next_fun(*args, **kwargs)
-
-  with nn.intercept_methods(interceptor):
-    jax.eval_shape(lambda v, x: model.apply(v, x, train=False), _fp_variables(variables), sample_x)
-  return configs
-
-
 def _fp_variables(variables: Mapping) -> dict:
   return {k: v for k, v in variables.items() if k not in (layers.BITS, layers.QUANT_STATS)}
-
-
-def _node(tree: Optional[Mapping], path: str) -> Optional[Mapping]:
-  for part in path.split("/"):
-    if not isinstance(tree, Mapping) or part not in tree:
-      return None
-    tree = tree[part]
-  return tree
-
-
-def _replace(tree: Mapping, path: str, leaf: str, value) -> dict:
-  """A copy of nested dict ``tree`` with tree[path...][leaf] = value (other nodes shared)."""
-  head, _, rest = path.partition("/")
-  out = dict(tree)
-  out[head] = _replace(tree[head], rest, leaf, value) if rest else {**tree[head], leaf: value}
-  return out
 
 
 def check_weight_only(bits_tree: Optional[Mapping], activations: str = "error") -> None:
@@ -78,56 +48,53 @@ def check_weight_only(bits_tree: Optional[Mapping], activations: str = "error") 
     raise ValueError(f"activations must be one of {ACTIVATION_MODES}, got {activations!r}.")
   if bits_tree is None or activations == "ignore":
     return
-  for path, leaf in jax.tree_util.tree_leaves_with_path(bits_tree):
-    name = "/".join(str(getattr(p, "key", p)) for p in path)
-    if name.endswith("/a") and not isinstance(leaf, jax.core.Tracer) and \
+  for key, leaf in traverse_util.flatten_dict(bits_tree).items():
+    if key[-1] == "a" and not isinstance(leaf, jax.core.Tracer) and \
         np.any(np.asarray(leaf) < quant.FULL_PRECISION_BITS):
       raise ValueError(
-          f"bits tree quantizes activations ({name} = {np.asarray(leaf)}), which is not a change of params, "
-          "so the dequantized network cannot represent it. Use a weights-only spec (BitSpec(w_bits=..., "
-          "a_bits=None)) or pass activations='ignore'.")
+          f"bits tree quantizes activations ({'/'.join(key)} = {np.asarray(leaf)}), which is not a change of "
+          "params, so the dequantized network cannot represent it. Use a weights-only spec "
+          "(BitSpec(w_bits=..., a_bits=None)) or pass activations='ignore'.")
 
 
 def dequantized_params(model: nn.Module, variables: Mapping, bits_tree: Mapping, sample_x, *,
                        activations: str = "error") -> dict:
   """The params at which the plain model computes what the weight-quantized model computes.
 
-  Each quantized layer's kernel W is replaced by its fake-quantized value exactly as the
-  layer computes it (symmetric, per output channel along the last axis when the layer is
-  ``per_channel``, the layer's ``narrow_range``), at the layer's "w" bits in ``bits_tree``
-  (missing layers and bits >= 32 stay full precision). For QuantConvBN with ``fold_bn``,
-  inference multiplies by Q(W g) with g = gamma / sqrt(var + eps) [C]; substituting
-  W' = Q(W g) / g makes the plain folded model multiply by W' g = Q(W g) (channels with
-  g = 0 keep W: their output does not depend on it). Gradients are then with respect to
-  the model's own (unfolded) params at that point.
+  Each quantized layer's kernel W is replaced by the kernel the layer itself multiplies by
+  at its "w" bits in ``bits_tree`` (the "quantized_kernels" it sows: its QuantRule's grid,
+  per-channel scales, LSQ step sizes); layers without "w" bits keep W. For QuantConvBN with
+  ``fold_bn``, inference multiplies by Q(W g) with g = gamma / sqrt(var + eps) [C] (sown as
+  "fold_scale"); substituting W' = Q(W g) / g makes the plain folded model multiply by
+  W' g = Q(W g) (channels with g = 0 keep W: their output does not depend on it). Gradients
+  are then with respect to the model's own (unfolded) params at that point.
 
   Args:
     variables: {"params", "batch_stats", ...}; a "bits" collection in it is ignored.
     bits_tree: the "bits" collection (may be traced: usable under jit and vmap).
-    sample_x: an input batch [batch, ...] or its ``jax.ShapeDtypeStruct`` (shapes only;
-      it tells which layers the model calls and with which settings).
+    sample_x: an input batch [batch, ...] or its ``jax.ShapeDtypeStruct`` (shapes only: one
+      forward pass at batch 1 makes the layers sow their kernels; under jit XLA drops the
+      rest of that pass).
     activations: "error" refuses activation bits < 32, "ignore" drops them.
   Returns:
     a params pytree like variables["params"], kernels replaced (and gradient-stopped).
   """
   check_weight_only(bits_tree, activations)
-  params = variables["params"]
-  for path, (kind, per_channel, narrow, fold, eps) in _layer_configs(model, variables, sample_x).items():
-    node, bits = _node(params, path), _node(bits_tree, path)
-    if bits is None or "w" not in bits:
+  flat_bits = traverse_util.flatten_dict(bits_tree)
+  w_bits = traverse_util.unflatten_dict({k: v for k, v in flat_bits.items() if k[-1] == "w"})
+  x = jnp.zeros((1,) + tuple(sample_x.shape[1:]), sample_x.dtype)
+  _, state = model.apply({**_fp_variables(variables), layers.BITS: w_bits}, x, train=False,
+                         mutable=[layers.KERNELS])
+  sown = traverse_util.flatten_dict(state[layers.KERNELS])  # {(*path, "kernel" | "fold_scale"): (value, ...)}
+  params = traverse_util.flatten_dict(variables["params"])
+  for (*path, leaf), (kernel, *_) in sown.items():
+    if leaf != "kernel" or (*path, "w") not in flat_bits:
       continue
-    kernel = node["kernel"]
-    fq = functools.partial(quant.fake_quant, bits=bits["w"], symmetric=True, narrow_range=narrow,
-                           axis=kernel.ndim - 1 if per_channel else None)
-    if issubclass(kind, layers.QuantConvBN) and fold:
-      stats = _node(variables["batch_stats"], path)
-      folded, _ = layers.fold_bn(kernel, None, node["scale"], node["bias"], stats["mean"], stats["var"], eps)
-      g = node["scale"] * jax.lax.rsqrt(stats["var"] + eps)
-      new = jnp.where(g == 0, kernel, fq(folded) / jnp.where(g == 0, 1.0, g))
-    else:
-      new = fq(kernel)
-    params = _replace(params, path, "kernel", jax.lax.stop_gradient(new))
-  return params
+    if (*path, "fold_scale") in sown:
+      g, w = sown[(*path, "fold_scale")][0], params[(*path, "kernel")]
+      kernel = jnp.where(g == 0, w, kernel / jnp.where(g == 0, 1.0, g))
+    params[(*path, "kernel")] = jax.lax.stop_gradient(kernel)
+  return traverse_util.unflatten_dict(params)
 
 
 # ----------------------------------------------------------------------------
@@ -210,7 +177,7 @@ def _leaf_sq_norms(acc):
 
 
 def group_gradient_norms(model: nn.Module, variables: Mapping, x, y, group, num_groups: int, *,
-                         bits: Optional[Mapping] = None, batch_size: int = 256,
+                         bits_tree: Optional[Mapping] = None, batch_size: int = 256,
                          activations: str = "error") -> dict:
   """||grad L_g|| for every group g, with every sample's forward and backward pass done once.
 
@@ -218,15 +185,15 @@ def group_gradient_norms(model: nn.Module, variables: Mapping, x, y, group, num_
   down to 8); one compiled step (per batch size, so at most log2(b / 8) + 2 compilations
   for all groups and all bit-widths) adds a batch's gradient of sum_i w_i l_i, with
   w_i = 1/n_g, to its group's accumulator; after a group's batches its per-leaf squared
-  norms are taken, so memory holds one params-sized accumulator, not G. The loop over batches only dispatches (no host
-  sync until the end). Why not one ``lax.scan``: on XLA:CPU convolutions inside a loop
-  body run ~40x slower than the same step jitted alone (jax-ml/jax#12868; measured 7.1 s
-  against 0.16 s for three SmallCNN batches of 256).
+  norms are taken, so memory holds one params-sized accumulator, not G. The loop over
+  batches only dispatches (no host sync until the end). Why not one ``lax.scan``: on XLA:CPU
+  convolutions inside a loop body run far slower than the same step jitted alone
+  (jax-ml/jax#12868).
 
   Args:
     model, variables: a Flax model of fqjax layers and its {"params", "batch_stats"}.
     x: [N, ...] float32 inputs; y: [N] int labels; group: [N] int ids in [0, G).
-    bits: None (full precision) or a weights-only bits tree: gradients are then taken at
+    bits_tree: None (full precision) or a weights-only bits tree: gradients are then taken at
       ``dequantized_params`` (a traced argument: a bit-width sweep does not recompile).
     batch_size: the largest batch.
   Returns (host NumPy):
@@ -236,7 +203,7 @@ def group_gradient_norms(model: nn.Module, variables: Mapping, x, y, group, num_
   """
   counts = _check_data(x, y, group, num_groups)
   lanczos._check_positive("batch_size", batch_size)
-  params, batch_stats = _theta(model, variables, x, bits, activations)
+  params, batch_stats = _theta(model, variables, x, bits_tree, activations)
   step = _grad_step(model)
   xd, yd = jnp.asarray(x), jnp.asarray(y, jnp.int32)
   results = []
@@ -247,8 +214,8 @@ def group_gradient_norms(model: nn.Module, variables: Mapping, x, y, group, num_
     results.append(_leaf_sq_norms(acc))
   results = np.asarray(jax.device_get(jnp.stack(results)), np.float64)  # [G, leaves + 1], one transfer
   per_layer: dict = {}
-  for i, (path, _) in enumerate(jax.tree_util.tree_leaves_with_path(params)):
-    name = "/".join(str(getattr(p, "key", p)) for p in path[:-1])
+  for i, (path, _) in enumerate(jax.tree_util.tree_leaves_with_path(params)):  # _leaf_sq_norms' order
+    name = jax.tree_util.keystr(path[:-1], simple=True, separator="/")
     per_layer[name] = per_layer.get(name, 0.0) + results[:, i]
   return {"norms": np.sqrt(results[:, :-1].sum(axis=1)),
           "per_layer": {name: np.sqrt(v) for name, v in per_layer.items()},
@@ -272,12 +239,15 @@ def _hvp_program(model: nn.Module):
 
 
 def _weighted_hvp(model: nn.Module, params, batch_stats, x: np.ndarray, y: np.ndarray, w: np.ndarray, b: int):
-  """H v of sum_i w_i l_i over rows padded to whole batches of b (padding weight 0)."""
-  n = len(x)
-  rows = np.concatenate([np.arange(n), np.zeros(-n % b, np.int64)]).reshape(-1, b)
+  """H v of sum_i w_i l_i over x [n, ...], y [n], w [n], in batches of b rows (padding weight 0)."""
   dtype = jnp.result_type(*jax.tree_util.tree_leaves(params))  # float64 params keep float64 weights
-  w = np.concatenate([w, np.zeros(-n % b)]).reshape(-1, b).astype(dtype)
-  batches = [(jnp.asarray(x[r]), jnp.asarray(y[r], jnp.int32), jnp.asarray(wi)) for r, wi in zip(rows, w)]
+  n = len(x)
+  w = np.concatenate([w, np.zeros(max(b - n, 0))])  # n < b: still one batch of b, so groups share shapes
+  batches = []
+  for pos, real in padded_batches(np.arange(len(w)), b):
+    rows = pos % n  # padding repeats real rows, at weight 0
+    wb = np.where(np.arange(b) < real, w[pos], 0.0).astype(dtype)
+    batches.append((jnp.asarray(x[rows]), jnp.asarray(y[rows], jnp.int32), jnp.asarray(wb)))
   program = _hvp_program(model)
 
   def hvp(v: jax.Array) -> jax.Array:
@@ -290,31 +260,31 @@ def _weighted_hvp(model: nn.Module, params, batch_stats, x: np.ndarray, y: np.nd
   return hvp
 
 
-def _theta(model, variables, x, bits, activations):
-  """(params, batch_stats): full precision, or the dequantized params at ``bits``."""
-  check_weight_only(bits, activations)
+def _theta(model, variables, x, bits_tree, activations):
+  """(params, batch_stats): full precision, or the dequantized params at ``bits_tree``."""
+  check_weight_only(bits_tree, activations)
   variables = _fp_variables(variables)
   params = variables["params"]
-  if bits is not None:
+  if bits_tree is not None:
     sample = jax.ShapeDtypeStruct((1,) + tuple(np.shape(x)[1:]), jnp.asarray(x[:1]).dtype)
-    params = _dequantize_program(model, sample)(variables, bits)
+    params = _dequantize_program(model, sample)(variables, bits_tree)
   return params, variables.get("batch_stats", {})
 
 
 @functools.lru_cache(maxsize=16)
 def _dequantize_program(model: nn.Module, sample: jax.ShapeDtypeStruct):
-  """jitted (variables, bits) -> dequantized params; bits traced, so one compile per model."""
-  return jax.jit(lambda v, bits: dequantized_params(model, v, bits, sample, activations="ignore"))
+  """jitted (variables, bits_tree) -> dequantized params; bits traced, so one compile per model."""
+  return jax.jit(lambda v, bits_tree: dequantized_params(model, v, bits_tree, sample, activations="ignore"))
 
 
-def make_hvp(model: nn.Module, variables: Mapping, x, y, *, bits: Optional[Mapping] = None,
+def make_hvp(model: nn.Module, variables: Mapping, x, y, *, bits_tree: Optional[Mapping] = None,
              batch_size: int = 256, activations: str = "error"):
   """Hessian-vector product of the mean cross-entropy over (x, y), in inference mode.
 
   H v = sum over batches of jvp(grad(sum_i w_i l_i), (theta,), (v,)) with w_i = 1/N for
   real rows and 0 for padding: one jitted program per batch shape, so the loop over
   batches only dispatches (no host sync); ``jax.jit(hvp)`` also works.
-  Args: x [N, ...], y [N]; bits: optional weights-only bits tree (theta = dequantized params).
+  Args: x [N, ...], y [N]; bits_tree: optional weights-only bits tree (theta = dequantized params).
   Returns (hvp, flat_params): hvp maps v [P] -> H v [P] (dtype of the params);
     flat_params [P] is theta raveled (``jax.flatten_util.ravel_pytree`` order).
   """
@@ -322,14 +292,14 @@ def make_hvp(model: nn.Module, variables: Mapping, x, y, *, bits: Optional[Mappi
   if n == 0 or np.shape(y) != (n,):
     raise ValueError(f"make_hvp needs x [N >= 1, ...] and y [N]; got {np.shape(x)} and {np.shape(y)}.")
   lanczos._check_positive("batch_size", batch_size)
-  params, batch_stats = _theta(model, variables, x, bits, activations)
+  params, batch_stats = _theta(model, variables, x, bits_tree, activations)
   hvp = _weighted_hvp(model, params, batch_stats, np.asarray(x), np.asarray(y), np.full(n, 1.0 / n),
                       min(batch_size, n))
   return hvp, ravel_pytree(params)[0]
 
 
 def group_top_eigenvalues(model: nn.Module, variables: Mapping, x, y, group, num_groups: int, *,
-                          k: int = 5, bits: Optional[Mapping] = None, batch_size: int = 256,
+                          k: int = 5, bits_tree: Optional[Mapping] = None, batch_size: int = 256,
                           max_iters: int = 100, tol: float = 1e-4, seed: int = 0,
                           trace_probes: int = 0, activations: str = "error") -> dict:
   """Top-k Hessian eigenvalues of each group's mean loss L_g, by Lanczos (and optionally tr H_g).
@@ -347,7 +317,7 @@ def group_top_eigenvalues(model: nn.Module, variables: Mapping, x, y, group, num
   lanczos._check_positive("batch_size", batch_size)
   if not isinstance(trace_probes, (int, np.integer)) or trace_probes < 0:
     raise ValueError(f"trace_probes must be an int >= 0, got {trace_probes!r}.")
-  params, batch_stats = _theta(model, variables, x, bits, activations)
+  params, batch_stats = _theta(model, variables, x, bits_tree, activations)
   flat = ravel_pytree(params)[0]
   x, y, group = np.asarray(x), np.asarray(y), np.asarray(group)
   out = {"eigenvalues": np.zeros((num_groups, k)), "residuals": np.zeros((num_groups, k)),
@@ -366,31 +336,3 @@ def group_top_eigenvalues(model: nn.Module, variables: Mapping, x, y, group, num
       out["trace"][g], out["trace_std"][g] = tr["trace"], tr["std"]
   return out
 
-
-def _average_ranks(v: np.ndarray) -> np.ndarray:
-  """1-based ranks of v [n], tied values sharing the mean of their ranks."""
-  order = np.argsort(v, kind="mergesort")
-  s = v[order]
-  starts = np.flatnonzero(np.r_[True, s[1:] != s[:-1]])
-  ends = np.r_[starts[1:], len(v)]
-  ranks = np.empty(len(v))
-  ranks[order] = np.repeat((starts + ends + 1) / 2.0, ends - starts)
-  return ranks
-
-
-def spearman(a, b) -> float:
-  """Spearman rank correlation of two equal-length 1-D sequences, average ranks for ties.
-
-  rho = Pearson correlation of the ranks. Pairs with a non-finite value are left out;
-  NaN when fewer than 2 pairs remain or one side is constant. ValueError on mismatched shapes.
-  """
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  if a.ndim != 1 or a.shape != b.shape:
-    raise ValueError(f"spearman needs two 1-D arrays of equal length, got shapes {a.shape} and {b.shape}.")
-  keep = np.isfinite(a) & np.isfinite(b)
-  if keep.sum() < 2:
-    return float("nan")
-  ra, rb = _average_ranks(a[keep]), _average_ranks(b[keep])
-  ra, rb = ra - ra.mean(), rb - rb.mean()
-  denom = np.sqrt(np.sum(ra * ra) * np.sum(rb * rb))
-  return float(np.sum(ra * rb) / denom) if denom > 0 else float("nan")

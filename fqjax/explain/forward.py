@@ -22,8 +22,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
 
 from fqjax import layers, metrics
+from fqjax.data.pipeline import padded_batches
 
 _EPS = 1e-12
 
@@ -75,13 +77,8 @@ def _is_quant_layer(module: nn.Module, method_name: str) -> bool:
 
 def _per_layer(tree: Mapping, layer_names: Sequence[str], leaf: str) -> dict:
   """{layer path: the first sown value ``tree[path...][leaf][0]``} for every layer."""
-  out = {}
-  for name in layer_names:
-    node = tree
-    for part in name.split("/"):
-      node = node[part]
-    out[name] = node[leaf][0]
-  return out
+  flat = traverse_util.flatten_dict(tree, sep="/")
+  return {name: flat[f"{name}/{leaf}"][0] for name in layer_names}
 
 
 def effective_kernels(model: nn.Module, variables: Mapping, bits_tree, sample_x, layer_names) -> dict:
@@ -99,19 +96,20 @@ def effective_kernels(model: nn.Module, variables: Mapping, bits_tree, sample_x,
 
 @functools.lru_cache(maxsize=16)
 def _chain_fn(model: nn.Module, layer_names: tuple):
-  """jitted (variables, bits, x, y) -> per-sample chain quantities for FP and quantized."""
+  """jitted (variables, bits_tree, x [B, ...], y [B]) -> per-sample chain quantities ([B] each) for FP and
+  quantized, and per-layer relative activation errors {layer: [B]}."""
 
-  def run(variables, bits, x):
+  def run(variables, bits_tree, x):
     v = dict(variables)
-    if bits is not None:
-      v[layers.BITS] = bits
+    if bits_tree is not None:
+      v[layers.BITS] = bits_tree
     logits, state = model.apply(v, x, train=False, capture_intermediates=_is_quant_layer)
     return logits, _per_layer(state["intermediates"], layer_names, "__call__")
 
   @jax.jit
-  def chain(variables, bits, x, y):
+  def chain(variables, bits_tree, x, y):
     z_fp, a_fp = run(variables, None, x)
-    z_q, a_q = run(variables, bits, x)
+    z_q, a_q = run(variables, bits_tree, x)
     act_err = {}
     for name in layer_names:
       diff = (a_q[name] - a_fp[name]).reshape(x.shape[0], -1)
@@ -125,12 +123,6 @@ def _chain_fn(model: nn.Module, layer_names: tuple):
     return out, act_err
 
   return chain
-
-
-def _group_mean(values: np.ndarray, group: np.ndarray, num_groups: int) -> list:
-  count = np.bincount(group, minlength=num_groups)
-  with np.errstate(invalid="ignore", divide="ignore"):
-    return (np.bincount(group, weights=np.asarray(values, np.float64), minlength=num_groups) / count).tolist()
 
 
 def forward_chain(model: nn.Module, variables: Mapping, bits_tree, x: np.ndarray, y: np.ndarray,
@@ -154,21 +146,14 @@ def forward_chain(model: nn.Module, variables: Mapping, bits_tree, x: np.ndarray
   q_k = effective_kernels(model, variables, bits_tree, x[:1], layer_names)
   per_layer = {n: weight_stats(fp_k[n], q_k[n]) for n in layer_names}
   chain = _chain_fn(model, layer_names)
-  n = len(x)
-  batch_size = min(batch_size, n)
   parts, act_parts = [], []
-  for start in range(0, n, batch_size):
-    xb, yb = np.asarray(x[start:start + batch_size]), np.asarray(y[start:start + batch_size])
-    real = len(xb)
-    if real < batch_size:  # fixed batch shape: one compilation
-      xb = np.concatenate([xb, np.repeat(xb[:1], batch_size - real, axis=0)])
-      yb = np.concatenate([yb, np.repeat(yb[:1], batch_size - real, axis=0)])
-    out, act = jax.device_get(chain(variables, bits_tree, xb, yb))
+  for rows, real in padded_batches(np.arange(len(x)), batch_size):  # fixed batch shape: one compilation
+    out, act = jax.device_get(chain(variables, bits_tree, np.asarray(x[rows]), np.asarray(y[rows])))
     parts.append({k: v[:real] for k, v in out.items()})
     act_parts.append({k: v[:real] for k, v in act.items()})
   cat = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
   act = {k: np.concatenate([p[k] for p in act_parts]) for k in act_parts[0]}
-  gm = lambda v: _group_mean(v, group, num_groups)
+  gm = lambda v: metrics.group_mean(v, group, num_groups).tolist()
   logits = {"abs_shift": gm(cat["abs_shift"]), "variance": gm(cat["variance"]),
             "variance_fp": gm(cat["variance_fp"]), "variance_change": gm(cat["variance"] - cat["variance_fp"])}
   softmax = {}

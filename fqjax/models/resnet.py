@@ -15,10 +15,14 @@ from fqjax.models.common import QuantModel
 STEMS = ("cifar", "imagenet")
 
 
-class BasicBlock(QuantModel):
-  """Two 3x3 convs with an identity (or 1x1 projection) shortcut. Expansion 1."""
+class _Block(QuantModel):
+  """A residual block: ``features`` channels (x ``expansion`` at its output), downsampling by ``strides``."""
   features: int
   strides: int = 1
+
+
+class BasicBlock(_Block):
+  """Two 3x3 convs with an identity (or 1x1 projection) shortcut. Expansion 1."""
   expansion = 1
 
   @nn.compact
@@ -31,10 +35,8 @@ class BasicBlock(QuantModel):
     return nn.relu(x + y)
 
 
-class Bottleneck(QuantModel):
+class Bottleneck(_Block):
   """1x1 reduce, 3x3, 1x1 expand (x4), with projection shortcut when shapes differ."""
-  features: int
-  strides: int = 1
   expansion = 4
 
   @nn.compact

@@ -8,9 +8,11 @@ Writes into WORKDIR:
   figures/*.png  ptq_group_accuracy, ptq_fairness, explain_weights, explain_logits_softmax,
                  explain_curvature, mitigate_ablation (each only when its data is in results.json)
 
-Every number comes from results.json (see fqjax.results). Means and standard
-deviations (ddof=1) are over seeds, ignoring seeds or values that are missing or
-null. Sections whose stage did not run are listed with the command that adds them.
+Every number comes from results.json (see fqjax.results): the PTQ and ablation tables and
+figures from the summaries the runner stored (ptq.summary, mitigate.summary and mitigate.best,
+formatted by fqjax.tables' cell rules), the explain section (no stored summary) as mean and
+standard deviation (ddof=1) over seeds, ignoring seeds or values that are missing or null.
+Sections whose stage did not run are listed with the command that adds them.
 Minority groups (fqjax.claims.minority_mask: train count below half the median) are
 drawn dashed / shaded in every figure. Figures use matplotlib's Agg canvas
 directly (no pyplot, no display, no global backend change).

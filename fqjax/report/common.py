@@ -1,5 +1,10 @@
-"""What the report's figures and sections share: constants, numbers over seeds and their
-formatting, the context of one results.json, and file writes with readable permissions.
+"""What the report's figures and sections share: constants, numbers and their formatting, the
+context of one results.json, and file writes with readable permissions.
+
+PTQ and ablation numbers are read from the summaries the runner stored (ptq.summary[bits],
+mitigate.summary[method][bits], mitigate.best[bits]), formatted by fqjax.tables' cell rules; only
+the explain section, which stores no summary, is averaged here (``_explain_ms``: mean and sample
+std over seeds of [S, ...] stacks, NaN ignored).
 """
 from __future__ import annotations
 
@@ -10,31 +15,19 @@ import numpy as np
 
 from fqjax import claims as claims_lib
 from fqjax import results as results_lib
+from fqjax.metrics import finite_mean as _nanmean
+from fqjax.tables import ABLATION_COLUMNS, EMPTY, finite, mean_std_cell  # noqa: F401  (shared with the text tables)
+from fqjax.tables import dig as _dig
 
 FULL = 32
 FIGURES_DIR = "figures"
 FIGURE_NAMES = ("ptq_group_accuracy", "ptq_fairness", "explain_weights", "explain_logits_softmax",
                 "explain_curvature", "mitigate_ablation")
-# Ablation columns: (key, header, direction of "best", scale, format).
-ABLATION_COLUMNS = (("accuracy", "accuracy", "max", 1.0, "{:.3f}"),
-                    ("worst_group_accuracy", "worst group", "max", 1.0, "{:.3f}"),
-                    ("fairness_violation", "fairness violation", "min", 1.0, "{:.3f}"),
-                    ("size_bytes", "size KB", "min", 1 / 1024, "{:.1f}"),
-                    ("train_s", "train s", "min", 1.0, "{:.1f}"))
 
 
 # ----------------------------------------------------------------------------
 # Numbers: stacking over seeds, mean and std, formatting
 # ----------------------------------------------------------------------------
-
-def _dig(node: Any, *path) -> Any:
-  """node[path[0]][path[1]]...; None where a key is missing or a node is not a mapping."""
-  for key in path:
-    if not isinstance(node, Mapping) or str(key) not in node:
-      return None
-    node = node[str(key)]
-  return node
-
 
 def _floats(value: Any) -> np.ndarray:
   """A number or (nested) list with nulls -> float64 array with NaN."""
@@ -59,49 +52,41 @@ def _stack(per_seed: Mapping, seeds: Sequence, getter: Callable[[Mapping], Any])
   return np.stack(rows)
 
 
-def _nanmean(values: Any, axis: Optional[int] = None) -> np.ndarray:
-  """Mean of the finite entries over ``axis``; NaN where there are none (an empty group), without a warning."""
-  values = np.asarray(values, np.float64)
-  finite = np.isfinite(values)
-  n = finite.sum(axis=axis)
-  total = np.where(finite, values, 0.0).sum(axis=axis)
-  return np.where(n > 0, total / np.maximum(n, 1), np.nan)
-
-
 def _mean_std(stack: Optional[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
   """Mean and sample std (ddof=1; 0 for one value) over axis 0, ignoring NaN; NaN where no value is left."""
   if stack is None:
     return np.asarray(np.nan), np.asarray(np.nan)
   stack = np.asarray(stack, np.float64)
-  finite = np.isfinite(stack)
-  n = finite.sum(axis=0)
+  ok = np.isfinite(stack)
+  n = ok.sum(axis=0)
   mean = _nanmean(stack, axis=0)
-  sq = np.where(finite, stack - mean, 0.0) ** 2
+  sq = np.where(ok, stack - mean, 0.0) ** 2
   std = np.where(n > 1, np.sqrt(sq.sum(axis=0) / np.maximum(n - 1, 1)), 0.0)
   return mean, np.where(n == 0, np.nan, std)
 
 
-def _count(stack: Optional[np.ndarray]) -> np.ndarray:
-  """How many seeds have a value, per entry over axis 0 (0: no data, e.g. a group with no test rows)."""
-  if stack is None:
-    return np.asarray(0)
-  return np.isfinite(np.asarray(stack, np.float64)).sum(axis=0)
-
-
-EMPTY = "empty"  # a cell with no data at all (a group with no test rows): n = 0
-
-
 def _num(x: Any, fmt: str = "{:.3f}") -> str:
-  try:
-    x = float(x)
-  except (TypeError, ValueError):
-    return "–"
-  return fmt.format(x) if np.isfinite(x) else "–"
+  """A number in ``fmt``; '–' for a missing or non-finite value."""
+  x = finite(x)
+  return "–" if x is None else fmt.format(x)
 
 
 def _pm(mean: Any, std: Any, fmt: str = "{:.3f}") -> str:
-  m = _num(mean, fmt)
-  return m if m == "–" or not np.isfinite(float(std)) else f"{m} ± {_num(std, fmt)}"
+  """'mean ± std' of numbers computed here (explain stacks); 'mean' without a std; '–' without a mean."""
+  return "–" if finite(mean) is None else mean_std_cell({"mean": mean, "std": std}, fmt, " ± ")
+
+
+def _cell(ms: Optional[Mapping], fmt: str = "{:.3f}", scale: float = 1.0) -> str:
+  """A stored summary cell (metrics.mean_std dict) as 'mean ± std'; EMPTY when n = 0 (no data behind it),
+  '–' when the statistic is not stored at all (``ms`` None: an older results.json)."""
+  return "–" if not isinstance(ms, Mapping) else mean_std_cell(ms, fmt, " ± ", scale)
+
+
+def _ms(ms: Optional[Mapping]) -> tuple[float, float]:
+  """(mean, std) of a stored mean_std dict, NaN for what is missing (for figures)."""
+  ms = ms if isinstance(ms, Mapping) else {}
+  mean, std = finite(ms.get("mean")), finite(ms.get("std"))
+  return (np.nan if mean is None else mean), (np.nan if std is None else std)
 
 
 def _bits_label(b: int) -> str:
@@ -144,10 +129,11 @@ class _Ctx:
     if len(self.names) != self.num_groups:
       self.names = [f"group {i}" for i in range(self.num_groups)]
     self.train_counts = _dig(ds, "counts", "train")
-    try:
+    try:  # the claims' rule: train count below half the median (claims.minority_threshold)
       self.minority = claims_lib.minority_mask(results)
+      self.minority_threshold = claims_lib.minority_threshold(results)
     except (KeyError, TypeError, ValueError):
-      self.minority = None
+      self.minority, self.minority_threshold = None, None
     self.seeds = [str(s) for s in results.get("seeds", [])]
 
   def is_minority(self, g: int) -> bool:
@@ -163,6 +149,12 @@ class _Ctx:
     return list(range(self.num_groups))
 
 
+def _ptq_summary(ctx: _Ctx, bits: Any) -> Mapping:
+  """ptq.summary[bits] as stored (metrics.summarize_over_seeds output); {} when it is not there."""
+  s = _dig(ctx.results, "ptq", "summary", bits)
+  return s if isinstance(s, Mapping) else {}
+
+
 def _explain_bits(ctx: _Ctx) -> list[int]:
   return _sorted_bits(_dig(ctx.results, "explain", "bit_widths") or [])
 
@@ -170,21 +162,3 @@ def _explain_bits(ctx: _Ctx) -> list[int]:
 def _explain_ms(ctx: _Ctx, bits: int, *path) -> tuple[np.ndarray, np.ndarray]:
   return _mean_std(_stack(ctx.results["explain"].get("per_seed", {}), ctx.seeds,
                           lambda e: _dig(e, bits, *path)))
-
-
-def _ablation_summary(ctx: _Ctx) -> Optional[dict]:
-  """{method: {bits: {column: (mean, std, n)}}} from mitigate.per_seed (tolerates unfinished runs)."""
-  m = ctx.results.get("mitigate")
-  if not m:
-    return None
-  out = {}
-  for method in m.get("methods", []):
-    out[method] = {}
-    for b in m.get("bit_widths", []):
-      cols = {}
-      for key, *_ in ABLATION_COLUMNS:
-        stack = _stack(m.get("per_seed", {}), ctx.seeds, lambda e: _dig(e, method, b, key))
-        mean, std = _mean_std(stack)
-        cols[key] = (float(mean), float(std), 0 if stack is None else int(np.isfinite(stack).sum()))
-      out[method][str(b)] = cols
-  return out

@@ -12,9 +12,9 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from fqjax import claims as claims_lib
-from fqjax.report.common import (FULL, _FILE_MODE, _Ctx, _bits_label, _dig, _explain_bits, _explain_ms, _floats,
-                                 _mean_std, _nanmean, _num, _sorted_bits, _stack)
+from fqjax.metrics import spearman
+from fqjax.report.common import (FULL, _FILE_MODE, _Ctx, _bits_label, _dig, _explain_bits, _explain_ms, _floats, _ms,
+                                 _nanmean, _num, _ptq_summary, _sorted_bits)
 
 DPI = 110
 
@@ -56,14 +56,21 @@ def _save_png(fig: Figure, path: str) -> None:
     raise
 
 
+def _group_means(cells, num_groups: int) -> np.ndarray:
+  """[G] means of a stored per-group summary (a list of mean_std dicts); NaN where missing."""
+  if not isinstance(cells, list) or len(cells) != num_groups:
+    return np.full(num_groups, np.nan)
+  return np.asarray([_ms(c)[0] for c in cells], np.float64)
+
+
 def figure_ptq_group_accuracy(ctx: _Ctx) -> Optional[Figure]:
-  """Per-group test accuracy (mean over seeds) against the PTQ bit-width; minority groups dashed."""
+  """Per-group test accuracy (ptq.summary mean over seeds) against the PTQ bit-width; minority groups dashed."""
   p = ctx.results.get("ptq")
-  if not p:
+  if not p or not isinstance(p.get("summary"), Mapping):
     return None
   bits = _sorted_bits(p.get("bit_widths", []))
-  acc = np.stack([_mean_std(_stack(p["per_seed"], ctx.seeds, lambda e, b=b: _dig(e, b, "groups", "accuracy")))[0]
-                  * np.ones(ctx.num_groups) for b in bits])  # [B, G]
+  acc = np.stack([_group_means(_dig(_ptq_summary(ctx, b), "groups", "accuracy"), ctx.num_groups)
+                  for b in bits])  # [B, G]
   fig, (ax,) = _new_figure(9.5, 5.0)
   x = np.arange(len(bits))
   colors = _group_colors(ctx.num_groups)
@@ -89,14 +96,16 @@ def figure_ptq_group_accuracy(ctx: _Ctx) -> Optional[Figure]:
 
 
 def figure_ptq_fairness(ctx: _Ctx) -> Optional[Figure]:
-  """Fairness violation with std error bars (and bootstrap CI band); overall and worst-group accuracy."""
+  """Fairness violation with std error bars (and bootstrap CI band); overall and worst-group accuracy.
+
+  All from ptq.summary[bits]: mean ± std over seeds; the band is the mean over seeds of the CI bounds.
+  """
   p = ctx.results.get("ptq")
-  if not p:
+  if not p or not isinstance(p.get("summary"), Mapping):
     return None
   bits = _sorted_bits(p.get("bit_widths", []))
   x = np.arange(len(bits))
-  ms = lambda key: np.asarray([_mean_std(_stack(p["per_seed"], ctx.seeds, lambda e, b=b: _dig(e, b, *key)))
-                               for b in bits], np.float64).T  # [2, B]
+  ms = lambda key: np.asarray([_ms(_dig(_ptq_summary(ctx, b), *key)) for b in bits], np.float64).T  # [2, B]
   fig, (ax1, ax2) = _new_figure(11.5, 4.4, 2)
   fv = ms(("fairness_violation",))
   low, high = ms(("fairness_violation_ci", "low"))[0], ms(("fairness_violation_ci", "high"))[0]
@@ -206,7 +215,11 @@ def figure_explain_logits(ctx: _Ctx) -> Optional[Figure]:
 
 
 def figure_explain_curvature(ctx: _Ctx) -> Optional[Figure]:
-  """Per-group gradient norm and top Hessian eigenvalue against group (train) size."""
+  """Per-group gradient norm and top Hessian eigenvalue against group (train) size.
+
+  Shaded: sizes from below the smallest group up to claims.minority_threshold (half the median train
+  count), so exactly the minority groups lie in the band.
+  """
   e = ctx.results.get("explain") or {}
   bits = _explain_bits(ctx)
   sizes = np.asarray(_floats(e.get("group_sizes") or ctx.train_counts or []), np.float64)
@@ -226,7 +239,7 @@ def figure_explain_curvature(ctx: _Ctx) -> Optional[Figure]:
       m, s = m * np.ones(ctx.num_groups), s * np.ones(ctx.num_groups)
       if not np.isfinite(m).any():
         continue
-      rho = claims_lib.spearman(sizes, m)
+      rho = spearman(sizes, m)
       label = ("full precision" if b >= FULL else f"{b}-bit") + f" (Spearman ρ={_num(rho, '{:.2f}')})"
       ax.errorbar(sizes[order], m[order], yerr=s[order], marker="o", markersize=5, capsize=3, color=color,
                   linewidth=2.4 if b >= FULL else 1.4, label=label)
@@ -236,9 +249,9 @@ def figure_explain_curvature(ctx: _Ctx) -> Optional[Figure]:
       _log_axis(ax.xaxis, ax.set_xscale, sizes)
     if vals.size and np.all(vals[np.isfinite(vals)] > 0):
       _log_axis(ax.yaxis, ax.set_yscale, vals)
-    if ctx.minority is not None:
-      ax.axvspan(sizes.min() / 1.15, float(np.median(sizes)), color="0.85", alpha=0.6, zorder=0,
-                 label="minority (below median size)")
+    if ctx.minority is not None:  # the claims' rule: below half the median train count, nothing above it
+      ax.axvspan(sizes.min() / 1.15, ctx.minority_threshold, color="0.85", alpha=0.6, zorder=0,
+                 label=f"minority (below half the median size, {ctx.minority_threshold:g})")
     ax.set_xlabel("group size (training examples)")
     ax.set_ylabel(ylabel + " (mean ± std over seeds)")
     ax.set_title(title)
@@ -247,7 +260,10 @@ def figure_explain_curvature(ctx: _Ctx) -> Optional[Figure]:
 
 
 def figure_mitigate_ablation(ctx: _Ctx, summary: Mapping) -> Optional[Figure]:
-  """Fairness violation and worst-group accuracy per method and bit-width (std error bars)."""
+  """Fairness violation and worst-group accuracy per method and bit-width (std error bars).
+
+  summary: mitigate.summary as stored, {method: {bits: {column: mean_std dict}}}.
+  """
   m = ctx.results["mitigate"]
   methods, bits = list(m.get("methods", [])), [str(b) for b in _sorted_bits(m.get("bit_widths", []))]
   if not methods or not bits:
@@ -258,8 +274,7 @@ def figure_mitigate_ablation(ctx: _Ctx, summary: Mapping) -> Optional[Figure]:
   for ax, key, title in zip(axes, ("fairness_violation", "worst_group_accuracy"),
                             ("fairness violation (lower is better)", "worst-group accuracy (higher is better)")):
     for i, (method, color) in enumerate(zip(methods, colors)):
-      mean = [summary[method][b][key][0] for b in bits]
-      std = [summary[method][b][key][1] for b in bits]
+      mean, std = np.asarray([_ms(_dig(summary, method, b, key)) for b in bits], np.float64).T
       ax.bar(np.arange(len(bits)) + (i - (len(methods) - 1) / 2) * width, mean, width, yerr=std, capsize=3,
              color=color, edgecolor="black", linewidth=0.5, label=method)
     ax.set_xticks(np.arange(len(bits)), [f"{b}-bit" for b in bits])

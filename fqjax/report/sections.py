@@ -9,10 +9,11 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from fqjax import claims as claims_lib
-from fqjax.report.common import (ABLATION_COLUMNS, EMPTY, FIGURES_DIR, FULL, _ablation_summary, _bits_label, _count,
-                                 _Ctx, _dig, _explain_bits, _explain_ms, _mean_std, _nanmean, _num, _pm, _rel,
-                                 _sorted_bits, _stack)
+from fqjax.report.common import (ABLATION_COLUMNS, EMPTY, FIGURES_DIR, FULL, _bits_label, _cell, _Ctx, _dig,
+                                 _explain_bits, _explain_ms, _ms, _nanmean, _num, _pm, _ptq_summary, _rel,
+                                 _sorted_bits)
 from fqjax.report.document import _Doc
+from fqjax.tables import ptq_size_bytes
 from fqjax.report.figures import (_save_png, figure_explain_curvature, figure_explain_logits,
                                   figure_explain_weights, figure_mitigate_ablation, figure_ptq_fairness,
                                   figure_ptq_group_accuracy)
@@ -44,6 +45,14 @@ class _Report:
     self.figures[name] = path
     self.doc.figure(f"{FIGURES_DIR}/{name}.png", caption)
 
+  def open_section(self, title: str, stage: str) -> Optional[Mapping]:
+    """The heading, then results[stage]; None (said as missing, with the command that adds it) without one."""
+    self.doc.h(2, title)
+    section = self.ctx.results.get(stage)
+    if not section:
+      self.absent(stage, f"the {stage} stage is not in this workdir; " + _rerun_hint(self.ctx, stage))
+    return section
+
   def absent(self, section: str, why: str) -> None:
     self.sections[section] = "missing: " + why
     self.doc.missing(why)
@@ -64,14 +73,12 @@ class _Report:
     rows = [[ctx.names[g]] + [count(split, g) for split in ("train", "val", "test")]
             + ["yes" if ctx.is_minority(g) else ""] for g in range(ctx.num_groups)]
     self.doc.table(["group", "train", "val", "test", "minority"], rows)
-    self.doc.p("Minority: train count below the median group size" + (
-        "." if ctx.minority is not None else " (none here: all groups are at or above the median)."))
+    self.doc.p(_minority_sentence(ctx))
 
   def train(self) -> None:
-    ctx, t = self.ctx, self.ctx.results.get("train")
-    self.doc.h(2, "Full-precision training")
+    ctx, t = self.ctx, self.open_section("Full-precision training", "train")
     if not t:
-      return self.absent("train", "the train stage is not in this workdir; " + _rerun_hint(ctx, "train"))
+      return
     self.sections["train"] = "ok"
     rows = []
     for s in ctx.seeds:
@@ -85,11 +92,14 @@ class _Report:
                     "wall s"], rows)
 
   def ptq(self) -> None:
-    ctx, p = self.ctx, self.ctx.results.get("ptq")
-    self.doc.h(2, "PTQ sweep")
+    ctx, p = self.ctx, self.open_section("PTQ sweep", "ptq")
     if not p:
-      return self.absent("ptq", "the ptq stage is not in this workdir; " + _rerun_hint(ctx, "ptq"))
-    self.sections["ptq"] = "ok"
+      return
+    finished = isinstance(p.get("summary"), Mapping)
+    self.sections["ptq"] = "ok" if finished else "incomplete"
+    if not finished:
+      return self.doc.missing(f"the ptq stage has not finished (no entry yet for seeds {_seeds_without(ctx, p)}), "
+                              "so results.json has no summary over seeds; rerun the ptq stage to complete it.")
     self.doc.p(f"Weights quantized after training (activation bits {p.get('a_bits')}, per-channel "
                f"{p.get('per_channel')}, BN folded {p.get('fold_bn')}); test split.")
     self.fig("ptq_group_accuracy", figure_ptq_group_accuracy(ctx),
@@ -98,24 +108,13 @@ class _Report:
              "Left: fairness violation (mean ± std over seeds; band: bootstrap CI). Right: overall and worst-group "
              "accuracy.")
     bits = _sorted_bits(p.get("bit_widths", []))
-    get = lambda b, *path: _mean_std(_stack(p.get("per_seed", {}), ctx.seeds, lambda e: _dig(e, b, *path)))
-    rows = []
-    for b in bits:
-      ci = (_num(get(b, "fairness_violation_ci", "low")[0]), _num(get(b, "fairness_violation_ci", "high")[0]))
-      rows.append([_bits_label(b), _num(get(b, "size_bytes")[0] / 1024, "{:.1f}"), _pm(*get(b, "accuracy")),
-                   _pm(*get(b, "worst_group_accuracy")), _pm(*get(b, "fairness_violation")),
-                   "–" if "–" in ci else f"[{ci[0]}, {ci[1]}]", _pm(*get(b, "accuracy_drop"))])
-    self.doc.p("**PTQ sweep summary** (test split, mean ± std over seeds):")
+    self.doc.p("**PTQ sweep summary** (test split, mean ± std over seeds as stored in `ptq.summary`):")
     self.doc.table(["bits", "size KB", "accuracy", "worst group", "fairness violation", "FV bootstrap CI",
-                    "accuracy drop"], rows)
-    grid = {b: get(b, "groups", "accuracy") for b in bits}
-    counts = {b: _count(_stack(p.get("per_seed", {}), ctx.seeds, lambda e, b=b: _dig(e, b, "groups", "accuracy")))
-              for b in bits}
+                    "accuracy drop"], [_ptq_row(ctx, b) for b in bits])
+    groups = {b: _dig(_ptq_summary(ctx, b), "groups", "accuracy") for b in bits}
 
     def group_cell(b, g):
-      if not np.ndim(grid[b][0]):
-        return "–"
-      return EMPTY if counts[b][g] == 0 else _pm(grid[b][0][g], grid[b][1][g])
+      return _cell(groups[b][g]) if isinstance(groups[b], list) and g < len(groups[b]) else "–"
 
     rows = [[ctx.group_label(g)] + [group_cell(b, g) for b in bits] for g in ctx.size_order()]
     self.doc.p("**Per-group accuracy** (mean ± std over seeds; groups by train count, smallest first; "
@@ -160,7 +159,8 @@ class _Report:
                          "top_eigenvalue); rerun the explain stage with curvature enabled (--force).")
     self.sections["curvature"] = "ok"
     self.fig("explain_curvature", fig, "Per-group gradient norm and top Hessian eigenvalue against group size "
-             "(log scales where all values are positive; mean ± std over seeds); shaded: minority sizes.")
+             "(log scales where all values are positive; mean ± std over seeds); shaded: group sizes below half the "
+             "median, the minority rule.")
     rows = []
     for b in _explain_bits(ctx):
       c = lambda key: _explain_ms(ctx, b, "curvature", key)
@@ -173,35 +173,27 @@ class _Report:
                     "Hessian trace"], rows)
 
   def mitigate(self) -> None:
-    ctx, m = self.ctx, self.ctx.results.get("mitigate")
-    self.doc.h(2, "Mitigation ablation")
+    ctx, m = self.ctx, self.open_section("Mitigation ablation", "mitigate")
     if not m:
-      return self.absent("mitigate", "the mitigate stage is not in this workdir; " + _rerun_hint(ctx, "mitigate"))
-    summary = _ablation_summary(ctx)
-    incomplete = any(cols[k][2] < len(ctx.seeds) for by_bits in summary.values() for cols in by_bits.values()
-                     for k in ("accuracy",))
-    self.sections["mitigate"] = "incomplete" if incomplete else "ok"
-    if incomplete:
+      return
+    summary = m.get("summary") if isinstance(m.get("summary"), Mapping) else None
+    done = _finished_entries(ctx, m)
+    unfinished = any(n < len(ctx.seeds) for n in done.values())
+    self.sections["mitigate"] = "incomplete" if unfinished or summary is None else "ok"
+    if summary is None:
+      self.doc.missing(f"the mitigate stage has not finished ({sum(done.values())} of {len(done) * len(ctx.seeds)} "
+                       "(method, bit-width, seed) entries done), so results.json has no summary over seeds yet; "
+                       "rerun the mitigate stage to complete it.")
+      self.doc.table(["bits", "method", "seeds finished"],
+                     [[b, method, f"{n} of {len(ctx.seeds)}"] for (method, b), n in done.items()])
+      return
+    if unfinished:
       self.doc.missing("the mitigate stage has not finished every (method, bit-width, seed); the table shows the "
-                       "seeds that finished (rerun the mitigate stage to complete it).")
-    rows = []
-    for b in [str(b) for b in _sorted_bits(m.get("bit_widths", []))]:
-      best = {}
-      for key, _, direction, *_ in ABLATION_COLUMNS:
-        vals = {k: summary[k][b][key][0] for k in summary if np.isfinite(summary[k][b][key][0])}
-        if vals:
-          best[key] = (max if direction == "max" else min)(vals, key=lambda k: vals[k])
-      for method in m.get("methods", []):
-        row = [b, method]
-        for key, _, _, scale, fmt in ABLATION_COLUMNS:
-          mean, std, _ = summary[method][b][key]
-          cell = _pm(mean * scale, std * scale, fmt)
-          row.append(f"**{cell}**" if best.get(key) == method else cell)
-        rows.append(row)
+                       "summary as last stored (rerun the mitigate stage to complete it).")
     self.doc.p("Each method fine-tunes (or, for `ptq`, only quantizes) the same full-precision model. Mean ± std "
-               "over seeds; **bold**: best per column and bit-width (highest accuracy / worst group, lowest "
-               "fairness violation, size, training time).")
-    self.doc.table(["bits", "method"] + [c[1] for c in ABLATION_COLUMNS], rows)
+               "over seeds as stored in `mitigate.summary`; **bold**: best per column and bit-width "
+               "(`mitigate.best`: highest accuracy / worst group, lowest fairness violation, size, training time).")
+    self.doc.table(["bits", "method"] + [c[1] for c in ABLATION_COLUMNS], _ablation_rows(m))
     self.fig("mitigate_ablation", figure_mitigate_ablation(ctx, summary),
              "Fairness violation and worst-group accuracy per method and target bit-width (mean ± std over seeds).")
 
@@ -235,6 +227,53 @@ class _Report:
     if files:
       self.doc.p("Files in the workdir: " + ", ".join(f"`{f}`" for f in files) + ".")
     self.doc.details("Config of this run", json.dumps(r.get("config", {}), indent=1, sort_keys=True), "json")
+
+
+def _minority_sentence(ctx: _Ctx) -> str:
+  """The minority rule as fqjax.claims applies it: train count below half the median group size."""
+  rule = "Minority: train count below half the median group size"
+  if ctx.minority is not None:
+    return f"{rule} (below {ctx.minority_threshold:g} here)."
+  if ctx.minority_threshold is None:
+    return f"{rule} (none here: there is a single group)."
+  return f"{rule} (none here: no group is below {ctx.minority_threshold:g})."
+
+
+def _ptq_row(ctx: _Ctx, b: int) -> list:
+  """One row of the PTQ summary table from ptq.summary[b] (and the size, ``tables.ptq_size_bytes``)."""
+  s = _ptq_summary(ctx, b)
+  lo, hi = (_num(_ms(_dig(s, "fairness_violation_ci", side))[0]) for side in ("low", "high"))
+  size = ptq_size_bytes(ctx.results, b)
+  return [_bits_label(b), _num(None if size is None else size / 1024, "{:.1f}"), _cell(s.get("accuracy")),
+          _cell(s.get("worst_group_accuracy")), _cell(s.get("fairness_violation")),
+          "–" if "–" in (lo, hi) else f"[{lo}, {hi}]", _cell(s.get("accuracy_drop"))]
+
+
+def _seeds_without(ctx: _Ctx, p: Mapping) -> list[int]:
+  """The study's seeds that lack a ptq.per_seed entry at some bit-width."""
+  bits = [str(b) for b in p.get("bit_widths", [])]
+  return [int(s) for s in ctx.seeds if any(_dig(p, "per_seed", s, b) is None for b in bits)]
+
+
+def _finished_entries(ctx: _Ctx, m: Mapping) -> dict:
+  """{(method, bits): how many of the study's seeds have an entry in mitigate.per_seed}."""
+  return {(method, b): sum(_dig(m, "per_seed", s, method, b) is not None for s in ctx.seeds)
+          for b in [str(b) for b in _sorted_bits(m.get("bit_widths", []))] for method in m.get("methods", [])}
+
+
+def _ablation_rows(m: Mapping) -> list:
+  """The ablation table from mitigate.summary; the cell of mitigate.best's method per column in bold."""
+  rows = []
+  for b in [str(b) for b in _sorted_bits(m.get("bit_widths", []))]:
+    best = _dig(m, "best", b) or {}
+    for method in m.get("methods", []):
+      s = _dig(m, "summary", method, b) or {}
+      row = [b, method]
+      for key, _, scale, fmt in ABLATION_COLUMNS:
+        cell = _cell(s.get(key), fmt, scale)
+        row.append(f"**{cell}**" if best.get(key) == method and cell not in (EMPTY, "–") else cell)
+      rows.append(row)
+  return rows
 
 
 def _claim_numbers(c: Mapping) -> str:

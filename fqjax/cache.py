@@ -1,0 +1,58 @@
+"""The cache rule's keys: what an entry of results.json was computed from, as a short hash.
+
+  train key    = hash(schema version, data identity, config.model, config.train, seed)
+  stage key    = hash(schema version, the stage's config sections (less the lists of bit-widths and
+                 methods, whose entries are kept one by one), the train key and the digest of the
+                 trained variables the entry was computed from)
+  data identity = sha256 of the loaded splits (every array and the metadata), so a replaced data
+                 file, another split or imbalance setting or another TFDS version changes every key.
+fqjax.runner reuses an entry only when its stored key equals the key computed here.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Optional, Sequence
+
+import ml_collections
+import numpy as np
+
+from fqjax import results
+
+# Fields left out of a stage's key: their entries are kept one by one (per bit-width, per method).
+ENTRY_LISTS = {"ptq": (), "explain": ("bit_widths",), "mitigate": ("bit_widths", "methods")}
+
+
+def _hash(*parts) -> str:
+  text = json.dumps(parts, sort_keys=True, default=str)
+  return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _section(config, name: str, drop: Sequence[str] = ()) -> dict:
+  d = config[name].to_dict() if isinstance(config[name], ml_collections.ConfigDict) else dict(config[name])
+  return {k: v for k, v in d.items() if k not in drop}
+
+
+def data_identity(splits) -> str:
+  """sha256 (16 hex digits) of every split's x, y, group, index and the dataset metadata."""
+  h = hashlib.sha256(json.dumps(splits.to_dict(), sort_keys=True, default=str).encode())
+  for name, split in splits.items():
+    for arr in (split.x, split.y, split.group, split.index):
+      arr = np.ascontiguousarray(arr)
+      h.update(f"{name}:{arr.dtype}:{arr.shape}".encode())
+      h.update(arr.reshape(-1).view(np.uint8))
+  return h.hexdigest()[:16]
+
+
+def train_key(config, data_id: str, seed: int) -> str:
+  return _hash(results.SCHEMA_VERSION, "train", data_id, _section(config, "model"), _section(config, "train"), seed)
+
+
+def stage_key(config, stage: str, train_entry: Optional[dict], train_entry_key: Optional[str]) -> Optional[str]:
+  """The key of a downstream stage's entry for one seed; None when the seed has no trained entry."""
+  if train_entry is None or train_entry_key is None:
+    return None
+  sections = {"ptq": ("ptq", "eval"), "explain": ("explain", "ptq", "eval"), "mitigate": ("mitigate", "ptq", "eval")}
+  parts = {name: _section(config, name, ENTRY_LISTS[stage] if name == stage else ("bit_widths", "sweep_mode"))
+           for name in sections[stage]}
+  return _hash(results.SCHEMA_VERSION, stage, parts, train_entry_key, train_entry.get("variables_digest"))

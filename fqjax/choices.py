@@ -1,0 +1,18 @@
+"""Every named choice a config field takes, in one module that imports nothing (no JAX).
+
+The modules that implement a choice import its tuple from here (a method table keyed by the
+same names is checked against it in the tests), and fqjax.config validates against it, so a
+config can be checked, and a results file read, without loading JAX.
+"""
+STAGES = ("train", "ptq", "explain", "mitigate", "report")
+COMPUTE_DTYPES = ("float32", "bfloat16")
+MODEL_NAMES = ("mlp", "small_cnn", "resnet18", "resnet34", "resnet50", "vgg11", "vgg16")
+OPTIMIZERS = ("sgd", "adamw")
+WEIGHT_TARGETS = ("group", "class")
+SAMPLING_METHODS = ("none", "undersample", "oversample", "balanced", "fairqat")
+WEIGHT_SCHEMES = ("uniform", "inverse_frequency", "effective_number", "hardness")
+CALIBRATIONS = ("minmax", "ema", "percentile")
+SWEEP_MODES = ("auto", "vmap", "map", "devices")
+MITIGATE_METHODS = ("ptq", "qat", "lsq_qat", "mp_qat", "sampling_qat", "weighted_qat", "fairqat")
+BN_MODES = ("train", "freeze", "fold")
+SPLITS = ("train", "val", "test")

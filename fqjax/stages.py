@@ -1,0 +1,146 @@
+"""The stages of a study as pure functions: model, variables, splits and config sections in, JSON-ready dicts out.
+
+Nothing here reads or writes the workdir: the runner (fqjax.runner) decides what to compute,
+loads and saves, and hands the training stages the checkpoint folder they resume from. So
+each stage can be called, and tested, without a workdir:
+
+  record, variables = train_seed(model, splits, config.train, config.eval, seed, ckpt_dir)
+  by_bits = ptq_seed(model, variables, splits, config.ptq, config.eval, layer_names, seed)
+  entry = explain_entry(model, variables, splits, config.explain, config.ptq, config.eval,
+                        layer_names, bits, seed)
+  (the mitigate stage's entry is fqjax.mitigate.run_entry)
+
+`quantization_start` is the one place that turns trained variables into what a quantized
+model starts from (calibrated activation ranges); `ptq_model` applies config.ptq's options.
+"""
+from __future__ import annotations
+
+import time
+from typing import Mapping, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import numpy as np
+
+from fqjax import layers, metrics, ptq, quant, train
+from fqjax.explain import curvature as curvature_lib
+from fqjax.explain import forward as forward_lib
+
+Variables = Mapping[str, Mapping]
+
+
+def ptq_model(model: nn.Module, pcfg) -> nn.Module:
+  """The trained model with config.ptq's quantization options (per_channel, fold_bn)."""
+  return layers.configured(model, per_channel=pcfg.per_channel, fold_bn=pcfg.fold_bn)
+
+
+def quantization_start(model: nn.Module, variables: Variables, train_x: np.ndarray, pcfg, seed: int, *,
+                       calibrate: bool) -> dict:
+  """The variables a quantized ``model`` starts from: the trained ``variables`` without stale
+  "bits" / "quant_stats", plus, with ``calibrate``, activation ranges ("quant_stats") calibrated by
+  ``model`` on ``pcfg.calibration_batches`` random training batches of ``train_x`` [N, ...] drawn from ``seed``.
+  """
+  calib = ptq.calibration_batches(train_x, pcfg.calibration_batch_size, pcfg.calibration_batches,
+                                  seed) if calibrate else None
+  return ptq.prepare_variables(model, variables, calib, pcfg.calibration)
+
+
+def train_seed(model: nn.Module, splits, tcfg, ecfg, seed: int, ckpt_dir: str, *, mesh=None,
+               progress: bool = True) -> tuple[dict, dict]:
+  """Full-precision training of one seed (resuming from ``ckpt_dir``) and its val / test metrics.
+
+  Returns (record, variables): record = {"history", "val", "test", "wall_s", "epochs_run",
+  "resumed_from", "sample_counts", "variables_digest"} (JSON-ready; the digest is
+  fqjax.train.tree_digest of the final variables, the identity later stages are keyed on).
+  """
+  out = train.fit(model, splits, tcfg, seed, ckpt_dir, mesh=mesh, progress=progress)
+  info = splits.info
+  kw = dict(group_is_label=info.group_is_label, batch_size=ecfg.batch_size, mesh=mesh)
+  val = train.evaluate(model, out["variables"], splits.val, info.num_groups, **kw)
+  test = train.evaluate(model, out["variables"], splits.test, info.num_groups, **kw)
+  record = {"history": out["history"], "val": val, "test": test, "wall_s": out["wall_s"],
+            "epochs_run": out["epochs_run"], "resumed_from": out["resumed_from"],
+            "sample_counts": out["sample_counts"], "variables_digest": train.tree_digest(out["variables"])}
+  return record, out["variables"]
+
+
+def ptq_seed(model: nn.Module, variables: Variables, splits, pcfg, ecfg, layer_names: Sequence[str], seed: int, *,
+             mesh=None) -> dict:
+  """The PTQ sweep of one trained seed on the test split.
+
+  Returns {"by_bits": {bits: group metrics + size_bytes [+ fairness_violation_ci]},
+  "sweep_s": seconds of the sweep, "sweep_mode": the resolved mode}. Reference for accuracy
+  drops: the model as trained (no folding, no quantizer in the graph).
+  """
+  bit_widths = [int(b) for b in pcfg.bit_widths]
+  specs = ptq.sweep_specs(bit_widths, pcfg.a_bits)
+  qmodel = ptq_model(model, pcfg)
+  qvars = quantization_start(qmodel, variables, splits.train.x, pcfg, seed,
+                             calibrate=any(s.a_bits is not None for s in specs))
+  num_params = sum(int(np.prod(np.shape(a))) for a in jax.tree_util.tree_leaves(variables["params"]))
+  mode = ptq.resolve_mode(pcfg.sweep_mode, num_params)
+  test, info = splits.test, splits.info
+  t0 = time.perf_counter()
+  logits = ptq.sweep_logits(qmodel, qvars, test.x, [s.bits_tree(layer_names) for s in specs],
+                            batch_size=ecfg.batch_size, mode=mode, mesh=mesh)
+  sweep_s = time.perf_counter() - t0
+  fp_vars = {k: variables[k] for k in ("params", "batch_stats")}
+  ref = train.evaluate(model, fp_vars, test, info.num_groups, group_is_label=info.group_is_label,
+                       batch_size=ecfg.batch_size, mesh=mesh)
+  by_bits = {}
+  for i, (bits, spec) in enumerate(zip(bit_widths, specs)):
+    m = metrics.group_metrics(logits[i], test.y, test.group, info.num_groups,
+                              group_is_label=info.group_is_label, reference=ref)
+    m["size_bytes"] = quant.storage_size(qvars["params"], layers.weight_bits_by_layer(spec, layer_names),
+                                         per_channel=pcfg.per_channel)["bytes"]
+    if ecfg.bootstrap_resamples:
+      m["fairness_violation_ci"] = metrics.bootstrap_fairness_violation(
+          logits[i].argmax(-1) == test.y, test.group, info.num_groups,
+          num_resamples=ecfg.bootstrap_resamples, seed=seed)
+    by_bits[str(bits)] = m
+  return {"by_bits": by_bits, "sweep_s": sweep_s, "sweep_mode": mode}
+
+
+def explain_entry(model: nn.Module, variables: Variables, splits, xcfg, pcfg, ecfg, layer_names: Sequence[str],
+                  bits: int, seed: int) -> dict:
+  """Forward chain (on ``xcfg.forward_split``) and per-group curvature (on ``xcfg.curvature_split``) at ``bits``.
+
+  ``variables`` are the trained ones; the quantized start is built here (quantization_start).
+  Returns forward_lib.forward_chain's dict plus "curvature" (when ``xcfg.curvature``) and "wall_s".
+  """
+  t0 = time.perf_counter()
+  spec = ptq.sweep_specs([bits], pcfg.a_bits)[0]
+  qmodel = ptq_model(model, pcfg)
+  qvars = quantization_start(qmodel, variables, splits.train.x, pcfg, seed, calibrate=spec.a_bits is not None)
+  bits_tree = spec.bits_tree(layer_names)
+  fwd, info = splits[xcfg.forward_split], splits.info
+  entry = forward_lib.forward_chain(qmodel, qvars, bits_tree, fwd.x, fwd.y, fwd.group, info.num_groups,
+                                    layer_names, batch_size=ecfg.batch_size)
+  if xcfg.curvature:
+    entry["curvature"] = curvature(qmodel, qvars, bits_tree, splits[xcfg.curvature_split], info.num_groups,
+                                   info.counts["train"], xcfg, seed)
+  entry["wall_s"] = time.perf_counter() - t0
+  return entry
+
+
+def curvature(model: nn.Module, variables: Variables, bits_tree, split, num_groups: int, group_sizes: Sequence[int],
+              xcfg, seed: int) -> dict:
+  """Per-group gradient norms and Lanczos top-k Hessian eigenvalues at the (dequantized) weights.
+
+  Activation bits are not a change of the parameters: curvature is taken at the dequantized
+  weights only. group_sizes: [G] training-set sizes, for Spearman(size, value).
+  """
+  kw = dict(bits_tree=bits_tree, batch_size=xcfg.batch_size, activations="ignore")
+  grads = curvature_lib.group_gradient_norms(model, variables, split.x, split.y, split.group, num_groups, **kw)
+  eig = curvature_lib.group_top_eigenvalues(model, variables, split.x, split.y, split.group, num_groups,
+                                            k=xcfg.top_k, max_iters=xcfg.lanczos_max_iters, tol=xcfg.lanczos_tol,
+                                            seed=seed, trace_probes=xcfg.trace_probes, **kw)
+  out = {"grad_norm": grads["norms"].tolist(), "loss": grads["loss"].tolist(),
+         "top_eigenvalue": eig["eigenvalues"][:, 0].tolist(), "top_k_eigenvalues": eig["eigenvalues"].tolist(),
+         "num_hvps": eig["num_hvps"].tolist(), "converged": eig["converged"].tolist(),
+         "spearman_size_grad_norm": metrics.spearman(group_sizes, grads["norms"]),
+         "spearman_size_top_eigenvalue": metrics.spearman(group_sizes, eig["eigenvalues"][:, 0])}
+  if xcfg.trace_probes:
+    out["trace"], out["trace_std"] = eig["trace"].tolist(), eig["trace_std"].tolist()
+  return out
+

@@ -1,0 +1,90 @@
+"""The workdir's own files, for fqjax.runner (the only caller): the lock, the log, checkpoint folders' keys.
+
+  .fqjax.lock   an OS file lock (flock) held for a whole run; it holds the pid and start time of
+                its holder, so a second process is refused with a message naming them
+  fqjax.log     each run's log is appended; the handler is removed when the run ends, so a second
+                run in the same process never writes into the first one's workdir
+  <checkpoint folder>/KEY   the cache key of the run whose checkpoints the folder holds
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import shutil
+from typing import Optional
+
+from fqjax import results
+from fqjax.errors import WorkdirError
+
+log = logging.getLogger("fqjax")
+LOCK_FILE = ".fqjax.lock"
+KEY_FILE = "KEY"
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: str):
+  """Holds an exclusive OS lock on ``workdir`` (released on exit, also when the process dies).
+
+  Raises WorkdirError at once, naming the holder's pid and start time, when another process holds it.
+  """
+  path = os.path.join(workdir, LOCK_FILE)
+  fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+  try:
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  except OSError:
+    holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown process"
+    os.close(fd)
+    raise WorkdirError(f"{workdir} is in use by another fqjax process ({holder}); wait for it to finish, or "
+                       "use another --workdir.") from None
+  try:
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"pid {os.getpid()}, started {results.now()}\n".encode(), 0)
+    yield
+  finally:
+    fcntl.flock(fd, fcntl.LOCK_UN)
+    os.close(fd)
+
+
+@contextlib.contextmanager
+def log_file(workdir: str):
+  """Appends this run's log to workdir/fqjax.log; the handler is removed afterwards."""
+  handler = logging.FileHandler(os.path.abspath(os.path.join(workdir, "fqjax.log")))
+  handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+  log.setLevel(logging.INFO)
+  log.addHandler(handler)
+  try:
+    yield
+  finally:
+    log.removeHandler(handler)
+    handler.close()
+
+
+def claim_checkpoints(folder: str, key: str, fresh: bool) -> None:
+  """Makes ``folder`` the checkpoint folder of ``key``: one of another key (or none) is deleted first."""
+  path = os.path.join(folder, KEY_FILE)
+  held = open(path).read().strip() if os.path.exists(path) else None
+  if fresh or (os.path.isdir(folder) and held != key):
+    shutil.rmtree(folder, ignore_errors=True)
+  if not os.path.exists(path):
+    results.atomic_write_text(path, key + "\n")
+
+
+def checkpoint_key(folder: str) -> Optional[str]:
+  path = os.path.join(folder, KEY_FILE)
+  return open(path).read().strip() if os.path.exists(path) else None
+
+
+def check_workdir(workdir: str) -> None:
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise WorkdirError(f"--workdir {workdir} is a file, not a folder; choose another --workdir (or move the "
+                       "file away).")
+
+
+def make_workdir(workdir: str) -> None:
+  try:
+    os.makedirs(workdir, exist_ok=True)
+  except OSError as e:
+    raise WorkdirError(f"--workdir {workdir} cannot be created ({e.strerror}); choose a folder you can write "
+                       "to.") from e
