@@ -24,12 +24,11 @@ import jax
 import ml_collections
 import numpy as np
 
-from fqjax import layers, metrics, quant, stages, train
+from fqjax import choices, layers, metrics, quant, stages, train
 from fqjax.errors import InputError
 from fqjax.layers import BitSpec
 
-METHODS = ("ptq", "qat", "lsq_qat", "mp_qat", "sampling_qat", "weighted_qat", "fairqat")
-BN_MODES = ("train", "freeze", "fold")
+METHODS, BN_MODES = choices.MITIGATE_METHODS, choices.BN_MODES
 
 
 @dataclasses.dataclass(frozen=True)

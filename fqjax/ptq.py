@@ -21,11 +21,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fqjax import layers, parallel, quant
+from fqjax import choices, layers, parallel, quant
 from fqjax.data.pipeline import padded_batches
 from fqjax.layers import BitSpec
 
-SWEEP_MODES = ("auto", "vmap", "map", "devices")
+SWEEP_MODES = choices.SWEEP_MODES
 
 
 def resolve_mode(mode: str, num_params: int) -> str:

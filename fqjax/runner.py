@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 import os
 import time
@@ -58,6 +59,7 @@ class _Run:
   results: dict = dataclasses.field(default_factory=dict)
   trained: dict = dataclasses.field(default_factory=dict)  # seed -> trained variables (loaded once)
   changed: bool = False  # whether results changed in this run (the report is redrawn only then)
+  loaded: Optional[str] = None  # results.json as read (_comparable), to tell whether anything changed
 
   @property
   def seeds(self) -> list[int]:
@@ -143,14 +145,23 @@ def _open(config, workdir: str, progress: bool, force: bool) -> _Run:
 def _read_results(r: _Run) -> None:
   """results.json of the workdir (or new ones) with this run's metadata and stale entries dropped."""
   path = os.path.join(r.workdir, "results.json")
-  existing = results.read_results_file(path) if os.path.exists(path) else results.new_results()
-  fresh, r.results = r.results, existing
+  existing = results.read_results_file(path) if os.path.exists(path) else None
+  r.loaded = _comparable(existing)
+  fresh, r.results = r.results, existing or results.new_results()
   r.results["timings"]["data"] = fresh["timings"]["data"]
   r.results.update({"config": r.config.to_dict(), "seeds": r.seeds, "dataset": {**r.splits.to_dict(),
                     "identity": r.data_id},
                     "model": {"name": resolved_model_name(r.config, r.splits.info),
                               "num_params": fresh["model"]["num_params"], "layer_names": r.layer_names}})
   _drop_stale(r)
+
+
+def _comparable(res: Optional[dict]) -> Optional[str]:
+  """The results as JSON text without the times of day and the wall times: equal when nothing else changed."""
+  if res is None:
+    return None
+  return json.dumps({k: v for k, v in res.items() if k not in ("timings", "updated", "last_run")},
+                    sort_keys=True, default=str)
 
 
 def _drop_stale(r: _Run) -> None:
@@ -411,8 +422,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, stages: Optional[Sequen
     for stage in stages:
       t0 = time.perf_counter()
       try:
-        if stage == "report" and r.changed:
-          _finalize(r)  # the report reads the finished summaries and claims
+        if stage == "report":
+          r.changed = r.changed or _comparable(r.results) != r.loaded
+          if r.changed:
+            _finalize(r)  # the report reads the finished summaries and claims
         ran = STAGE_FUNCTIONS[stage](r)
       except FqjaxError as e:
         log.error("stage %s: %s", stage, e)
@@ -423,7 +436,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, stages: Optional[Sequen
         log.info("stage %s finished in %.1f s", stage, last_run[stage])
       else:
         last_run[stage] = "skipped"
-    if r.changed:
+    if r.changed or _comparable(r.results) != r.loaded:
       _finalize(r)
     else:
       r.results["claims"] = _claims(r, _summarize(r))  # same as on disk: nothing is written

@@ -27,14 +27,13 @@ import orbax.checkpoint as ocp
 from flax.training import train_state
 from tqdm import tqdm
 
-from fqjax import losses, metrics, parallel, sampling
+from fqjax import choices, losses, metrics, parallel, sampling
 from fqjax.data.pipeline import DeviceArrays, epoch_batches, padded_batches
 from fqjax.errors import CorruptFileError
 
 log = logging.getLogger("fqjax")
 
-OPTIMIZERS = ("sgd", "adamw")
-WEIGHT_TARGETS = ("group", "class")
+OPTIMIZERS, WEIGHT_TARGETS = choices.OPTIMIZERS, choices.WEIGHT_TARGETS
 
 
 class TrainState(train_state.TrainState):

@@ -130,3 +130,22 @@ def test_cache_keys_track_exactly_their_inputs():
   d.eval.bootstrap_resamples = 10
   assert cache.train_key(d, "data0", 0) == train_a
   assert cache.stage_key(d, "ptq", entry, "t0") != ptq_a
+
+def test_every_choice_tuple_is_the_one_in_fqjax_choices():
+  """The modules that implement a choice use fqjax.choices' tuple, and their tables have exactly its keys."""
+  from fqjax import choices, losses, mitigate, ptq, quant, sampling, train
+  from fqjax.models import MODEL_NAMES, MODELS
+  assert tuple(MODELS) == MODEL_NAMES == choices.MODEL_NAMES
+  assert tuple(quant.CALIBRATORS) == choices.CALIBRATIONS
+  assert sampling.METHODS == choices.SAMPLING_METHODS and losses.WEIGHT_SCHEMES == choices.WEIGHT_SCHEMES
+  assert ptq.SWEEP_MODES == choices.SWEEP_MODES and train.OPTIMIZERS == choices.OPTIMIZERS
+  assert tuple(mitigate.METHOD_PARTS) == mitigate.METHODS == choices.MITIGATE_METHODS
+  assert runner.available_stages() == list(choices.STAGES)
+
+
+def test_choices_and_claims_load_no_jax():
+  import subprocess
+  import sys
+  code = ("import sys, fqjax.choices, fqjax.claims, fqjax.tables; "
+          "sys.exit(any(m == 'jax' or m.startswith('jax.') for m in sys.modules))")
+  assert subprocess.run([sys.executable, "-c", code]).returncode == 0

@@ -5,37 +5,18 @@ import numpy as np
 import pytest
 
 from fqjax import results, runner
-from fqjax.config import base_config
-
-
-def _config():
-  c = base_config()
-  c.seeds = (0,)
-  c.data.name = "synthetic"
-  c.data.synthetic.group_sizes = (160, 60, 20)
-  c.data.synthetic.noise = (1.0, 1.2, 1.5)
-  c.data.synthetic.shift = (0.0, 0.5, 1.0)
-  c.model.name = "mlp"
-  c.model.kwargs.hidden = (16,)
-  c.train.epochs = 2
-  c.train.batch_size = 32
-  c.ptq.bit_widths = (32, 4, 2)
-  c.eval.bootstrap_resamples = 0
-  c.explain.top_k = 3
-  c.explain.trace_probes = 4
-  return c
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-  workdir = str(tmp_path_factory.mktemp("explain"))
-  return workdir, runner.run(_config(), workdir, ["train", "ptq", "explain"], progress=False)
+def run(tiny_study):
+  return tiny_study["workdir"], tiny_study["results"]
 
 
 def test_explain_section(run):
   workdir, res = run
   e = res["explain"]
   assert e["bit_widths"] == [32, 4, 2] and e["curvature_split"] == "train"
+  assert e["missing_seeds"] == [] and sorted(e["per_seed"]) == ["0", "1"]
   assert e["group_sizes"] == res["dataset"]["counts"]["train"]
   for bits in ("32", "4", "2"):
     entry = e["per_seed"]["0"][bits]
@@ -67,12 +48,23 @@ def test_csv_has_explain_rows(run):
   workdir, _ = run
   with open(f"{workdir}/results.csv") as f:
     rows = [r for r in csv.DictReader(f) if r["variant"] == "explain"]
-  assert len(rows) == 3 * 3  # bit-widths x groups
+  assert len(rows) == 2 * 3 * 3  # seeds x bit-widths x groups
   assert all(r["grad_norm"] and r["logit_variance"] and r["margin"] for r in rows)
 
 
-def test_explain_skips_when_done(run):
-  workdir, res = run
-  again = runner.run(_config(), workdir, ["explain"], progress=False)
+def test_explain_skips_when_done(run, tiny_study_copy, tiny_config):
+  _, res = run
+  again = runner.run(tiny_config(), tiny_study_copy, ["explain"], progress=False)
+  assert again["last_run"]["stages"]["explain"] == "skipped"
   assert again["explain"]["per_seed"] == res["explain"]["per_seed"]
-  assert again["timings"]["explain"] == res["timings"]["explain"]
+
+
+def test_explain_drops_a_bit_width_no_longer_configured_and_keeps_the_rest(run, tiny_study_copy, tiny_config):
+  _, res = run
+  c = tiny_config()
+  c.explain.bit_widths = (32, 2)
+  fewer = runner.run(c, tiny_study_copy, ["explain"], progress=False)
+  assert fewer["last_run"]["stages"]["explain"] == "skipped"  # nothing to compute: the entries are reused
+  for seed in ("0", "1"):
+    assert sorted(fewer["explain"]["per_seed"][seed]) == ["2", "32"]
+    assert fewer["explain"]["per_seed"][seed]["2"] == res["explain"]["per_seed"][seed]["2"]

@@ -6,36 +6,13 @@ import numpy as np
 import pytest
 
 from fqjax import layers, mitigate, results, runner, tables, train
-from fqjax.config import base_config
 from fqjax.layers import BitSpec, QuantRule
 from fqjax.models import SmallCNN
 
 
-def _config():
-  c = base_config()
-  c.name = "tiny"
-  c.seeds = (0,)
-  c.data.name = "synthetic"
-  c.data.synthetic.group_sizes = (160, 40)
-  c.model.name = "small_cnn"
-  c.model.kwargs.width = 4
-  c.train.epochs = 2
-  c.train.batch_size = 32
-  c.train.learning_rate = 0.05
-  c.ptq.bit_widths = (32, 4)
-  c.eval.bootstrap_resamples = 20
-  c.mitigate.bit_widths = (4,)
-  c.mitigate.methods = ("ptq", "qat", "lsq_qat", "mp_qat", "fairqat")
-  c.mitigate.epochs = 2
-  c.mitigate.batch_size = 32
-  return c
-
-
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-  workdir = str(tmp_path_factory.mktemp("mitigate"))
-  res = runner.run(_config(), workdir, ["train", "ptq", "mitigate"], progress=False)
-  return workdir, res
+def run(tiny_study):
+  return tiny_study["workdir"], tiny_study["results"]
 
 
 def test_ablation_section(run):
@@ -45,7 +22,7 @@ def test_ablation_section(run):
   for method in m["methods"]:
     entry = m["per_seed"]["0"][method]["4"]
     assert 0.0 <= entry["accuracy"] <= 1.0
-    assert len(entry["groups"]["accuracy"]) == 2
+    assert len(entry["groups"]["accuracy"]) == 3
     assert entry["train_s"] >= 0
   assert m["per_seed"]["0"]["ptq"]["4"]["train_s"] < 0.5  # PTQ trains nothing
   # Mixed precision keeps first/last layer at 8 bits: larger than uniform 4-bit, smaller than float32.
@@ -62,20 +39,21 @@ def test_ablation_section(run):
   assert "fairqat" in table and "*" in table
 
 
-def test_mitigate_is_restartable_and_skips_done_entries(run):
-  workdir, res = run
-  again = runner.run(_config(), workdir, ["mitigate"], progress=False)
+def test_mitigate_is_restartable_and_skips_done_entries(run, tiny_study_copy, tiny_config):
+  _, res = run
+  again = runner.run(tiny_config(), tiny_study_copy, ["mitigate"], progress=False)
   assert again["mitigate"]["per_seed"] == res["mitigate"]["per_seed"]
-  assert again["timings"]["mitigate"] == res["timings"]["mitigate"]  # skipped: timing of the real run kept
+  assert again["last_run"]["stages"]["mitigate"] == "skipped"
+  assert again["timings"]["mitigate"] == res["timings"]["mitigate"]  # the timing of the real run is kept
 
 
-def test_qat_lowers_the_quantized_training_loss(run):
+def test_qat_lowers_the_quantized_training_loss(run, tiny_config, tmp_path):
   # QAT minimizes the loss of the quantized forward pass: after fine-tuning, that loss on the
   # training set is below the one of the post-training-quantized start.
   from fqjax import data, metrics
-  cfg = _config()
+  cfg = tiny_config()
   splits = data.load(cfg)
-  study_model = SmallCNN(num_classes=2, width=4)
+  study_model = SmallCNN(num_classes=splits.info.num_classes, width=4)
   workdir, _ = run
   fp_vars = runner.train.load_trained(study_model, splits, cfg.train, 0, f"{workdir}/checkpoints/seed_0/train")
   fp_vars = fp_vars["variables"]
@@ -83,7 +61,7 @@ def test_qat_lowers_the_quantized_training_loss(run):
   bits = BitSpec.uniform(2).bits_tree(names)
   tcfg = mitigate.qat_train_config("qat", cfg.mitigate, cfg.train)
   tcfg.epochs, tcfg.learning_rate = 3, 0.05
-  out = train.fit(study_model, splits, tcfg, 0, f"{workdir}/qat_probe", bits_tree=bits, init_variables=fp_vars,
+  out = train.fit(study_model, splits, tcfg, 0, str(tmp_path / "qat_probe"), bits_tree=bits, init_variables=fp_vars,
                   progress=False)
 
   def quantized_loss(variables):
@@ -114,7 +92,7 @@ def test_frozen_batchnorm_keeps_running_stats():
 def test_lsq_scales_init_and_learn():
   model = SmallCNN(num_classes=2, width=4, quant=QuantRule(lsq=True))
   x = np.random.default_rng(0).normal(size=(4, 8, 8, 1)).astype(np.float32)
-  variables = model.init(jax.random.PRNGKey(0), x)
+  variables = jax.jit(model.init)(jax.random.PRNGKey(0), x)
   names = layers.quant_layer_names(model, x)
   resolved = BitSpec.uniform(4).resolve(names)
   params = layers.init_lsq_scales(variables["params"], resolved)
@@ -122,18 +100,18 @@ def test_lsq_scales_init_and_learn():
   np.testing.assert_allclose(params["conv2"]["w_scale"],
                              2 * np.abs(np.asarray(k)).mean(axis=(0, 1, 2)) / np.sqrt(7), rtol=1e-5)
   bits = layers.bits_tree_from(resolved)
-  grads = jax.grad(lambda p: jnp.sum(model.apply({**variables, "params": p, "bits": bits}, x) ** 2))(params)
+  grads = jax.jit(jax.grad(lambda p: jnp.sum(model.apply({**variables, "params": p, "bits": bits}, x) ** 2)))(params)
   assert np.any(np.asarray(grads["conv2"]["w_scale"]) != 0)
   with pytest.raises(ValueError, match="lsq=True"):
     layers.init_lsq_scales(SmallCNN(2, width=4).init(jax.random.PRNGKey(0), x)["params"], resolved)
 
 
-def test_bad_mitigate_config():
-  c = _config()
+def test_bad_mitigate_config(tiny_config):
+  c = tiny_config()
   c.mitigate.methods = ("qat", "magic")
   with pytest.raises(ValueError, match="config.mitigate.methods"):
     runner.run(c, "/tmp/never_written_fqjax", ["mitigate"])
-  c = _config()
+  c = tiny_config()
   c.mitigate.bn = "sometimes"
   with pytest.raises(ValueError, match="config.mitigate.bn"):
     runner.run(c, "/tmp/never_written_fqjax", ["mitigate"])

@@ -85,10 +85,10 @@ def test_rule_reaches_every_layer():
   """per_channel=False from get_model is what the layers do: their sown kernels are per-tensor quantized."""
   model = get_model("resnet18", 3, width=4, per_channel=False)
   x = jnp.zeros((1, 8, 8, 3)).at[0, 0, 0, 0].set(1.0)
-  variables = model.init(jax.random.PRNGKey(0), x)
+  variables = jax.jit(model.init)(jax.random.PRNGKey(0), x)
   names = layers.quant_layer_names(model, x)
-  _, state = model.apply({**variables, "bits": BitSpec.uniform(2).bits_tree(names)}, x,
-                         mutable=[layers.KERNELS])
+  sown = jax.jit(lambda v, b: model.apply({**v, "bits": b}, x, mutable=[layers.KERNELS])[1])
+  state = sown(variables, BitSpec.uniform(2).bits_tree(names))
   params = traverse_util.flatten_dict(variables["params"], sep="/")
   sown = traverse_util.flatten_dict(state[layers.KERNELS], sep="/")
   assert sorted(sown) == sorted(f"{name}/kernel" for name in names)

@@ -35,7 +35,7 @@ SCRIPT = textwrap.dedent("""
       c.data.synthetic.group_sizes = (150, 45)  # 195 rows: train, val and test sizes are not multiples of 8
       c.model.name = "small_cnn"
       c.model.kwargs.width = 4
-      c.train.epochs = 2
+      c.train.epochs = 1
       c.train.batch_size = 32
       c.ptq.bit_widths = (32, 4, 2)
       c.eval.batch_size = 20  # rounded up to a multiple of 8 under data parallelism
@@ -75,7 +75,9 @@ SCRIPT = textwrap.dedent("""
 @pytest.fixture(scope="module")
 def sharded(tmp_path_factory):
   tmp = str(tmp_path_factory.mktemp("parallel"))
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+  # The device count joins the fast-compile flags that tests/conftest.py set.
+  flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8".strip()
+  env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
   proc = subprocess.run([sys.executable, "-c", SCRIPT.format(root=ROOT, tmp=tmp)], env=env,
                         capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-4000:]

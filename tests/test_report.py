@@ -1,4 +1,4 @@
-"""fqjax.report on a tiny real run (train, ptq, mitigate) plus a constructed explain section.
+"""fqjax.report on the shared tiny study (tests/conftest.py), as run and with a constructed explain section.
 
 Checks: every figure is a decodable, non-trivial PNG; report.html is self-contained and
 references only files that exist; report.md has every section and the numbers of
@@ -15,34 +15,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fqjax import claims, report, results, runner
-from fqjax.config import base_config
+from fqjax import claims, report, results
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SECTIONS = ("Full-precision training", "PTQ sweep", "Explain: forward chain", "Explain: curvature",
             "Mitigation ablation", "Claims", "Run")
-
-
-def _config():
-  c = base_config()
-  c.name = "tiny"
-  c.seeds = (0, 1)
-  c.data.name = "synthetic"
-  c.data.synthetic.group_sizes = (160, 80, 30)  # 30 < half the median (40): a minority
-  c.data.synthetic.noise = (1.0, 1.2, 1.5)
-  c.data.synthetic.shift = (0.0, 0.5, 1.0)
-  c.model.name = "small_cnn"
-  c.model.kwargs.width = 4
-  c.train.epochs = 1
-  c.train.batch_size = 32
-  c.train.learning_rate = 0.05
-  c.ptq.bit_widths = (32, 8, 4, 2)
-  c.eval.bootstrap_resamples = 20
-  c.mitigate.bit_widths = (4,)
-  c.mitigate.methods = ("ptq", "qat", "fairqat")
-  c.mitigate.epochs = 1
-  c.mitigate.batch_size = 32
-  return c
 
 
 def fake_explain(res, bit_widths=(32, 4, 2), k=3):
@@ -83,20 +60,24 @@ def fake_explain(res, bit_widths=(32, 4, 2), k=3):
                         "top_k_eigenvalues": [[float(v) / (j + 1) for j in range(k)] for v in eig],
                         "spearman_size_grad_norm": claims.spearman(sizes, grad),
                         "spearman_size_top_eigenvalue": claims.spearman(sizes, eig)}}
-  return {"fingerprint": "test", "bit_widths": list(bit_widths), "group_sizes": sizes.astype(int).tolist(),
+  return {"keys": {}, "bit_widths": list(bit_widths), "group_sizes": sizes.astype(int).tolist(),
           "per_seed": per_seed}
 
 
 @pytest.fixture(scope="module")
-def workdirs(tmp_path_factory):
+def workdirs(tiny_study, tmp_path_factory):
+  """The shared tiny study (tests/conftest.py) three ways: "full" as run; "partial", its results after
+  train and ptq only; "explained", its results with a constructed explain section (known curvature)."""
   base = tmp_path_factory.mktemp("report")
   full, partial, explained = (str(base / n) for n in ("full", "partial", "explained"))
-  runner.run(_config(), full, ["train", "ptq"], progress=False)
+  shutil.copytree(tiny_study["workdir"], full)
+  res = json.loads(json.dumps(tiny_study["results"]))
   os.makedirs(partial)
-  for name in ("results.json", "config.json"):
-    shutil.copy(os.path.join(full, name), partial)
-  runner.run(_config(), full, ["mitigate"], progress=False)
-  res = results.read_json(os.path.join(full, "results.json"))
+  shutil.copy(os.path.join(full, "config.json"), partial)
+  early = {k: v for k, v in res.items() if k not in ("explain", "mitigate", "claims")}
+  early["claims"] = claims.check_claims(early)
+  early["timings"] = {k: v for k, v in res["timings"].items() if k in ("data", "train", "ptq")}
+  results.write_json(os.path.join(partial, "results.json"), early)
   res["explain"] = fake_explain(res)
   os.makedirs(explained)
   results.write_json(os.path.join(explained, "results.json"), res)
@@ -157,7 +138,7 @@ def test_unfinished_mitigate_stage_is_marked_incomplete(workdirs, tmp_path):
   assert out["sections"]["mitigate"] == "incomplete"
   assert "mitigate_ablation" not in out["figures"]
   md = open(out["markdown"]).read()
-  assert "has not finished (5 of 6 (method, bit-width, seed) entries done)" in md
+  assert "has not finished (9 of 10 (method, bit-width, seed) entries done)" in md
   assert "| 4 | fairqat | 1 of 2 |" in md and "| 4 | qat | 2 of 2 |" in md
   acc = res["mitigate"]["per_seed"]["0"]["fairqat"]["4"]["accuracy"]
   assert f"{acc:.3f} ±" not in md.split("## Mitigation ablation")[1].split("## Claims")[0]  # nothing re-averaged

@@ -1,0 +1,82 @@
+"""Shared test setup: cheap XLA compiles for tiny models, and one tiny study shared by the runner,
+explain, mitigate and report tests (computed once per test session, also across pytest-xdist workers).
+"""
+import fcntl
+import os
+import shutil
+
+# The tests' models are tiny, so XLA's compile time dominates their run time: compile with LLVM's cheap
+# settings (numbers are compared within one run, never against a stored constant of another setting).
+# Set before JAX is imported; a subprocess a test starts inherits it.
+_FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_FAST_COMPILE}".strip()
+
+import pytest  # noqa: E402
+
+from fqjax import results, runner  # noqa: E402
+from fqjax.config import base_config  # noqa: E402
+
+TINY_GROUP_SIZES = (160, 80, 30)  # 30 < half the median (40): one minority group
+
+
+def tiny_study_config():
+  """Two seeds of a width-4 SmallCNN (with BatchNorm) on three synthetic groups of 8x8 images, every stage."""
+  c = base_config()
+  c.name = "tiny"
+  c.seeds = (0, 1)
+  c.data.name = "synthetic"
+  c.data.synthetic.group_sizes = TINY_GROUP_SIZES
+  c.data.synthetic.noise = (1.0, 1.2, 1.5)
+  c.data.synthetic.shift = (0.0, 0.5, 1.0)
+  c.model.name = "small_cnn"
+  c.model.kwargs.width = 4
+  c.train.epochs = 2
+  c.train.batch_size = 32
+  c.train.learning_rate = 0.05
+  c.ptq.bit_widths = (32, 8, 4, 2)
+  c.eval.bootstrap_resamples = 20
+  c.explain.bit_widths = (32, 4, 2)
+  c.explain.top_k = 3
+  c.explain.trace_probes = 2
+  c.explain.lanczos_max_iters = 20
+  c.mitigate.bit_widths = (4,)
+  c.mitigate.methods = ("ptq", "qat", "lsq_qat", "mp_qat", "fairqat")
+  c.mitigate.epochs = 2
+  c.mitigate.batch_size = 32
+  return c
+
+
+def _compute(workdir: str) -> None:
+  runner.run(tiny_study_config(), workdir, None, progress=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_study(tmp_path_factory):
+  """{"workdir", "results"} of the finished tiny study. Read only: copy it (tiny_study_copy) to change it."""
+  worker = os.environ.get("PYTEST_XDIST_WORKER")
+  if worker is None:
+    workdir = str(tmp_path_factory.mktemp("tiny_study"))
+    _compute(workdir)
+  else:  # xdist: the first worker computes it under a lock in the folder all workers share; the others wait
+    shared = tmp_path_factory.getbasetemp().parent
+    workdir = str(shared / "tiny_study")
+    with open(shared / "tiny_study.lock", "w") as lock:
+      fcntl.flock(lock, fcntl.LOCK_EX)
+      if not os.path.exists(os.path.join(workdir, "report.html")):
+        shutil.rmtree(workdir, ignore_errors=True)
+        _compute(workdir)
+  return {"workdir": workdir, "results": results.read_json(os.path.join(workdir, "results.json"))}
+
+
+@pytest.fixture
+def tiny_config():
+  """The tiny study's config factory: call it for a fresh config to change."""
+  return tiny_study_config
+
+
+@pytest.fixture
+def tiny_study_copy(tiny_study, tmp_path):
+  """A private copy of the tiny study's workdir (a path) that a test may rerun or damage."""
+  copy = tmp_path / "tiny_study"
+  shutil.copytree(tiny_study["workdir"], copy)
+  return str(copy)
