@@ -10,6 +10,14 @@ import shutil
 # Set before JAX is imported; a subprocess a test starts inherits it.
 _FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_FAST_COMPILE}".strip()
+# One compilation cache for the session's processes (xdist workers and the launch.py subprocesses tests start
+# inherit the variables): the same tiny programs are compiled once, not once per process.
+_OWN_CACHE = None
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  import tempfile
+  _OWN_CACHE = os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="fqjax_test_jit_cache_")
+  os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+  os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
 
 import pytest  # noqa: E402
 
@@ -41,7 +49,7 @@ def tiny_study_config():
   c.explain.lanczos_max_iters = 20
   c.mitigate.bit_widths = (4,)
   c.mitigate.methods = ("ptq", "qat", "lsq_qat", "mp_qat", "fairqat")
-  c.mitigate.epochs = 2
+  c.mitigate.epochs = 1
   c.mitigate.batch_size = 32
   return c
 
@@ -80,3 +88,8 @@ def tiny_study_copy(tiny_study, tmp_path):
   copy = tmp_path / "tiny_study"
   shutil.copytree(tiny_study["workdir"], copy)
   return str(copy)
+
+
+def pytest_sessionfinish(session, exitstatus):
+  if _OWN_CACHE is not None:  # the process that made the cache (the xdist controller) removes it
+    shutil.rmtree(_OWN_CACHE, ignore_errors=True)

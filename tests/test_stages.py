@@ -1,0 +1,58 @@
+"""The stage functions without a workdir: arrays, a model and config sections in, JSON-ready dicts out."""
+import json
+
+import numpy as np
+import pytest
+
+from fqjax import layers, stages, train
+from fqjax.config import base_config
+from fqjax.data import from_arrays
+from fqjax.models import get_model
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+  rng = np.random.default_rng(0)
+  group = np.repeat([0, 1, 2], [80, 60, 20])
+  y = rng.integers(0, 2, size=len(group))
+  x = rng.normal(size=(len(group), 6)).astype(np.float32) + y[:, None]
+  splits = from_arrays(x, y, group)
+  c = base_config()
+  c.train.epochs, c.train.batch_size = 2, 32
+  c.ptq.bit_widths = (32, 4)
+  c.eval.bootstrap_resamples = 0
+  c.explain.top_k, c.explain.lanczos_max_iters, c.explain.batch_size = 2, 10, 64
+  model = get_model("mlp", 2, hidden=(8,))
+  record, variables = stages.train_seed(model, splits, c.train, c.eval, 0, str(tmp_path_factory.mktemp("ckpt")),
+                                        progress=False)
+  names = layers.quant_layer_names(model, splits.train.x[:2])
+  return {"config": c, "splits": splits, "model": model, "record": record, "variables": variables, "names": names}
+
+
+def test_train_seed_returns_a_json_ready_record_and_its_variables(setup):
+  record = setup["record"]
+  json.dumps(record, allow_nan=True)  # JSON-ready
+  assert record["epochs_run"] == 2 and len(record["history"]) == 2
+  assert record["variables_digest"] == train.tree_digest(setup["variables"])
+  assert record["test"]["groups"]["count"] == setup["splits"].info.counts["test"]
+
+
+def test_ptq_seed_at_32_bits_is_the_trained_model(setup):
+  s, c = setup["splits"], setup["config"]
+  out = stages.ptq_seed(setup["model"], setup["variables"], s, c.ptq, c.eval, setup["names"], 0)
+  json.dumps(out, allow_nan=True)
+  assert sorted(out["by_bits"]) == ["32", "4"] and out["sweep_mode"] == "map"
+  full = out["by_bits"]["32"]
+  assert full["accuracy"] == pytest.approx(setup["record"]["test"]["accuracy"])
+  assert full["groups"]["accuracy_drop"] == pytest.approx([0.0, 0.0, 0.0])
+  assert out["by_bits"]["4"]["size_bytes"] < full["size_bytes"]
+
+
+def test_explain_entry_is_pure_and_json_ready(setup):
+  s, c = setup["splits"], setup["config"]
+  args = (setup["model"], setup["variables"], s, c.explain, c.ptq, c.eval, setup["names"], 4, 0)
+  a, b = stages.explain_entry(*args), stages.explain_entry(*args)
+  a.pop("wall_s"), b.pop("wall_s")
+  assert a == b  # the same inputs give the same numbers
+  json.dumps(a, allow_nan=True)
+  assert len(a["curvature"]["grad_norm"]) == 3 and len(a["curvature"]["top_k_eigenvalues"][0]) == 2
