@@ -254,6 +254,8 @@ def main(argv, flags_: Flags):
     res = runner.run(config, workdir, flags_.stages.value, force=flags_.force.value,
                      progress=not flags_.no_progress.value)
     print(tables.ptq_table(res))
+    for variant, entry in res.get("ptq", {}).get("variants", {}).items():  # the other PTQ variants
+      print(f"ptq variant {variant}:\n" + tables.ptq_table({**res, "ptq": {**res["ptq"], **entry}}))
     if "mitigate" in res:
       print(tables.ablation_table(res["mitigate"]))
     if "claims" in res:

@@ -16,3 +16,5 @@ SWEEP_MODES = ("auto", "vmap", "map", "devices")
 MITIGATE_METHODS = ("ptq", "qat", "lsq_qat", "mp_qat", "sampling_qat", "weighted_qat", "fairqat")
 BN_MODES = ("train", "freeze", "fold")
 SPLITS = ("train", "val", "test")
+WEIGHT_SCALE_RULES = ("max", "half_step", "mse")
+PTQ_BN_MODES = ("keep", "recalibrate")  # a PTQ variant is "<weight scale rule>/<BatchNorm mode>"

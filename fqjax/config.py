@@ -50,6 +50,10 @@ def base_config() -> ml_collections.ConfigDict:
       "calibration_batches": 8,
       "calibration_batch_size": 128,
       "sweep_mode": "auto",
+      # "<weight scale rule>/<BatchNorm mode>" (fqjax.ptq.parse_variant); the first is the primary one, whose
+      # results are ptq.per_seed / ptq.summary and whose grid explain uses; the others go to ptq.variants.
+      "variants": ("max/keep",),
+      "bn_batches": 8,  # training batches (of calibration_batch_size) that BatchNorm recalibration averages
   })
   c.explain = ml_collections.ConfigDict({
       "bit_widths": placeholder(object),  # None: ptq.bit_widths
@@ -201,6 +205,17 @@ def _bit_list(field: str, bits, lo: int, hi: int, example: str) -> None:
 
 def _validate_ptq(p) -> None:
   _bit_list("ptq.bit_widths", p.bit_widths, 1, 32, "(32, 8, 4, 2) (32 = full precision)")
+  variants = p.variants
+  if not isinstance(variants, (list, tuple)) or not variants or len(set(variants)) != len(variants):
+    _fail("ptq.variants", variants, "a non-empty list of distinct '<scale>/<bn>' names, e.g. ('max/keep', "
+          "'mse/recalibrate')")
+  for v in variants:
+    scale, _, bn = str(v).partition("/")
+    if scale not in choices.WEIGHT_SCALE_RULES or bn not in choices.PTQ_BN_MODES:
+      _fail("ptq.variants", variants, f"'<scale>/<bn>' with scale in {choices.WEIGHT_SCALE_RULES} and bn in "
+            f"{choices.PTQ_BN_MODES}")
+  if not _is_int(p.bn_batches) or p.bn_batches < 1:
+    _fail("ptq.bn_batches", p.bn_batches, "an int >= 1")
   if p.a_bits is not None and p.a_bits != "same" and not (_is_int(p.a_bits) and 1 <= p.a_bits <= 32):
     _fail("ptq.a_bits", p.a_bits, "None, 'same' or an int in 1..32")
   _one_of("ptq.calibration", p.calibration, choices.CALIBRATIONS)

@@ -39,6 +39,7 @@ BITS = "bits"
 QUANT_STATS = "quant_stats"
 ACT_INPUTS = "act_inputs"
 KERNELS = "quantized_kernels"
+BN_BATCH_STATS = "bn_batch_stats"  # sown batch mean / var of each QuantConvBN in training mode (recalibration)
 Padding = Union[str, int, Sequence[tuple[int, int]]]
 
 
@@ -56,13 +57,16 @@ class QuantRule:
     grid's range) or "identity" (quant.STE_MODES).
   lsq: learned step size (LSQ): a "w_scale" param [C] (per channel) or [] replaces max|W| / qmax,
     on the full grid with LSQ's own gradients (narrow_range and ste then apply to inputs only).
-  Frozen and hashable, so modules carrying it stay usable as jit / lru_cache keys. A weight
-  scale rule, for instance, would join as one more field read by ``quantize_weights``.
+  scale: how the weight scale follows from the weights (quant.WEIGHT_SCALE_RULES): "max"
+    (max|W| / qmax), "half_step" (max|W| / (qmax + 1/2)) or "mse" (the clipping ratio with the
+    least quantization error); see quant.weight_scale. Ignored with lsq.
+  Frozen and hashable, so modules carrying it stay usable as jit / lru_cache keys.
   """
   per_channel: bool = True
   narrow_range: bool = False
   ste: str = "clipped"
   lsq: bool = False
+  scale: str = "max"
 
   def __post_init__(self):
     for name in ("per_channel", "narrow_range", "lsq"):
@@ -70,6 +74,8 @@ class QuantRule:
         raise ValueError(f"QuantRule.{name} must be True or False, got {getattr(self, name)!r}.")
     if self.ste not in quant.STE_MODES:
       raise ValueError(f"QuantRule.ste must be one of {quant.STE_MODES}, got {self.ste!r}.")
+    if self.scale not in quant.WEIGHT_SCALE_RULES:
+      raise ValueError(f"QuantRule.scale must be one of {quant.WEIGHT_SCALE_RULES}, got {self.scale!r}.")
 
 
 RULE_OPTIONS = tuple(f.name for f in dataclasses.fields(QuantRule))
@@ -79,14 +85,17 @@ OPTIONS = RULE_OPTIONS + ("fold_bn", "dtype")  # what ``configured`` sets
 def quantize_weights(kernel: jax.Array, bits, rule: QuantRule, w_scale: Optional[jax.Array] = None) -> jax.Array:
   """Fake-quantizes ``kernel`` [..., C] (output channels last) at ``bits`` as ``rule`` says.
 
-  Symmetric grid, scale max|W| / qmax per output channel or per tensor
-  (``quant.fake_quant``), or with ``rule.lsq`` the learned step size ``w_scale``
-  ([C] or []; ``quant.lsq_fake_quant``). Same shape and dtype as ``kernel``.
+  Symmetric grid per output channel or per tensor, scale by ``rule.scale``
+  (``quant.weight_scale``; "max" is fake_quant's own min/max scale), or with ``rule.lsq`` the
+  learned step size ``w_scale`` ([C] or []; ``quant.lsq_fake_quant``). Same shape and dtype as ``kernel``.
   """
   axis = kernel.ndim - 1 if rule.per_channel else None
   if rule.lsq:
     return quant.lsq_fake_quant(kernel, w_scale, bits, axis=axis)
-  return quant.fake_quant(kernel, bits, symmetric=True, narrow_range=rule.narrow_range, axis=axis, ste=rule.ste)
+  scale = None if rule.scale == "max" else quant.weight_scale(kernel, bits, rule.scale,
+                                                              narrow_range=rule.narrow_range, axis=axis)
+  return quant.fake_quant(kernel, bits, symmetric=True, narrow_range=rule.narrow_range, axis=axis, scale=scale,
+                          ste=rule.ste)
 
 
 def configured(model: nn.Module, **options: Any) -> nn.Module:
@@ -303,6 +312,8 @@ class QuantConvBN(_QuantLayer):
       axes = tuple(range(y.ndim - 1))
       mean = jnp.mean(y, axis=axes)
       var = jnp.mean(jnp.square(y - mean), axis=axes)
+      _sow(self, BN_BATCH_STATS, "mean", mean)
+      _sow(self, BN_BATCH_STATS, "var", var)
       if not self.is_initializing():
         ra_mean.value = self.momentum * ra_mean.value + (1.0 - self.momentum) * mean
         ra_var.value = self.momentum * ra_var.value + (1.0 - self.momentum) * var

@@ -28,6 +28,19 @@ from fqjax.layers import BitSpec
 SWEEP_MODES = choices.SWEEP_MODES
 
 
+def parse_variant(variant: str) -> tuple[str, str]:
+  """("max", "keep") from "max/keep": a PTQ variant is a weight scale rule and a BatchNorm mode.
+
+  Scale rules: fqjax.choices.WEIGHT_SCALE_RULES (quant.weight_scale). BatchNorm: "keep" the trained
+  running statistics, or "recalibrate" them for the quantized model (recalibrate_batch_stats).
+  """
+  scale, _, bn = str(variant).partition("/")
+  if scale not in choices.WEIGHT_SCALE_RULES or bn not in choices.PTQ_BN_MODES:
+    raise ValueError(f"PTQ variant {variant!r} is not '<scale>/<bn>' with scale in {choices.WEIGHT_SCALE_RULES} "
+                     f"and bn in {choices.PTQ_BN_MODES}, e.g. 'max/keep' or 'mse/recalibrate'.")
+  return scale, bn
+
+
 def resolve_mode(mode: str, num_params: int) -> str:
   """The sweep mode for this backend and model size: "auto" -> "map" or "vmap".
 
@@ -135,3 +148,35 @@ def prepare_variables(model: nn.Module, variables: Mapping, calib_x: Optional[It
   if calib_x is None:
     return variables
   return {**variables, layers.QUANT_STATS: layers.calibrate_activations(model, variables, calib_x, calibration)}
+
+
+@functools.lru_cache(maxsize=32)
+def _batch_stats_fn(model: nn.Module):
+  def stats(variables, x):
+    _, state = model.apply(variables, x, train=True, mutable=["batch_stats", layers.BN_BATCH_STATS])
+    return jax.tree_util.tree_map(lambda v: v[0], state[layers.BN_BATCH_STATS], is_leaf=lambda v: isinstance(v, tuple))
+  return jax.jit(stats)
+
+
+def recalibrate_batch_stats(model: nn.Module, variables: Mapping, bits_tree: Mapping,
+                            batches: Iterable[np.ndarray]) -> dict:
+  """BatchNorm running statistics re-estimated for the quantized model, as deployed PTQ pipelines do.
+
+  Each BatchNorm layer's mean and var become the averages, over ``batches`` (each [B, ...]), of the
+  batch mean and (biased) batch variance that the network quantized by ``bits_tree`` computes in
+  training mode at that layer (the layers before it quantized too). Returns a "batch_stats" tree of
+  the same structure as ``variables["batch_stats"]``; a model without BatchNorm gets its own back.
+  """
+  batch_stats = variables.get("batch_stats") or {}
+  if not jax.tree_util.tree_leaves(batch_stats):
+    return dict(batch_stats)
+  fn = _batch_stats_fn(model)
+  inputs = {k: v for k, v in variables.items() if k not in (layers.BITS,)}
+  total, n = None, 0
+  for x in batches:
+    stats = fn({**inputs, layers.BITS: bits_tree}, jnp.asarray(x))
+    total = stats if total is None else jax.tree_util.tree_map(jnp.add, total, stats)
+    n += 1
+  if n == 0:
+    raise ValueError("recalibrate_batch_stats needs at least one batch.")
+  return jax.device_get(jax.tree_util.tree_map(lambda s: s / n, total))

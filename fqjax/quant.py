@@ -152,6 +152,47 @@ def tensor_range(x: Array, axis: Optional[int] = None) -> tuple[Array, Array]:
   return jnp.min(x, axis=axes), jnp.max(x, axis=axes)
 
 
+WEIGHT_SCALE_RULES = ("max", "half_step", "mse")  # = fqjax.choices.WEIGHT_SCALE_RULES (tested)
+# Clipping ratios r the "mse" rule searches: scale = r * max|w| / qmax (fixed here, never fitted to a study).
+MSE_RATIOS = tuple(float(r) for r in np.linspace(0.02, 1.0, 50))
+
+
+def weight_scale(w: Array, bits: Bits, rule: str = "max", *, narrow_range: bool = False,
+                 axis: Optional[int] = None) -> Array:
+  """The symmetric scale of weights ``w`` at ``bits``: [] (per tensor) or [C] (per slice along ``axis``), float32.
+
+  With m = max|w| over the slice and qmax = 2^(b-1) - 1:
+    "max":       s = m / qmax. The top level is m; with the full grid the level -2^(b-1) is never
+                 used, so 2-bit weights are ternary {-s, 0, s}.
+    "half_step": s = m / (qmax + 1/2) (PyTorch's symmetric observer, Qwix): +-m lie within half a step
+                 of the grid's ends, so every level, -2^(b-1) included, can be used.
+    "mse":       s = r* m / qmax with r* = argmin_r sum (w - Q_r(w))^2 over MSE_RATIOS, per slice:
+                 the clipping that minimizes the weight's own quantization error.
+  At one bit (grid {-s, +s}) every rule is "max". An all-zero slice gets s = 1. ``bits`` may be traced.
+  """
+  if rule not in WEIGHT_SCALE_RULES:
+    raise ValueError(f"weight scale rule must be one of {WEIGHT_SCALE_RULES}, got {rule!r}.")
+  w = jnp.asarray(w, jnp.float32)
+  axis = _normalize_axis(axis, w.ndim)
+  lo, hi = tensor_range(w, axis)
+  absmax = jnp.maximum(jnp.abs(lo), jnp.abs(hi))
+  qmin, qmax = int_range(bits, symmetric=True, narrow_range=narrow_range)
+  base = absmax / qmax
+  if rule == "half_step":
+    base = jnp.where(jnp.asarray(bits, jnp.float32) <= 1.0, base, absmax / (qmax + 0.5))
+  elif rule == "mse":
+    axes = _reduce_axes(w.ndim, axis)
+
+    def error(r):  # [] or [C]: squared error of the grid clipped at r * max|w|
+      s = _broadcast_param(jnp.where(base > 0, r * base, 1.0), w.ndim, axis)
+      return jnp.sum(jnp.square(w - jnp.clip(jnp.round(w / s), qmin, qmax) * s), axis=axes)
+
+    ratios = jnp.asarray(MSE_RATIOS, jnp.float32)
+    best = ratios[jnp.argmin(jax.lax.map(error, ratios), axis=0)]
+    base = jnp.where(jnp.asarray(bits, jnp.float32) <= 1.0, base, best * base)
+  return jnp.where(base > 0, base, 1.0)
+
+
 def compute_scale_zero_point(x: Array, bits: Bits, *, symmetric: bool = True, narrow_range: bool = False,
                              axis: Optional[int] = None) -> tuple[Array, Array]:
   """Min/max calibration of one tensor. Returns (scale, zero_point), each [] or [C] float32."""

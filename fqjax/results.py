@@ -12,7 +12,9 @@ results.json (schema_version 1), top level:
   (and mitigate's "best") exists only when missing_seeds is empty: over exactly the configured seeds.
   train:    {"keys", "per_seed": {seed: TrainRecord}, "summary": Summary}
   ptq:      {"keys", "bit_widths", "a_bits", "per_channel", "fold_bn", "sweep_mode", "sweep_s": {seed: s},
-             "per_seed": {seed: {bits: Metrics}}, "summary": {bits: Summary}}
+             "variant": the primary PTQ variant ("<scale>/<bn>", fqjax.ptq.parse_variant),
+             "per_seed": {seed: {bits: Metrics}}, "summary": {bits: Summary},
+             "variants": {other variant: {"per_seed": {seed: {bits: Metrics}}, "summary": {bits: Summary}}}}
   explain:  {"keys", "bit_widths", "forward_split", "curvature_split", "group_sizes": [G],
              "per_seed": {seed: {bits: Explain}}}
   mitigate: {"keys", "bit_widths", "methods", "per_seed": {seed: {method: {bits: Metrics + train_s}}},

@@ -103,6 +103,8 @@ class _Run:
     if self.writer:
       for key in ("summary", "best", "missing_seeds"):
         self.results.get(stage, {}).pop(key, None)
+      for entry in self.results.get(stage, {}).get("variants", {}).values():
+        entry.pop("summary", None)
       self.results.pop("claims", None)
       self.results["updated"] = results.now()
       results.write_json(os.path.join(self.workdir, "results.json"), self.results)
@@ -180,6 +182,8 @@ def _drop_stale(r: _Run) -> None:
         section["per_seed"].pop(seed)
         keys.pop(seed, None)
         section.get("sweep_s", {}).pop(seed, None)
+        for entry in section.get("variants", {}).values():
+          entry.get("per_seed", {}).pop(seed, None)
         r.changed = True
     for seed in list(keys):
       if seed not in section.get("per_seed", {}):
@@ -223,8 +227,10 @@ def _ptq(r: _Run) -> bool:
   p = r.config.ptq
   section = r.results.setdefault("ptq", {"keys": {}, "per_seed": {}})
   section.update(bit_widths=[int(b) for b in p.bit_widths], a_bits=p.a_bits, per_channel=p.per_channel,
-                 fold_bn=p.fold_bn)
+                 fold_bn=p.fold_bn, variant=p.variants[0])
   section.setdefault("sweep_s", {})
+  others = {v: section.get("variants", {}).get(v, {"per_seed": {}}) for v in p.variants[1:]}
+  section["variants"] = others  # the primary variant's entries are per_seed itself; the key covers all
   todo = [s for s in r.seeds if str(s) not in section["per_seed"] or r.force
           or section["keys"].get(str(s)) != r.key("ptq", s)]
   for seed in sorted(set(r.seeds) - set(todo)):
@@ -234,6 +240,9 @@ def _ptq(r: _Run) -> bool:
     key = r.key("ptq", seed)
     out = stages.ptq_seed(r.model, r.trained_variables(seed), r.splits, p, r.config.eval, r.layer_names, seed,
                           mesh=r.mesh)
+    for variant, entry in others.items():
+      entry["per_seed"][str(seed)] = stages.ptq_seed(r.model, r.trained_variables(seed), r.splits, p, r.config.eval,
+                                                     r.layer_names, seed, variant=variant, mesh=r.mesh)["by_bits"]
     section["per_seed"][str(seed)], section["keys"][str(seed)] = out["by_bits"], key
     section["sweep_s"][str(seed)], section["sweep_mode"] = out["sweep_s"], out["sweep_mode"]
     log.info("ptq seed %d: %s", seed, ", ".join(f"{b}b acc {m['accuracy']:.3f} fv {m['fairness_violation']:.3f}"
@@ -368,8 +377,9 @@ def _summarize(r: _Run) -> list[str]:
     if stage == "train":
       section["summary"] = metrics.summarize_over_seeds([per_seed[str(s)]["test"] for s in r.seeds])
     elif stage == "ptq":
-      section["summary"] = {str(b): metrics.summarize_over_seeds([per_seed[str(s)][str(b)] for s in r.seeds])
-                            for b in section["bit_widths"]}
+      for entry in [section, *section.get("variants", {}).values()]:
+        entry["summary"] = {str(b): metrics.summarize_over_seeds([entry["per_seed"][str(s)][str(b)]
+                                                                  for s in r.seeds]) for b in section["bit_widths"]}
     elif stage == "mitigate":
       section.update(mitigate.summarize(per_seed, section["methods"], section["bit_widths"], r.seeds))
   return incomplete

@@ -29,9 +29,23 @@ from fqjax.explain import forward as forward_lib
 Variables = Mapping[str, Mapping]
 
 
-def ptq_model(model: nn.Module, pcfg) -> nn.Module:
-  """The trained model with config.ptq's quantization options (per_channel, fold_bn)."""
-  return layers.configured(model, per_channel=pcfg.per_channel, fold_bn=pcfg.fold_bn)
+def ptq_model(model: nn.Module, pcfg, variant: Optional[str] = None) -> nn.Module:
+  """The trained model with config.ptq's options (per_channel, fold_bn) and the weight scale rule of
+  ``variant`` (default: the primary variant, ``pcfg.variants[0]``)."""
+  scale, _ = ptq.parse_variant(variant or pcfg.variants[0])
+  return layers.configured(model, per_channel=pcfg.per_channel, fold_bn=pcfg.fold_bn, scale=scale)
+
+
+def recalibrated(qmodel: nn.Module, qvars: Variables, bits_tree, train_x: np.ndarray, pcfg, seed: int,
+                 variant: Optional[str] = None) -> dict:
+  """``qvars`` with BatchNorm statistics re-estimated for the model quantized by ``bits_tree`` when the
+  variant's BatchNorm mode is "recalibrate" (on ``pcfg.bn_batches`` training batches drawn from ``seed``);
+  unchanged for "keep"."""
+  _, bn = ptq.parse_variant(variant or pcfg.variants[0])
+  if bn == "keep":
+    return dict(qvars)
+  batches = ptq.calibration_batches(train_x, pcfg.calibration_batch_size, pcfg.bn_batches, seed + 1)
+  return {**qvars, "batch_stats": ptq.recalibrate_batch_stats(qmodel, qvars, bits_tree, batches)}
 
 
 def quantization_start(model: nn.Module, variables: Variables, train_x: np.ndarray, pcfg, seed: int, *,
@@ -65,24 +79,31 @@ def train_seed(model: nn.Module, splits, tcfg, ecfg, seed: int, ckpt_dir: str, *
 
 
 def ptq_seed(model: nn.Module, variables: Variables, splits, pcfg, ecfg, layer_names: Sequence[str], seed: int, *,
-             mesh=None) -> dict:
-  """The PTQ sweep of one trained seed on the test split.
+             variant: Optional[str] = None, mesh=None) -> dict:
+  """The PTQ sweep of one trained seed on the test split, for one variant (default: the primary one).
 
   Returns {"by_bits": {bits: group metrics + size_bytes [+ fairness_violation_ci]},
   "sweep_s": seconds of the sweep, "sweep_mode": the resolved mode}. Reference for accuracy
-  drops: the model as trained (no folding, no quantizer in the graph).
+  drops: the model as trained (no folding, no quantizer in the graph). With BatchNorm
+  recalibration each bit-width has its own statistics, so the sweep runs one bit-width at a
+  time through the same compiled function (K = 1).
   """
   bit_widths = [int(b) for b in pcfg.bit_widths]
   specs = ptq.sweep_specs(bit_widths, pcfg.a_bits)
-  qmodel = ptq_model(model, pcfg)
+  qmodel = ptq_model(model, pcfg, variant)
   qvars = quantization_start(qmodel, variables, splits.train.x, pcfg, seed,
                              calibrate=any(s.a_bits is not None for s in specs))
   num_params = sum(int(np.prod(np.shape(a))) for a in jax.tree_util.tree_leaves(variables["params"]))
   mode = ptq.resolve_mode(pcfg.sweep_mode, num_params)
   test, info = splits.test, splits.info
+  trees = [s.bits_tree(layer_names) for s in specs]
   t0 = time.perf_counter()
-  logits = ptq.sweep_logits(qmodel, qvars, test.x, [s.bits_tree(layer_names) for s in specs],
-                            batch_size=ecfg.batch_size, mode=mode, mesh=mesh)
+  if ptq.parse_variant(variant or pcfg.variants[0])[1] == "keep":
+    logits = ptq.sweep_logits(qmodel, qvars, test.x, trees, batch_size=ecfg.batch_size, mode=mode, mesh=mesh)
+  else:
+    logits = np.concatenate([ptq.sweep_logits(qmodel, recalibrated(qmodel, qvars, tree, splits.train.x, pcfg, seed,
+                                                                   variant), test.x, [tree],
+                                              batch_size=ecfg.batch_size, mode=mode, mesh=mesh) for tree in trees])
   sweep_s = time.perf_counter() - t0
   fp_vars = {k: variables[k] for k in ("params", "batch_stats")}
   ref = train.evaluate(model, fp_vars, test, info.num_groups, group_is_label=info.group_is_label,
@@ -113,6 +134,7 @@ def explain_entry(model: nn.Module, variables: Variables, splits, xcfg, pcfg, ec
   qmodel = ptq_model(model, pcfg)
   qvars = quantization_start(qmodel, variables, splits.train.x, pcfg, seed, calibrate=spec.a_bits is not None)
   bits_tree = spec.bits_tree(layer_names)
+  qvars = recalibrated(qmodel, qvars, bits_tree, splits.train.x, pcfg, seed)  # the primary variant's BatchNorm
   fwd, info = splits[xcfg.forward_split], splits.info
   entry = forward_lib.forward_chain(qmodel, qvars, bits_tree, fwd.x, fwd.y, fwd.group, info.num_groups,
                                     layer_names, batch_size=ecfg.batch_size)

@@ -221,3 +221,47 @@ def test_vmap_over_bits_tree_equals_loop():
   for i, s in enumerate(specs):
     np.testing.assert_allclose(swept[i], fn(s.bits_tree(names)), rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(swept[-1], model.apply(variables, x), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("rule", ["half_step", "mse"])
+def test_scale_rule_reaches_the_layer_kernel(rule):
+  """QuantRule(scale=...) is what the layer multiplies by, and configured()/get_model pass it through."""
+  from fqjax.models import get_model
+  model = get_model("mlp", 3, hidden=(8,), scale=rule)
+  assert model.quant.scale == rule and layers.configured(model, scale="max").quant.scale == "max"
+  x = np.random.default_rng(0).normal(size=(4, 5)).astype(np.float32)
+  variables = model.init(jax.random.PRNGKey(0), x)
+  names = layers.quant_layer_names(model, x)
+  _, state = model.apply({**variables, "bits": BitSpec.uniform(2).bits_tree(names)}, x, mutable=[layers.KERNELS])
+  w = variables["params"]["dense0"]["kernel"]
+  expected = quant.fake_quant(w, 2, axis=1, scale=quant.weight_scale(w, 2, rule, axis=1))
+  np.testing.assert_allclose(state[layers.KERNELS]["dense0"]["kernel"][0], expected, rtol=1e-6)
+  with pytest.raises(ValueError, match="QuantRule.scale"):
+    layers.QuantRule(scale="percentile")
+
+
+def test_batchnorm_recalibration_averages_the_quantized_networks_batch_statistics():
+  """ptq.recalibrate_batch_stats: each BN layer's mean/var = the average over batches of the batch statistics
+  of the quantized network at that layer (checked for the first BN layer by hand)."""
+  from fqjax import ptq
+  model = SmallCNN(num_classes=3, width=4)
+  rng = np.random.default_rng(0)
+  batches = [rng.normal(size=(6, 8, 8, 1)).astype(np.float32) for _ in range(3)]
+  variables = model.init(jax.random.PRNGKey(0), batches[0])
+  names = layers.quant_layer_names(model, batches[0])
+  bits = BitSpec.uniform(3).bits_tree(names)
+  new = ptq.recalibrate_batch_stats(model, variables, bits, batches)
+  assert jax.tree_util.tree_structure(new) == jax.tree_util.tree_structure(variables["batch_stats"])
+  # conv1's output in training mode: the 3-bit kernel on the (unquantized) input, no bias.
+  kernel = quant.fake_quant(variables["params"]["conv1"]["kernel"], 3, axis=-1)
+  outs = [jax.lax.conv_general_dilated(x, kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+          for x in batches]
+  np.testing.assert_allclose(new["conv1"]["mean"], np.mean([o.mean(axis=(0, 1, 2)) for o in outs], axis=0),
+                             rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(new["conv1"]["var"], np.mean([o.var(axis=(0, 1, 2)) for o in outs], axis=0),
+                             rtol=1e-4, atol=1e-6)
+  assert not np.allclose(new["conv1"]["mean"], variables["batch_stats"]["conv1"]["mean"])
+  from fqjax.models import MLP
+  plain = MLP(num_classes=2, hidden=(4,))  # no BatchNorm: its (empty) statistics come back unchanged
+  pv = plain.init(jax.random.PRNGKey(0), np.zeros((2, 5), np.float32))
+  assert ptq.recalibrate_batch_stats(plain, pv, {}, [np.zeros((2, 5), np.float32)]) == dict(pv.get("batch_stats", {}))

@@ -3,6 +3,7 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from absl.testing import parameterized
 
 from fqjax import quant
@@ -253,3 +254,45 @@ class LSQTest(chex.TestCase):
     w = jnp.array([[1.0, -4.0], [-3.0, 0.0]])
     s = quant.lsq_init_scale(w, 4, axis=1)
     np.testing.assert_allclose(s, [2 * 2.0 / np.sqrt(7), 2 * 2.0 / np.sqrt(7)], rtol=1e-6)
+
+
+# ----------------------------------------------------------------------------
+# Weight scale rules (issue 12): max, half_step, mse
+# ----------------------------------------------------------------------------
+
+W2 = np.array([[0.9, -0.3, 0.1, -1.0], [0.2, 0.25, -0.05, 0.5]], np.float32).T  # [4, 2]: two output channels
+
+
+def test_weight_scale_rules_by_hand_at_two_bits():
+  # 2 bits: qmin = -2, qmax = 1. Channel 0 has max|w| = 1, channel 1 has 0.5.
+  np.testing.assert_allclose(quant.weight_scale(W2, 2, "max", axis=1), [1.0, 0.5])
+  np.testing.assert_allclose(quant.weight_scale(W2, 2, "half_step", axis=1), [1 / 1.5, 0.5 / 1.5], rtol=1e-6)
+  # half_step reaches the level -2^(b-1): -1.0 / (1 / 1.5) = -1.5 rounds (to even) to -2.
+  q = quant.fake_quant(W2, 2, axis=1, scale=quant.weight_scale(W2, 2, "half_step", axis=1))
+  np.testing.assert_allclose(np.asarray(q)[:, 0], [1 / 1.5, 0.0, 0.0, -2 / 1.5], rtol=1e-6)
+  assert np.asarray(quant.fake_quant(W2, 2, axis=1))[:, 0].min() == -1.0  # max: -2 is never used
+
+
+def test_mse_scale_is_the_grid_ratio_with_the_least_error():
+  s = np.asarray(quant.weight_scale(W2, 2, "mse", axis=1))
+  for c in range(2):
+    w = W2[:, c]
+    base = np.abs(w).max()  # / qmax = 1
+
+    def err(scale):
+      return float(np.sum((w - np.clip(np.round(w / scale), -2, 1) * scale) ** 2))
+
+    errors = [err(r * base) for r in quant.MSE_RATIOS]
+    assert s[c] == pytest.approx(quant.MSE_RATIOS[int(np.argmin(errors))] * base, rel=1e-6)
+    assert err(s[c]) <= err(base) + 1e-12  # never worse than the max rule
+
+
+def test_weight_scale_with_traced_bits_equals_python_bits():
+  for rule in quant.WEIGHT_SCALE_RULES:
+    traced = jax.jit(lambda b: quant.weight_scale(W2, b, rule, axis=1))(jnp.float32(3))
+    np.testing.assert_allclose(traced, quant.weight_scale(W2, 3, rule, axis=1), rtol=1e-6)
+    # one bit: every rule is max; an all-zero slice gets scale 1
+    np.testing.assert_allclose(quant.weight_scale(W2, 1, rule, axis=1), [1.0, 0.5])
+    np.testing.assert_allclose(quant.weight_scale(np.zeros((3, 2)), 4, rule, axis=1), [1.0, 1.0])
+  with pytest.raises(ValueError, match="weight scale rule"):
+    quant.weight_scale(W2, 4, "minmax")

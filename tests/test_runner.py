@@ -370,13 +370,17 @@ def test_launch_digits_prints_the_table_and_timings(tmp_path):
   assert res["seeds"] == [0] and res["ptq"]["bit_widths"] == [32, 4]
   assert res["config"]["train"]["epochs"] == 1 and res["model"]["name"] == "small_cnn"
   lines = out.stdout.splitlines()
+  variant_at = lines.index("ptq variant mse/recalibrate:")  # digits compares two PTQ variants
+  assert res["ptq"]["variant"] == "max/keep" and list(res["ptq"]["variants"]) == ["mse/recalibrate"]
+  lines = lines[:variant_at]  # the primary variant's table
   header = [l for l in lines if l.split()[:3] == ["bits", "size", "KB"] and "fairness viol." in l]
   assert len(header) == 1
   for b in ("32", "4"):
     row = [l for l in lines if l.split()[:1] == [b]]
     assert len(row) == 1, out.stdout
     assert f"{res['ptq']['summary'][b]['accuracy']['mean']:.3f}±" in row[0]
-  assert any(l.startswith("stage wall times: data ") and "train " in l and "ptq " in l for l in lines), out.stdout
+  assert any(l.startswith("stage wall times: data ") and "train " in l and "ptq " in l
+             for l in out.stdout.splitlines()), out.stdout
   assert str(wd / "results.json") in out.stdout
 
 

@@ -4,7 +4,8 @@ import json
 import numpy as np
 import pytest
 
-from fqjax import layers, stages, train
+from fqjax import config as config_lib
+from fqjax import layers, runner, stages, train
 from fqjax.config import base_config
 from fqjax.data import from_arrays
 from fqjax.models import get_model
@@ -56,3 +57,26 @@ def test_explain_entry_is_pure_and_json_ready(setup):
   assert a == b  # the same inputs give the same numbers
   json.dumps(a, allow_nan=True)
   assert len(a["curvature"]["grad_norm"]) == 3 and len(a["curvature"]["top_k_eigenvalues"][0]) == 2
+
+
+def test_ptq_variants_are_computed_summarized_and_keyed(tiny_study, tiny_study_copy, tiny_config):
+  """config.ptq.variants: the primary variant stays ptq.per_seed (same numbers as before); the others go to
+  ptq.variants with their own summaries; BatchNorm recalibration changes the quantized model's numbers."""
+  c = tiny_config()
+  c.ptq.variants = ("max/keep", "mse/recalibrate", "half_step/keep")
+  res = runner.run(c, tiny_study_copy, ["train", "ptq"], progress=False)
+  old = tiny_study["results"]["ptq"]
+  p = res["ptq"]
+  assert res["last_run"]["stages"]["train"] == "skipped" and p["variant"] == "max/keep"
+  assert p["per_seed"] == old["per_seed"]  # the primary variant's numbers are unchanged
+  assert sorted(p["variants"]) == ["half_step/keep", "mse/recalibrate"]
+  for name, entry in p["variants"].items():
+    assert sorted(entry["per_seed"]) == ["0", "1"] and entry["summary"]["2"]["accuracy"]["n"] == 2
+    # 32 bits: no quantizer, and recalibration at 32 bits re-estimates the same network's statistics
+    assert entry["per_seed"]["0"]["32"]["groups"]["count"] == old["per_seed"]["0"]["32"]["groups"]["count"]
+  recal = p["variants"]["mse/recalibrate"]["per_seed"]["0"]["2"]
+  assert recal["groups"]["loss"] != old["per_seed"]["0"]["2"]["groups"]["loss"]
+  with pytest.raises(ValueError, match="config.ptq.variants"):
+    bad = tiny_config()
+    bad.ptq.variants = ("max/fold",)
+    config_lib.validate_config(bad)
