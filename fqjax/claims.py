@@ -160,7 +160,7 @@ def fairness_violation_grows(results: Mapping) -> dict:
     return _not_tested(f"the fairness violation has no value at {', '.join(missing)} bits (no seed has a group "
                        "with test rows there)", **numbers)
   rho = spearman(bits, means)  # NaN, without a warning, for a constant sequence
-  low, high = bits[0], bits[-1]
+  low = bits[0]
   gap = means[0] - means[-1]
   std_low = _float(fv[low].get("std"))
   numbers = {"spearman_bits_vs_fairness_violation": rho, **numbers,

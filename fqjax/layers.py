@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
-from fqjax import quant
+from fqjax import calibration, quant
 # Re-exported: layers.BitSpec and friends are how callers reach them.
 from fqjax.bitspec import BitSpec, LayerBits, bits_tree_from, stack_bits_trees, weight_bits_by_layer  # noqa: F401
 
@@ -389,7 +389,7 @@ def calibrate_activations(model: nn.Module, variables: Mapping, batches: Iterabl
   """Input ranges of every quantized layer over calibration batches.
 
   Runs the full-precision model in inference mode on each batch [batch, ...],
-  and reduces each layer's inputs with ``quant.calibrate`` (minmax, ema or
+  and reduces each layer's inputs with ``calibration.calibrate`` (minmax, ema or
   percentile). Returns the "quant_stats" collection {path: {"lo", "hi"}}, each [] float32.
   """
   fp_vars = {k: v for k, v in variables.items() if k not in (BITS, QUANT_STATS)}
@@ -407,6 +407,6 @@ def calibrate_activations(model: nn.Module, variables: Mapping, batches: Iterabl
     raise ValueError("calibrate_activations got no batches (or the model has no quantized layers).")
   stats = {}
   for layer, values in inputs.items():
-    rng = quant.calibrate(values, method, **calib_kwargs)
+    rng = calibration.calibrate(values, method, **calib_kwargs)
     stats[f"{layer}/lo"], stats[f"{layer}/hi"] = rng.lo, rng.hi
   return traverse_util.unflatten_dict(stats, sep="/")

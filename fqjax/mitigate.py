@@ -25,7 +25,6 @@ import ml_collections
 import numpy as np
 
 from fqjax import choices, layers, metrics, quant, stages, train
-from fqjax.errors import InputError
 from fqjax.layers import BitSpec
 
 METHODS, BN_MODES = choices.MITIGATE_METHODS, choices.BN_MODES

@@ -1,5 +1,5 @@
 """Pure quantizer functions: fake quantization with straight-through gradients,
-learned step sizes, calibration of activation ranges, and storage size.
+learned step sizes and storage size (activation calibration: fqjax.calibration).
 
 No Flax and no state here. Every function that takes ``bits`` accepts a Python
 number or a traced JAX scalar, so a bit-width sweep is a ``jax.vmap`` (or a
@@ -18,7 +18,7 @@ All quantizer arithmetic is float32 whatever the input dtype, so the grid is exa
 from __future__ import annotations
 
 import numbers
-from typing import Any, Callable, Iterable, Mapping, NamedTuple, Optional, Sequence, Union
+from typing import Any, Callable, Mapping, Optional, Union
 
 import jax
 import jax.numpy as jnp
@@ -322,102 +322,6 @@ def storage_size(params: Any, weight_bits: Union[Mapping[str, Optional[int]], Ca
   fp_bytes = total_params * 4.0
   return {"bits": total_bits, "bytes": total_bits / 8.0, "float32_bytes": fp_bytes,
           "compression": fp_bytes / max(total_bits / 8.0, 1e-12), "per_layer": per_layer}
-
-
-# ----------------------------------------------------------------------------
-# Activation calibration: pure functions over calibration batches
-# ----------------------------------------------------------------------------
-
-class RangeState(NamedTuple):
-  """A running activation range. lo, hi: [] or [C] float32; count: [] int32 (batches seen)."""
-  lo: Array
-  hi: Array
-  count: Array
-
-
-def init_range(shape: Sequence[int] = ()) -> RangeState:
-  """An empty range: lo=+inf, hi=-inf, count=0."""
-  return RangeState(jnp.full(shape, jnp.inf, jnp.float32), jnp.full(shape, -jnp.inf, jnp.float32),
-                    jnp.zeros((), jnp.int32))
-
-
-def update_minmax(state: RangeState, x: Array, axis: Optional[int] = None) -> RangeState:
-  """Running min/max: lo = min(lo, min x), hi = max(hi, max x)."""
-  lo, hi = tensor_range(x, axis)
-  return RangeState(jnp.minimum(state.lo, lo), jnp.maximum(state.hi, hi), state.count + 1)
-
-
-def update_ema(state: RangeState, x: Array, decay: float = 0.9, axis: Optional[int] = None) -> RangeState:
-  """Exponential moving average of per-batch min/max: r <- decay * r + (1 - decay) * r_batch.
-
-  The first batch initializes the average directly (no bias toward the empty range).
-  """
-  if not 0.0 <= decay < 1.0:
-    raise ValueError(f"decay must be in [0, 1), got {decay!r}.")
-  lo, hi = tensor_range(x, axis)
-  first = state.count == 0
-  new_lo = jnp.where(first, lo, decay * state.lo + (1.0 - decay) * lo)
-  new_hi = jnp.where(first, hi, decay * state.hi + (1.0 - decay) * hi)
-  return RangeState(new_lo, new_hi, state.count + 1)
-
-
-def percentile_range(x: Array, lower: float = 0.01, upper: float = 99.99,
-                     axis: Optional[int] = None) -> RangeState:
-  """Percentile clipping range of the concatenated calibration values ``x``.
-
-  ``lower``/``upper`` are percentiles in [0, 100]; per channel along ``axis``.
-  """
-  if not 0.0 <= lower < upper <= 100.0:
-    raise ValueError(f"need 0 <= lower < upper <= 100, got lower={lower!r}, upper={upper!r}.")
-  x = jnp.asarray(x, jnp.float32)
-  axis = _normalize_axis(axis, x.ndim)
-  if axis is None:
-    flat = x.reshape(-1)
-    lo, hi = jnp.percentile(flat, lower), jnp.percentile(flat, upper)
-  else:
-    moved = jnp.moveaxis(x, axis, -1).reshape(-1, x.shape[axis])
-    lo, hi = jnp.percentile(moved, lower, axis=0), jnp.percentile(moved, upper, axis=0)
-  return RangeState(lo, hi, jnp.ones((), jnp.int32))
-
-
-def _running_range(update: Callable[[RangeState, Array], RangeState], batches: Sequence[Array],
-                   axis: Optional[int]) -> RangeState:
-  state = init_range(tensor_range(batches[0], axis)[0].shape)
-  for b in batches:
-    state = update(state, b)
-  return state
-
-
-def _minmax(batches, axis, **_) -> RangeState:
-  return _running_range(lambda state, b: update_minmax(state, b, axis), batches, axis)
-
-
-def _ema(batches, axis, *, decay, **_) -> RangeState:
-  return _running_range(lambda state, b: update_ema(state, b, decay, axis), batches, axis)
-
-
-def _percentile(batches, axis, *, lower, upper, **_) -> RangeState:
-  return percentile_range(jnp.concatenate([jnp.asarray(b) for b in batches], axis=0), lower, upper, axis)
-
-
-# name -> f(batches, axis, *, decay, lower, upper) -> RangeState
-CALIBRATORS: dict[str, Callable[..., RangeState]] = {"minmax": _minmax, "ema": _ema, "percentile": _percentile}
-CALIBRATION_METHODS = tuple(CALIBRATORS)
-
-
-def calibrate(batches: Iterable[Array], method: str = "minmax", *, axis: Optional[int] = None,
-              decay: float = 0.9, lower: float = 0.01, upper: float = 99.99) -> RangeState:
-  """Range of activations over calibration batches ([batch, ...] each) by one of CALIBRATION_METHODS.
-
-  minmax: running min/max; ema: moving average of per-batch min/max with ``decay``;
-  percentile: the [lower, upper] percentiles of all batches concatenated.
-  """
-  if method not in CALIBRATORS:
-    raise ValueError(f"calibration method must be one of {CALIBRATION_METHODS}, got {method!r}.")
-  batches = list(batches)
-  if not batches:
-    raise ValueError("calibrate() got no batches; pass at least one calibration batch.")
-  return CALIBRATORS[method](batches, axis, decay=decay, lower=lower, upper=upper)
 
 
 # ----------------------------------------------------------------------------

@@ -27,7 +27,6 @@ from typing import Callable, Optional, Sequence
 
 import jax
 import ml_collections
-import numpy as np
 
 from fqjax import claims, layers, metrics, mitigate, parallel, report, results, stages, train
 from fqjax import config as config_lib
@@ -35,7 +34,6 @@ from fqjax import data as data_lib
 from fqjax import workdir as workdir_lib
 from fqjax.cache import data_identity, stage_key, train_key
 from fqjax.errors import FqjaxError, MissingFileError
-from fqjax.models import get_model
 
 log = logging.getLogger("fqjax")
 
@@ -110,37 +108,17 @@ class _Run:
       results.write_json(os.path.join(self.workdir, "results.json"), self.results)
 
 
-def resolved_model_name(config, info) -> str:
-  if config.model.name != "auto":
-    return config.model.name
-  return "mlp" if len(info.input_shape) == 1 else "small_cnn"
-
-
-def build_model(config, info):
-  kwargs = dict(config.model.kwargs.to_dict()) if hasattr(config.model.kwargs, "to_dict") else dict(
-      config.model.kwargs or {})
-  if config.model.get("compute_dtype", "float32") == "bfloat16":
-    import jax.numpy as jnp
-    kwargs["dtype"] = jnp.bfloat16
-  return get_model(resolved_model_name(config, info), info.num_classes, **kwargs)
-
-
-def _num_params(model, sample) -> int:
-  shapes = jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x), sample)
-  return int(sum(np.prod(a.shape) for a in jax.tree_util.tree_leaves(shapes["params"])))
-
-
 def _open(config, workdir: str, progress: bool, force: bool) -> _Run:
   """Loads the data and builds the model (before the workdir exists: bad data leaves nothing behind)."""
   t0 = time.perf_counter()
   splits = data_lib.load(config)
   data_s = time.perf_counter() - t0
-  model = build_model(config, splits.info)
+  model = stages.build_model(config, splits.info)
   mesh = parallel.data_mesh(config.parallel.num_devices) if config.parallel.data_parallel else None
   sample = splits.train.x[:2]
   r = _Run(config=config, workdir=workdir, splits=splits, model=model, layer_names=layers.quant_layer_names(model, sample),
            mesh=mesh, data_id=data_identity(splits), progress=progress, force=force)
-  r.results = {"timings": {"data": data_s}, "model": {"num_params": _num_params(model, sample)}}
+  r.results = {"timings": {"data": data_s}, "model": {"num_params": stages.num_params(model, sample)}}
   return r
 
 
@@ -153,7 +131,7 @@ def _read_results(r: _Run) -> None:
   r.results["timings"]["data"] = fresh["timings"]["data"]
   r.results.update({"config": r.config.to_dict(), "seeds": r.seeds, "dataset": {**r.splits.to_dict(),
                     "identity": r.data_id},
-                    "model": {"name": resolved_model_name(r.config, r.splits.info),
+                    "model": {"name": stages.resolved_model_name(r.config, r.splits.info),
                               "num_params": fresh["model"]["num_params"], "layer_names": r.layer_names}})
   _drop_stale(r)
 

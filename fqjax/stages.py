@@ -25,8 +25,31 @@ import numpy as np
 from fqjax import layers, metrics, ptq, quant, train
 from fqjax.explain import curvature as curvature_lib
 from fqjax.explain import forward as forward_lib
+from fqjax.models import get_model
 
 Variables = Mapping[str, Mapping]
+
+
+def resolved_model_name(config, info) -> str:
+  """config.model.name, or for "auto" the MLP for [N, D] inputs and small_cnn for images."""
+  if config.model.name != "auto":
+    return config.model.name
+  return "mlp" if len(info.input_shape) == 1 else "small_cnn"
+
+
+def build_model(config, info) -> nn.Module:
+  """The zoo model of config.model for the data described by ``info`` (classes, input shape)."""
+  kwargs = dict(config.model.kwargs.to_dict()) if hasattr(config.model.kwargs, "to_dict") else dict(
+      config.model.kwargs or {})
+  if config.model.get("compute_dtype", "float32") == "bfloat16":
+    kwargs["dtype"] = jax.numpy.bfloat16
+  return get_model(resolved_model_name(config, info), info.num_classes, **kwargs)
+
+
+def num_params(model, sample) -> int:
+  """Parameter count of ``model`` on inputs shaped like ``sample`` (traced only, nothing computed)."""
+  shapes = jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x), sample)
+  return int(sum(np.prod(a.shape) for a in jax.tree_util.tree_leaves(shapes["params"])))
 
 
 def ptq_model(model: nn.Module, pcfg, variant: Optional[str] = None) -> nn.Module:

@@ -133,10 +133,10 @@ def test_cache_keys_track_exactly_their_inputs():
 
 def test_every_choice_tuple_is_the_one_in_fqjax_choices():
   """The modules that implement a choice use fqjax.choices' tuple, and their tables have exactly its keys."""
-  from fqjax import choices, losses, mitigate, ptq, quant, sampling, train
+  from fqjax import calibration, choices, losses, mitigate, ptq, quant, sampling, train
   from fqjax.models import MODEL_NAMES, MODELS
   assert tuple(MODELS) == MODEL_NAMES == choices.MODEL_NAMES
-  assert tuple(quant.CALIBRATORS) == choices.CALIBRATIONS and quant.WEIGHT_SCALE_RULES == choices.WEIGHT_SCALE_RULES
+  assert tuple(calibration.CALIBRATORS) == choices.CALIBRATIONS and quant.WEIGHT_SCALE_RULES == choices.WEIGHT_SCALE_RULES
   assert sampling.METHODS == choices.SAMPLING_METHODS and losses.WEIGHT_SCHEMES == choices.WEIGHT_SCHEMES
   assert ptq.SWEEP_MODES == choices.SWEEP_MODES and train.OPTIMIZERS == choices.OPTIMIZERS
   assert tuple(mitigate.METHOD_PARTS) == mitigate.METHODS == choices.MITIGATE_METHODS

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from absl.testing import parameterized
 
-from fqjax import quant
+from fqjax import calibration, quant
 
 
 def _x(shape=(6, 7), seed=0):
@@ -172,23 +172,23 @@ class CalibrationTest(chex.TestCase):
 
   def test_minmax(self):
     batches = [jnp.array([[-1.0, 2.0]]), jnp.array([[0.5, 3.0]]), jnp.array([[-2.0, 0.0]])]
-    r = quant.calibrate(batches, "minmax")
+    r = calibration.calibrate(batches, "minmax")
     self.assertEqual(float(r.lo), -2.0)
     self.assertEqual(float(r.hi), 3.0)
     self.assertEqual(int(r.count), 3)
-    r = quant.calibrate(batches, "minmax", axis=1)
+    r = calibration.calibrate(batches, "minmax", axis=1)
     np.testing.assert_array_equal(r.lo, [-2.0, 0.0])
     np.testing.assert_array_equal(r.hi, [0.5, 3.0])
 
   def test_ema(self):
     batches = [jnp.array([0.0, 1.0]), jnp.array([0.0, 3.0])]
-    r = quant.calibrate(batches, "ema", decay=0.5)
+    r = calibration.calibrate(batches, "ema", decay=0.5)
     self.assertAlmostEqual(float(r.hi), 0.5 * 1.0 + 0.5 * 3.0)
     self.assertAlmostEqual(float(r.lo), 0.0)
 
   def test_percentile_clips_outliers(self):
     x = jnp.concatenate([jnp.linspace(-1, 1, 10000), jnp.array([100.0])])
-    r = quant.calibrate([x], "percentile", lower=1.0, upper=99.0)
+    r = calibration.calibrate([x], "percentile", lower=1.0, upper=99.0)
     self.assertLess(float(r.hi), 1.0)
     self.assertGreater(float(r.lo), -1.0)
     np.testing.assert_allclose(r.hi, np.percentile(np.asarray(x), 99.0), rtol=1e-5)
@@ -224,10 +224,10 @@ class BadInputTest(chex.TestCase):
 
   def test_bad_calibration_method(self):
     with self.assertRaisesRegex(ValueError, "calibration method"):
-      quant.calibrate([_x()], "kl")
-    self.assertEqual(quant.CALIBRATION_METHODS, tuple(quant.CALIBRATORS))
+      calibration.calibrate([_x()], "kl")
+    self.assertEqual(calibration.CALIBRATION_METHODS, tuple(calibration.CALIBRATORS))
     with self.assertRaisesRegex(ValueError, "no batches"):
-      quant.calibrate([], "ema")
+      calibration.calibrate([], "ema")
 
 
 class LSQTest(chex.TestCase):

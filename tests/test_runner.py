@@ -4,7 +4,6 @@ The tiny model is an MLP 64 -> 16 -> 10: 64*16 + 16 + 16*10 + 10 = 1210 paramete
 """
 import copy
 import csv
-import itertools
 import json
 import math
 import os
@@ -23,7 +22,7 @@ import pytest
 from fqjax import config as config_lib
 from fqjax import data as data_lib
 from fqjax import results as results_lib
-from fqjax import runner, train
+from fqjax import runner, stages, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCH = os.path.join(REPO, "launch.py")
@@ -289,7 +288,7 @@ class _Interrupt(Exception):
 def tiny_model():
   c = _tiny_config(seeds=(0,), epochs=3)
   splits = data_lib.load(c)
-  return c, splits, runner.build_model(c, splits.info)
+  return c, splits, stages.build_model(c, splits.info)
 
 
 def _assert_same_tree(a, b):

@@ -27,7 +27,7 @@ import optax
 from flax import traverse_util
 from jax.flatten_util import ravel_pytree
 
-from fqjax import layers, metrics, quant
+from fqjax import layers, quant
 from fqjax.data.pipeline import padded_batches
 from fqjax.explain import lanczos
 
