@@ -1,5 +1,6 @@
 """The stage functions without a workdir: arrays, a model and config sections in, JSON-ready dicts out."""
 import json
+import os
 
 import numpy as np
 import pytest
@@ -76,6 +77,12 @@ def test_ptq_variants_are_computed_summarized_and_keyed(tiny_study, tiny_study_c
     assert entry["per_seed"]["0"]["32"]["groups"]["count"] == old["per_seed"]["0"]["32"]["groups"]["count"]
   recal = p["variants"]["mse/recalibrate"]["per_seed"]["0"]["2"]
   assert recal["groups"]["loss"] != old["per_seed"]["0"]["2"]["groups"]["loss"]
+  # The report compares the variants: a figure and a table with one row per variant and bit-width.
+  from fqjax import report
+  out = report.write_report(tiny_study_copy, res)
+  assert "ptq_variants" in out["figures"] and os.path.getsize(out["figures"]["ptq_variants"]) > 5_000
+  md = open(out["markdown"]).read()
+  assert "**PTQ variants**" in md and sum(line.startswith("| mse/recalibrate | ") for line in md.splitlines()) == 4
   with pytest.raises(ValueError, match="config.ptq.variants"):
     bad = tiny_config()
     bad.ptq.variants = ("max/fold",)

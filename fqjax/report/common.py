@@ -21,7 +21,7 @@ from fqjax.tables import dig as _dig
 
 FULL = 32
 FIGURES_DIR = "figures"
-FIGURE_NAMES = ("ptq_group_accuracy", "ptq_fairness", "explain_weights", "explain_logits_softmax",
+FIGURE_NAMES = ("ptq_group_accuracy", "ptq_fairness", "ptq_variants", "explain_weights", "explain_logits_softmax",
                 "explain_curvature", "mitigate_ablation")
 
 

@@ -127,6 +127,39 @@ def figure_ptq_fairness(ctx: _Ctx) -> Optional[Figure]:
   return fig
 
 
+def ptq_variant_summaries(ctx: _Ctx) -> dict:
+  """{variant name: its ptq summary {bits: Summary}}: the primary variant first, then ptq.variants (stored order);
+  only variants whose summary is stored."""
+  p = ctx.results.get("ptq") or {}
+  out = {p.get("variant", "max/keep"): p.get("summary")}
+  out.update({name: entry.get("summary") for name, entry in (p.get("variants") or {}).items()})
+  return {name: s for name, s in out.items() if isinstance(s, Mapping)}
+
+
+def figure_ptq_variants(ctx: _Ctx) -> Optional[Figure]:
+  """Fairness violation and worst-group accuracy (mean ± std over seeds) against bit-width, one line per PTQ
+  variant ("<weight scale>/<BatchNorm>"); None unless the study compared two or more variants."""
+  summaries = ptq_variant_summaries(ctx)
+  if len(summaries) < 2:
+    return None
+  bits = _sorted_bits(ctx.results["ptq"].get("bit_widths", []))
+  x = np.arange(len(bits))
+  fig, (ax1, ax2) = _new_figure(11.5, 4.4, 2)
+  for name, summary in summaries.items():
+    for ax, key in ((ax1, "fairness_violation"), (ax2, "worst_group_accuracy")):
+      ms = np.asarray([_ms(_dig(summary, str(b), key)) for b in bits], np.float64).T  # [2, B]
+      ax.errorbar(x, ms[0], yerr=ms[1], marker="o", capsize=4, label=name)
+  ax1.set_title("Fairness violation by PTQ variant")
+  ax1.set_ylabel("fairness violation (mean ± std over seeds)")
+  ax2.set_title("Worst-group accuracy by PTQ variant")
+  ax2.set_ylabel("worst-group test accuracy")
+  for ax in (ax1, ax2):
+    ax.set_xticks(x, [_bits_label(b) for b in bits])
+    ax.set_xlabel("weight bit-width (post-training quantization)")
+    ax.legend(fontsize="small", title="weight scale / BatchNorm")
+  return fig
+
+
 def figure_explain_weights(ctx: _Ctx) -> Optional[Figure]:
   """Induced sparsity and relative L2 error of each layer's weights against bit-width."""
   bits = [b for b in _explain_bits(ctx) if b < FULL]

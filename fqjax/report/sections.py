@@ -16,7 +16,7 @@ from fqjax.report.document import _Doc
 from fqjax.tables import ptq_size_bytes
 from fqjax.report.figures import (_save_png, figure_explain_curvature, figure_explain_logits,
                                   figure_explain_weights, figure_mitigate_ablation, figure_ptq_fairness,
-                                  figure_ptq_group_accuracy)
+                                  figure_ptq_group_accuracy, figure_ptq_variants, ptq_variant_summaries)
 
 
 _REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -120,6 +120,21 @@ class _Report:
     self.doc.p("**Per-group accuracy** (mean ± std over seeds; groups by train count, smallest first; "
                f"{EMPTY}: the group has no test rows):")
     self.doc.table(["group"] + [f"{_bits_label(b)} bits" for b in bits], rows)
+    self.ptq_variants(bits)
+
+  def ptq_variants(self, bits: list) -> None:
+    """The PTQ variants compared in this study (config.ptq.variants), when there are two or more."""
+    summaries = ptq_variant_summaries(self.ctx)
+    if len(summaries) < 2:
+      return
+    self.fig("ptq_variants", figure_ptq_variants(self.ctx),
+             "PTQ variants (weight scale rule / BatchNorm statistics): fairness violation and worst-group accuracy.")
+    rows = [[name, _bits_label(b)] + [_cell(_dig(s, str(b), key)) for key in
+                                       ("accuracy", "worst_group_accuracy", "fairness_violation")]
+            for name, s in summaries.items() for b in bits]
+    self.doc.p(f"**PTQ variants** (the first, `{next(iter(summaries))}`, is the primary one the other sections use; "
+               "mean ± std over seeds):")
+    self.doc.table(["variant", "bits", "accuracy", "worst group", "fairness violation"], rows)
 
   def explain(self) -> None:
     ctx, e = self.ctx, self.ctx.results.get("explain")
