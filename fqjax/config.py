@@ -65,6 +65,8 @@ def base_config() -> ml_collections.ConfigDict:
       "lanczos_max_iters": 100,
       "lanczos_tol": 1e-4,
       "trace_probes": 0,           # > 0: Hutchinson estimates of each group's Hessian trace
+      "max_examples_per_group": placeholder(int),  # None: every example of the curvature split
+      "size_matched_repeats": 3,   # > 0: curvature also with every group subsampled to the smallest one's size
   })
   c.mitigate = _mitigate_defaults()
   c.eval = ml_collections.ConfigDict({"batch_size": 512, "bootstrap_resamples": 1000})
@@ -227,8 +229,11 @@ def _validate_explain(e) -> None:
     _bit_list("explain.bit_widths", e.bit_widths, 1, 32, "(32, 4, 2), or None (= ptq.bit_widths)")
   for field in ("forward_split", "curvature_split"):
     _one_of(f"explain.{field}", e[field], choices.SPLITS)
-  if not _is_int(e.trace_probes) or e.trace_probes < 0:
-    _fail("explain.trace_probes", e.trace_probes, "an int >= 0")
+  for field in ("trace_probes", "size_matched_repeats"):
+    if not _is_int(e[field]) or e[field] < 0:
+      _fail(f"explain.{field}", e[field], "an int >= 0")
+  if e.max_examples_per_group is not None and (not _is_int(e.max_examples_per_group) or e.max_examples_per_group < 1):
+    _fail("explain.max_examples_per_group", e.max_examples_per_group, "None or an int >= 1")
   if not float(e.lanczos_tol) > 0:
     _fail("explain.lanczos_tol", e.lanczos_tol, "a number > 0")
 

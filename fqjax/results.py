@@ -35,7 +35,9 @@ where
   Explain = fqjax.explain.forward.forward_chain output (weights, activations, logits, softmax,
             accuracy, loss per group) plus "curvature": {"grad_norm", "top_eigenvalue", "loss": [G],
             "top_k_eigenvalues": [G][k], "num_hvps", "converged": [G], "spearman_size_grad_norm",
-            "spearman_size_top_eigenvalue"[, "trace", "trace_std"]} and "wall_s".
+            "spearman_size_top_eigenvalue", "activation_bits_ignored"[, "trace", "trace_std"][, "size_matched":
+            {"size", "repeats", "grad_norm": {"mean", "std"}, "top_eigenvalue": {"mean", "std"}} ([G] each)]}
+            and "wall_s".
 Seeds and bit-widths are JSON object keys, so they are strings ("0", "32").
 """
 from __future__ import annotations

@@ -164,6 +164,7 @@ def explain_entry(model: nn.Module, variables: Variables, splits, xcfg, pcfg, ec
   if xcfg.curvature:
     entry["curvature"] = curvature(qmodel, qvars, bits_tree, splits[xcfg.curvature_split], info.num_groups,
                                    info.counts["train"], xcfg, seed)
+    entry["curvature"]["activation_bits_ignored"] = spec.a_bits is not None  # taken at the dequantized weights
   entry["wall_s"] = time.perf_counter() - t0
   return entry
 
@@ -173,19 +174,51 @@ def curvature(model: nn.Module, variables: Variables, bits_tree, split, num_grou
   """Per-group gradient norms and Lanczos top-k Hessian eigenvalues at the (dequantized) weights.
 
   Activation bits are not a change of the parameters: curvature is taken at the dequantized
-  weights only. group_sizes: [G] training-set sizes, for Spearman(size, value).
+  weights only. group_sizes: [G] training-set sizes, for Spearman(size, value). With
+  ``xcfg.max_examples_per_group`` each group is first subsampled (seeded) to at most that many
+  rows. With ``xcfg.size_matched_repeats`` = R > 0, "size_matched" adds the same gradient norm and
+  top eigenvalue with every group subsampled to the smallest group's size m, R times: their
+  mean and std [G] over the repeats, so a size effect is not mistaken for a group effect.
   """
+  rng = np.random.default_rng(seed)
+  split = _subsample_groups(split, num_groups, xcfg.max_examples_per_group, rng)
+  out = _curvature_of(model, variables, bits_tree, split, num_groups, xcfg, seed, k=xcfg.top_k,
+                      trace_probes=xcfg.trace_probes)
+  out.update(spearman_size_grad_norm=metrics.spearman(group_sizes, out["grad_norm"]),
+             spearman_size_top_eigenvalue=metrics.spearman(group_sizes, out["top_eigenvalue"]))
+  if xcfg.size_matched_repeats:
+    counts = np.bincount(split.group, minlength=num_groups)
+    m = int(counts[counts > 0].min())
+    runs = [_curvature_of(model, variables, bits_tree, _subsample_groups(split, num_groups, m, rng), num_groups,
+                          xcfg, seed, k=1, trace_probes=0) for _ in range(xcfg.size_matched_repeats)]
+    out["size_matched"] = {"size": m, "repeats": xcfg.size_matched_repeats, **{
+        key: {"mean": np.mean([r[key] for r in runs], axis=0).tolist(),
+              "std": np.std([r[key] for r in runs], axis=0, ddof=1 if len(runs) > 1 else 0).tolist()}
+        for key in ("grad_norm", "top_eigenvalue")}}
+  return out
+
+
+def _curvature_of(model, variables, bits_tree, split, num_groups: int, xcfg, seed: int, *, k: int,
+                  trace_probes: int) -> dict:
   kw = dict(bits_tree=bits_tree, batch_size=xcfg.batch_size, activations="ignore")
   grads = curvature_lib.group_gradient_norms(model, variables, split.x, split.y, split.group, num_groups, **kw)
   eig = curvature_lib.group_top_eigenvalues(model, variables, split.x, split.y, split.group, num_groups,
-                                            k=xcfg.top_k, max_iters=xcfg.lanczos_max_iters, tol=xcfg.lanczos_tol,
-                                            seed=seed, trace_probes=xcfg.trace_probes, **kw)
+                                            k=k, max_iters=xcfg.lanczos_max_iters, tol=xcfg.lanczos_tol,
+                                            seed=seed, trace_probes=trace_probes, **kw)
   out = {"grad_norm": grads["norms"].tolist(), "loss": grads["loss"].tolist(),
          "top_eigenvalue": eig["eigenvalues"][:, 0].tolist(), "top_k_eigenvalues": eig["eigenvalues"].tolist(),
-         "num_hvps": eig["num_hvps"].tolist(), "converged": eig["converged"].tolist(),
-         "spearman_size_grad_norm": metrics.spearman(group_sizes, grads["norms"]),
-         "spearman_size_top_eigenvalue": metrics.spearman(group_sizes, eig["eigenvalues"][:, 0])}
-  if xcfg.trace_probes:
+         "num_hvps": eig["num_hvps"].tolist(), "converged": eig["converged"].tolist()}
+  if trace_probes:
     out["trace"], out["trace_std"] = eig["trace"].tolist(), eig["trace_std"].tolist()
   return out
 
+
+def _subsample_groups(split, num_groups: int, limit: Optional[int], rng: np.random.Generator):
+  """``split`` with each group cut to at most ``limit`` rows (a random subset, in the split's order)."""
+  if not limit:
+    return split
+  keep = []
+  for g in range(num_groups):
+    rows = np.flatnonzero(split.group == g)
+    keep.append(rows if len(rows) <= limit else rng.choice(rows, size=limit, replace=False))
+  return split.take(np.sort(np.concatenate(keep)))

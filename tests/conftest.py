@@ -43,10 +43,11 @@ def tiny_study_config():
   c.train.learning_rate = 0.05
   c.ptq.bit_widths = (32, 8, 4, 2)
   c.eval.bootstrap_resamples = 20
-  c.explain.bit_widths = (32, 4, 2)
+  c.explain.bit_widths = (32, 2)
   c.explain.top_k = 3
   c.explain.trace_probes = 2
   c.explain.lanczos_max_iters = 20
+  c.explain.size_matched_repeats = 1
   c.mitigate.bit_widths = (4,)
   c.mitigate.methods = ("ptq", "qat", "lsq_qat", "mp_qat", "fairqat")
   c.mitigate.epochs = 1

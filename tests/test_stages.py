@@ -60,6 +60,29 @@ def test_explain_entry_is_pure_and_json_ready(setup):
   assert len(a["curvature"]["grad_norm"]) == 3 and len(a["curvature"]["top_k_eigenvalues"][0]) == 2
 
 
+def test_size_matched_curvature_and_group_caps(setup):
+  """size_matched: every group cut to the smallest group's size m; the smallest group keeps all its rows, so
+  its values equal the full ones (std 0 over repeats). max_examples_per_group caps each group first."""
+  s, c = setup["splits"], setup["config"]
+  xcfg = c.explain.copy_and_resolve_references()
+  xcfg.size_matched_repeats = 2
+  entry = stages.explain_entry(setup["model"], setup["variables"], s, xcfg, c.ptq, c.eval, setup["names"], 4, 0)
+  curv = entry["curvature"]
+  counts = s.info.counts["train"]
+  smallest = int(np.argmin(counts))
+  sm = curv["size_matched"]
+  assert sm["size"] == min(counts) and sm["repeats"] == 2 and curv["activation_bits_ignored"] is False
+  assert sm["grad_norm"]["mean"][smallest] == pytest.approx(curv["grad_norm"][smallest], rel=1e-5)
+  assert sm["grad_norm"]["std"][smallest] == pytest.approx(0.0, abs=1e-6)
+  assert sm["top_eigenvalue"]["mean"][smallest] == pytest.approx(curv["top_eigenvalue"][smallest], rel=1e-3)
+  assert sm["grad_norm"]["std"][int(np.argmax(counts))] > 0  # the largest group: other rows each repeat
+  capped = xcfg.copy_and_resolve_references()
+  capped.size_matched_repeats, capped.max_examples_per_group = 0, min(counts)
+  entry = stages.explain_entry(setup["model"], setup["variables"], s, capped, c.ptq, c.eval, setup["names"], 4, 0)
+  assert "size_matched" not in entry["curvature"]
+  assert entry["curvature"]["grad_norm"][smallest] == pytest.approx(curv["grad_norm"][smallest], rel=1e-5)
+
+
 def test_ptq_variants_are_computed_summarized_and_keyed(tiny_study, tiny_study_copy, tiny_config):
   """config.ptq.variants: the primary variant stays ptq.per_seed (same numbers as before); the others go to
   ptq.variants with their own summaries; BatchNorm recalibration changes the quantized model's numbers."""
