@@ -45,7 +45,8 @@ RULES = {
         "with group size).",
     "minority_top_eigenvalue_larger":
         "per bit-width, minority mean top Hessian eigenvalue > majority mean and Spearman(group size, value) < 0 "
-        "(falls with group size).",
+        "(falls with group size). An eigenvalue whose Lanczos run did not converge is not used (listed in "
+        "unconverged_lanczos as {bits: {seed: [groups]}}).",
     "fairqat_beats_ptq_and_qat":
         "per target bit-width, FV(fairqat) < FV(ptq) and FV(fairqat) < FV(qat) (means over seeds), and "
         "accuracy(qat) - accuracy(fairqat) <= std of qat's accuracy over seeds.",
@@ -272,12 +273,35 @@ def logit_variance_drops_more(results: Mapping) -> dict:
 
 def _curvature_claim(results: Mapping, key: str) -> dict:
   """RULES["minority_<key>_larger"] per bit-width on explain curvature[key] ([G] per seed): holds at b iff
-  minority mean > majority mean and Spearman(train counts, per-group mean over seeds) < 0."""
+  minority mean > majority mean and Spearman(train counts, per-group mean over seeds) < 0. Top eigenvalues
+  of unconverged Lanczos runs (curvature.converged False) count as missing."""
   if "explain" not in results:
     return _not_tested("the explain stage did not run")
   bits = [int(b) for b in results["explain"]["bit_widths"]]
-  return _per_bits_claim(results, bits, _explain_values(results, ("curvature", key)),
-                         lambda mino, majo, rho: mino > majo and rho < 0, use_size_correlation=True)
+  values, unconverged = _explain_values(results, ("curvature", key)), {}
+  if key == "top_eigenvalue":
+    values, unconverged = _converged_only(values, _explain_values(results, ("curvature", "converged")))
+  out = _per_bits_claim(results, bits, values, lambda mino, majo, rho: mino > majo and rho < 0,
+                        use_size_correlation=True)
+  if unconverged:
+    out["unconverged_lanczos"] = unconverged
+  return out
+
+
+def _converged_only(values: Callable, converged: Callable) -> tuple[Callable, dict]:
+  """values_at with the entries of unconverged Lanczos runs replaced by None; and the dict of what was dropped."""
+  dropped: dict = {}
+
+  def get(seed: str, bits: int):
+    v, ok = values(seed, bits), converged(seed, bits)
+    if v is None or not isinstance(ok, list):
+      return v
+    bad = [g for g, c in enumerate(ok) if c is False]
+    if bad:
+      dropped.setdefault(str(bits), {})[seed] = bad
+    return [None if g in bad else x for g, x in enumerate(v)]
+
+  return get, dropped
 
 
 def fairqat_beats_ptq_and_qat(results: Mapping) -> dict:

@@ -160,3 +160,19 @@ def test_minority_threshold_is_half_the_median():
   assert claims.minority_threshold(_base((50, 40, 45, 30))) == 21.25  # median 42.5
   assert claims.minority_threshold(_base((7,))) is None
   assert claims.minority_mask(_base((50, 40, 45, 30))) is None  # 30 is below the median, not below half of it
+
+
+def test_unconverged_top_eigenvalues_are_left_out_and_listed():
+  """An eigenvalue whose Lanczos run did not converge is not used: here the minority's only value at 4 bits in
+  seed 1 is unconverged, so its mean comes from seed 0 alone (3.0, not (3.0 + 100) / 2)."""
+  r = _base()
+  r["explain"] = _explain({4: [1.0, 1.1, 0.9, 3.0]}, ("curvature", "top_eigenvalue"))
+  for s in ("0", "1"):
+    r["explain"]["per_seed"][s]["4"]["curvature"]["converged"] = [True, True, True, s == "0"]
+  r["explain"]["per_seed"]["1"]["4"]["curvature"]["top_eigenvalue"] = [1.0, 1.1, 0.9, 100.0]
+  c = claims._curvature_claim(r, "top_eigenvalue")
+  assert c["per_bits"]["4"]["minority_mean"] == pytest.approx(3.0)
+  assert c["unconverged_lanczos"] == {"4": {"1": [3]}}
+  assert c["verdict"] == "holds"
+  assert "unconverged_lanczos" not in claims._curvature_claim(r, "grad_norm")  # gradient norms use no Lanczos
+  assert "did not converge is not used" in claims.rules_text()
