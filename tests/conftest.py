@@ -46,7 +46,8 @@ def tiny_study_config():
   c.explain.bit_widths = (32, 2)
   c.explain.top_k = 3
   c.explain.trace_probes = 2
-  c.explain.lanczos_max_iters = 20
+  c.explain.lanczos_max_iters = 40
+  c.explain.lanczos_tol = 1e-3
   c.explain.size_matched_repeats = 1
   c.mitigate.bit_widths = (4,)
   c.mitigate.methods = ("ptq", "qat", "lsq_qat", "mp_qat", "fairqat")

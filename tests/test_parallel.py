@@ -37,7 +37,7 @@ SCRIPT = textwrap.dedent("""
       c.model.kwargs.width = 4
       c.train.epochs = 1
       c.train.batch_size = 32
-      c.ptq.bit_widths = (32, 4, 2)
+      c.ptq.bit_widths = (32, 2)
       c.eval.batch_size = 20  # rounded up to a multiple of 8 under data parallelism
       c.eval.bootstrap_resamples = 0
       c.parallel.data_parallel = data_parallel
@@ -100,7 +100,7 @@ def test_data_parallel_training_matches_single_device(sharded):
 
 def test_data_parallel_ptq_sweep_matches_single_device(sharded):
   a, b = sharded["ptq"]
-  assert set(a) == set(b) == {"32", "4", "2"}
+  assert set(a) == set(b) == {"32", "2"}
   for bits in a:
     assert a[bits]["groups"]["count"] == b[bits]["groups"]["count"]
     np.testing.assert_allclose(a[bits]["groups"]["accuracy"], b[bits]["groups"]["accuracy"], atol=1e-9)
