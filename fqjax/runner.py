@@ -219,8 +219,7 @@ def _ptq(r: _Run) -> bool:
     out = stages.ptq_seed(r.model, r.trained_variables(seed), r.splits, p, r.config.eval, r.layer_names, seed,
                           mesh=r.mesh)
     for variant, entry in others.items():
-      entry["per_seed"][str(seed)] = stages.ptq_seed(r.model, r.trained_variables(seed), r.splits, p, r.config.eval,
-                                                     r.layer_names, seed, variant=variant, mesh=r.mesh)["by_bits"]
+      entry["per_seed"][str(seed)] = out["variants"][variant]
     section["per_seed"][str(seed)], section["keys"][str(seed)] = out["by_bits"], key
     section["sweep_s"][str(seed)], section["sweep_mode"] = out["sweep_s"], out["sweep_mode"]
     log.info("ptq seed %d: %s", seed, ", ".join(f"{b}b acc {m['accuracy']:.3f} fv {m['fairness_violation']:.3f}"

@@ -102,47 +102,55 @@ def train_seed(model: nn.Module, splits, tcfg, ecfg, seed: int, ckpt_dir: str, *
 
 
 def ptq_seed(model: nn.Module, variables: Variables, splits, pcfg, ecfg, layer_names: Sequence[str], seed: int, *,
-             variant: Optional[str] = None, mesh=None) -> dict:
-  """The PTQ sweep of one trained seed on the test split, for one variant (default: the primary one).
+             mesh=None) -> dict:
+  """The PTQ sweep of one trained seed on the test split, for every variant of ``pcfg.variants``.
 
-  Returns {"by_bits": {bits: group metrics + size_bytes [+ fairness_violation_ci]},
-  "sweep_s": seconds of the sweep, "sweep_mode": the resolved mode}. Reference for accuracy
-  drops: the model as trained (no folding, no quantizer in the graph). With BatchNorm
-  recalibration each bit-width has its own statistics, so the sweep runs one bit-width at a
-  time through the same compiled function (K = 1).
+  Returns {"by_bits": {bits: group metrics + size_bytes [+ fairness_violation_ci]} of the primary
+  variant, "variants": {other variant: its by_bits}, "sweep_s": seconds of all sweeps, "sweep_mode"}.
+  Reference for accuracy drops: the model as trained (no folding, no quantizer in the graph), evaluated
+  once. Activation ranges are calibrated once (at full precision, so the weight rule does not matter).
+  With BatchNorm recalibration each bit-width has its own statistics, so that sweep runs one
+  bit-width at a time through the same compiled function (K = 1).
   """
   bit_widths = [int(b) for b in pcfg.bit_widths]
   specs = ptq.sweep_specs(bit_widths, pcfg.a_bits)
-  qmodel = ptq_model(model, pcfg, variant)
-  qvars = quantization_start(qmodel, variables, splits.train.x, pcfg, seed,
+  trees = [s.bits_tree(layer_names) for s in specs]
+  qvars = quantization_start(ptq_model(model, pcfg), variables, splits.train.x, pcfg, seed,
                              calibrate=any(s.a_bits is not None for s in specs))
   num_params = sum(int(np.prod(np.shape(a))) for a in jax.tree_util.tree_leaves(variables["params"]))
   mode = ptq.resolve_mode(pcfg.sweep_mode, num_params)
   test, info = splits.test, splits.info
-  trees = [s.bits_tree(layer_names) for s in specs]
+  ref = train.evaluate(model, {k: variables[k] for k in ("params", "batch_stats")}, test, info.num_groups,
+                       group_is_label=info.group_is_label, batch_size=ecfg.batch_size, mesh=mesh)
   t0 = time.perf_counter()
-  if ptq.parse_variant(variant or pcfg.variants[0])[1] == "keep":
-    logits = ptq.sweep_logits(qmodel, qvars, test.x, trees, batch_size=ecfg.batch_size, mode=mode, mesh=mesh)
-  else:
-    logits = np.concatenate([ptq.sweep_logits(qmodel, recalibrated(qmodel, qvars, tree, splits.train.x, pcfg, seed,
-                                                                   variant), test.x, [tree],
-                                              batch_size=ecfg.batch_size, mode=mode, mesh=mesh) for tree in trees])
+  logits = {v: _variant_logits(ptq_model(model, pcfg, v), qvars, trees, splits, pcfg, ecfg, seed, v, mode, mesh)
+            for v in pcfg.variants}
   sweep_s = time.perf_counter() - t0
-  fp_vars = {k: variables[k] for k in ("params", "batch_stats")}
-  ref = train.evaluate(model, fp_vars, test, info.num_groups, group_is_label=info.group_is_label,
-                       batch_size=ecfg.batch_size, mesh=mesh)
-  by_bits = {}
-  for i, (bits, spec) in enumerate(zip(bit_widths, specs)):
-    m = metrics.group_metrics(logits[i], test.y, test.group, info.num_groups,
-                              group_is_label=info.group_is_label, reference=ref)
-    m["size_bytes"] = quant.storage_size(qvars["params"], layers.weight_bits_by_layer(spec, layer_names),
-                                         per_channel=pcfg.per_channel)["bytes"]
-    if ecfg.bootstrap_resamples:
-      m["fairness_violation_ci"] = metrics.bootstrap_fairness_violation(
-          logits[i].argmax(-1) == test.y, test.group, info.num_groups,
-          num_resamples=ecfg.bootstrap_resamples, seed=seed)
-    by_bits[str(bits)] = m
-  return {"by_bits": by_bits, "sweep_s": sweep_s, "sweep_mode": mode}
+  by_variant = {}
+  for v, variant_logits in logits.items():
+    by_variant[v] = {}
+    for i, (bits, spec) in enumerate(zip(bit_widths, specs)):
+      m = metrics.group_metrics(variant_logits[i], test.y, test.group, info.num_groups,
+                                group_is_label=info.group_is_label, reference=ref)
+      m["size_bytes"] = quant.storage_size(qvars["params"], layers.weight_bits_by_layer(spec, layer_names),
+                                           per_channel=pcfg.per_channel)["bytes"]
+      if ecfg.bootstrap_resamples:
+        m["fairness_violation_ci"] = metrics.bootstrap_fairness_violation(
+            variant_logits[i].argmax(-1) == test.y, test.group, info.num_groups,
+            num_resamples=ecfg.bootstrap_resamples, seed=seed)
+      by_variant[v][str(bits)] = m
+  primary = pcfg.variants[0]
+  return {"by_bits": by_variant.pop(primary), "variants": by_variant, "sweep_s": sweep_s, "sweep_mode": mode}
+
+
+def _variant_logits(qmodel, qvars, trees, splits, pcfg, ecfg, seed, variant, mode, mesh) -> np.ndarray:
+  """Test logits [K, N, C] of one PTQ variant at every bits tree."""
+  test = splits.test
+  if ptq.parse_variant(variant)[1] == "keep":
+    return ptq.sweep_logits(qmodel, qvars, test.x, trees, batch_size=ecfg.batch_size, mode=mode, mesh=mesh)
+  return np.concatenate([
+      ptq.sweep_logits(qmodel, recalibrated(qmodel, qvars, tree, splits.train.x, pcfg, seed, variant), test.x,
+                       [tree], batch_size=ecfg.batch_size, mode=mode, mesh=mesh) for tree in trees])
 
 
 def explain_entry(model: nn.Module, variables: Variables, splits, xcfg, pcfg, ecfg, layer_names: Sequence[str],
