@@ -26,27 +26,69 @@ MINORITY_FRACTION = 0.5
 GENERAL_RULES = (
     "Minority groups are those whose training-set size is below half the median group size "
     "(dataset.counts.train); the rest are the majority.",
-    "Per-group values are averaged within minority and majority, then over seeds.",
+    "Per-group values are averaged over seeds, then within minority and majority.",
+    "Every claim is judged separately for each PTQ variant (config.ptq.variants: '<weight scale rule>/<BatchNorm "
+    "mode>') and each definition it lists; a judgement is named '<variant> | <definition>' and names the statistic "
+    "it rests on. The claim's verdict is the judgements' common verdict when they agree (judgements that are "
+    "\"not tested\" left out), else \"depends\", listing the judgements under each verdict.",
+    "Over bit-widths, a judgement holds when every judged bit-width holds, partly when some do, and does not hold "
+    "when none does.",
+    "Collapse: a quantized bit-width of a variant has collapsed when its mean test accuracy over seeds is below "
+    "chance + config.claims.collapse_fraction * (full-precision accuracy - chance), chance = 1 / number of classes "
+    "(default fraction 0.5: the midpoint). Collapsed bit-widths are flagged (\"collapsed_bits\") in every "
+    "judgement and left out of trend verdicts (fairness_violation_grows_as_bits_shrink).",
     "A statistic that cannot be computed (a group with no test rows, a single group, a constant sequence) gives "
     "\"not tested\" at that bit-width, never a verdict on a missing number; groups without data are left out of "
     "the minority / majority means and named in \"groups_without_data\".",
 )
 RULES = {
     "fairness_violation_grows_as_bits_shrink":
-        "Spearman(bits, mean FV) < 0 over the PTQ sweep and FV(lowest bits) - FV(32 or highest bits) > the std "
-        "over seeds at the lowest bits.",
+        "Statistic: the mean over seeds of the test fairness violation FV (max - min group accuracy) at each "
+        "bit-width of the PTQ sweep, collapsed bit-widths left out. Holds when Spearman(bits, FV) < 0 and "
+        "FV(lowest kept bits) - FV(highest bits) > the std over seeds of FV at the lowest kept bits; not tested "
+        "with fewer than two bit-widths kept.",
     "minority_loses_more_accuracy":
-        "per quantized bit-width, mean accuracy drop (vs full precision) of minority > majority.",
+        "Statistic: D = minority mean minus majority mean of the test accuracy drop (full precision minus "
+        "quantized), with its 95% hierarchical paired bootstrap interval (seeds resampled, then each group's test "
+        "examples, each keeping its full-precision and quantized outcome together; config.eval.bootstrap_resamples "
+        "resamples). Per quantized bit-width: \"not applicable\" when neither the minority's nor the majority's "
+        "mean drop exceeds the equivalence margin (config.claims.equivalence_margin; default one test example of "
+        "the median group, 1 / median test-group size); otherwise holds when the interval's lower end > 0, does "
+        "not hold when its upper end <= 0, and is inconclusive otherwise. Over bit-widths: holds when every "
+        "applicable bit-width holds, partly when some do, inconclusive when none holds and none does not hold, "
+        "does not hold otherwise; \"not applicable\" when no bit-width is.",
     "logit_variance_drops_more_for_minority":
-        "per quantized bit-width, the minority's mean change of logit variance is negative (a drop) and below "
-        "the majority's (a larger drop).",
+        "Definitions: variance_over_classes (each sample's logits over the classes, averaged over the group), "
+        "variance_over_samples (each class logit over the group's samples, averaged over classes) and "
+        "true_class_variance (the true-class logit over the group's samples); each as change (quantized - full "
+        "precision) and relative_change (change / full-precision value). Per quantized bit-width: the minority "
+        "mean is negative (a drop) and below the majority mean (a larger drop).",
+    "logits_shift_more_for_minority":
+        "Definition: abs_shift (mean over samples and classes of |z_q - z_fp|), as change and relative_change "
+        "(/ mean |z_fp|). Per quantized bit-width: minority mean > majority mean.",
+    "minority_moves_toward_decision_boundary":
+        "Definitions: true_class_shift (mean of z_q[y] - z_fp[y]) and margin_shift (the logit margin z_y - "
+        "max_{c != y} z_c, quantized minus full precision), as change and relative_change (/ mean |full-precision "
+        "value|). Per quantized bit-width: the minority mean is negative and below the majority mean.",
     "minority_gradient_norm_larger":
-        "per bit-width, minority mean gradient norm > majority mean and Spearman(group size, value) < 0 (falls "
-        "with group size).",
+        "Definitions: norm_of_mean_gradient (||grad L_g|| over all the group's curvature-split rows), size_matched "
+        "(the same with every group subsampled to the smallest group's size, mean over repeats) and "
+        "mean_per_sample_norm (the mean over the group's rows of ||grad l_i||); each at_bits (the value at every "
+        "explain bit-width, full precision included) and change_from_fp (value minus the full-precision value, at "
+        "every quantized bit-width). Per bit-width: minority mean > majority mean and Spearman(training group "
+        "size, per-group mean) < 0 (falls with group size).",
     "minority_top_eigenvalue_larger":
-        "per bit-width, minority mean top Hessian eigenvalue > majority mean and Spearman(group size, value) < 0 "
-        "(falls with group size). An eigenvalue whose Lanczos run did not converge is not used (listed in "
-        "unconverged_lanczos as {bits: {seed: [groups]}}).",
+        "Definitions: top_eigenvalue (Lanczos on all the group's curvature-split rows) and size_matched "
+        "(subsampled as for the gradient norm), each at_bits and change_from_fp. Per bit-width: minority mean > "
+        "majority mean and Spearman(training group size, per-group mean) < 0. An eigenvalue whose Lanczos run "
+        "did not converge is not used, nor a change computed from one (listed in unconverged_lanczos as "
+        "{bits: {seed: [groups]}}).",
+    "second_order_estimate_orders_excess_loss":
+        "Statistic: Spearman over groups between the second-order estimate g_a.d + 1/2 d.H_a.d (g_a, H_a: gradient "
+        "and Hessian of group a's mean curvature-split loss at the full-precision weights; d = quantized minus "
+        "full-precision weights; BatchNorm statistics as trained) and the observed excess loss L_a(theta + d) - "
+        "L_a(theta) on the same rows, per-group means over seeds. Per quantized bit-width: holds when Spearman > 0 "
+        "with a one-sided permutation p < 0.05 (exact up to 8 groups, else 10000 seeded permutations).",
     "fairqat_beats_ptq_and_qat":
         "per target bit-width, FV(fairqat) < FV(ptq) and FV(fairqat) < FV(qat) (means over seeds), and "
         "accuracy(qat) - accuracy(fairqat) <= std of qat's accuracy over seeds.",
