@@ -7,8 +7,16 @@ For a trained model and a bits tree (one bit assignment), against the same model
     induced_sparsity = #{W != 0 and Q == 0} / #{W != 0},   total_sparsity = #{Q == 0} / #Q
   activations (per quantized layer, per sample i, then averaged per group):
     rel_err_i = ||a_q(x_i) - a_fp(x_i)|| / (||a_fp(x_i)|| + eps)    (a = the layer's output)
-  logits z [C] per sample:
-    abs_shift = mean_c |z_q - z_fp|,   variance = Var_c(z) (population variance over classes)
+  logits z [C] per sample i, label y_i, margin m_i = z_{i,y_i} - max_{c != y_i} z_ic; over a group's
+  samples S_g (all variances population, ddof=0), each definition as fp, quantized, their change and
+  relative change = change / fp (NaN where the reference is 0 or the group is empty):
+    variance_over_classes = mean_{i in S_g} Var_c z_ic       (legacy logits.variance*)
+    variance_over_samples = mean_c Var_{i in S_g} z_ic        (0 for a one-sample group)
+    true_class_variance   = Var_{i in S_g} z_{i,y_i}
+  and shifts, relative to the mean magnitude of the full-precision quantity:
+    abs_shift        = mean_{i in S_g} mean_c |z_q - z_fp|,  relative: / mean_i mean_c |z_fp|
+    true_class_shift = mean_{i in S_g} (z_q - z_fp)_{i,y_i},  relative: / mean_i |z_fp_{i,y_i}|
+    margin_shift     = mean_{i in S_g} (m_q - m_fp)_i,        relative: / mean_i |m_fp_i|
   softmax p per sample with label y:
     true_prob = p_y,  top_prob = max_c p_c,  margin = p_y - max_{c != y} p_c  (< 0: misclassified)
 Per-group values are means over the group's samples; shifts are (quantized - full precision).
@@ -68,6 +76,79 @@ def _merge_weight_stats(per_layer: Mapping[str, dict], fp: Mapping, q: Mapping) 
 
 
 # ----------------------------------------------------------------------------
+# Group-wise logit definitions (host, float64)
+# ----------------------------------------------------------------------------
+
+def _group_var(values: np.ndarray, group: np.ndarray, num_groups: int) -> np.ndarray:
+  """Population variance over each group's samples: values [N, K] -> [G, K] float64, NaN for empty groups.
+
+  Two passes (mean, then mean squared deviation) so a one-sample group is exactly 0, with no cancellation.
+  """
+  values = np.asarray(values, np.float64)
+  count = np.bincount(group, minlength=num_groups).astype(np.float64)[:, None]
+  total = np.zeros((num_groups, values.shape[1]))
+  np.add.at(total, group, values)
+  mean = np.full_like(total, np.nan)
+  np.divide(total, count, out=mean, where=count > 0)
+  sq = np.zeros_like(total)
+  np.add.at(sq, group, (values - mean[group]) ** 2)
+  var = np.full_like(total, np.nan)
+  np.divide(sq, count, out=var, where=count > 0)
+  return var
+
+
+def _relative(change: np.ndarray, ref: np.ndarray) -> np.ndarray:
+  """change / ref elementwise ([G] float64); NaN where ref is 0 or not finite, without warnings."""
+  out = np.full(np.shape(ref), np.nan)
+  np.divide(change, ref, out=out, where=np.isfinite(ref) & (ref != 0))
+  return out
+
+
+def _true_and_margin(z: np.ndarray, y: np.ndarray) -> tuple:
+  """(z_{i,y_i}, z_{i,y_i} - max_{c != y_i} z_ic): [N, C], [N] -> ([N], [N]) float64."""
+  z_y = np.take_along_axis(z, y[:, None], axis=1)[:, 0]
+  others = np.where(np.arange(z.shape[1])[None, :] == y[:, None], -np.inf, z)
+  return z_y, z_y - others.max(axis=1)
+
+
+def logit_definitions(z_fp: np.ndarray, z_q: np.ndarray, y: np.ndarray, group: np.ndarray,
+                      num_groups: int) -> dict:
+  """Every per-group definition of the logit links (module docstring), quantized vs full precision.
+
+  Args:
+    z_fp, z_q: [N, C] per-sample logits at full precision and quantized; y, group: [N] int.
+
+  Returns:
+    {"variance_over_classes" | "variance_over_samples" | "true_class_variance":
+       {"fp", "quantized", "change" = quantized - fp, "relative_change" = change / fp},
+     "abs_shift" | "true_class_shift" | "margin_shift": {"change", "relative_change"}},
+    each a list of G floats (float64 math; NaN for an empty group or a zero reference).
+  """
+  z_fp, z_q = np.asarray(z_fp, np.float64), np.asarray(z_q, np.float64)
+  y, group = np.asarray(y, np.int64), np.asarray(group, np.int64)
+  gm = lambda v: metrics.group_mean(v, group, num_groups)
+  t_fp, m_fp = _true_and_margin(z_fp, y)
+  t_q, m_q = _true_and_margin(z_q, y)
+  variances = {  # name -> (fp [G], quantized [G])
+      "variance_over_classes": (gm(z_fp.var(axis=1)), gm(z_q.var(axis=1))),
+      "variance_over_samples": (_group_var(z_fp, group, num_groups).mean(axis=1),
+                                _group_var(z_q, group, num_groups).mean(axis=1)),
+      "true_class_variance": (_group_var(t_fp[:, None], group, num_groups)[:, 0],
+                              _group_var(t_q[:, None], group, num_groups)[:, 0])}
+  shifts = {  # name -> (mean change [G], mean magnitude of the fp reference [G])
+      "abs_shift": (gm(np.abs(z_q - z_fp).mean(axis=1)), gm(np.abs(z_fp).mean(axis=1))),
+      "true_class_shift": (gm(t_q - t_fp), gm(np.abs(t_fp))),
+      "margin_shift": (gm(m_q - m_fp), gm(np.abs(m_fp)))}
+  out = {}
+  for name, (fp, q) in variances.items():
+    out[name] = {"fp": fp.tolist(), "quantized": q.tolist(), "change": (q - fp).tolist(),
+                 "relative_change": _relative(q - fp, fp).tolist()}
+  for name, (change, ref) in shifts.items():
+    out[name] = {"change": change.tolist(), "relative_change": _relative(change, ref).tolist()}
+  return out
+
+
+# ----------------------------------------------------------------------------
 # Capturing what the layers compute
 # ----------------------------------------------------------------------------
 
@@ -96,8 +177,8 @@ def effective_kernels(model: nn.Module, variables: Mapping, bits_tree, sample_x,
 
 @functools.lru_cache(maxsize=16)
 def _chain_fn(model: nn.Module, layer_names: tuple):
-  """jitted (variables, bits_tree, x [B, ...], y [B]) -> per-sample chain quantities ([B] each) for FP and
-  quantized, and per-layer relative activation errors {layer: [B]}."""
+  """jitted (variables, bits_tree, x [B, ...], y [B]) -> per-sample chain quantities for FP and quantized
+  (logits_fp, logits_q [B, C]; softmax stats [B] each), and per-layer relative activation errors {layer: [B]}."""
 
   def run(variables, bits_tree, x):
     v = dict(variables)
@@ -116,8 +197,7 @@ def _chain_fn(model: nn.Module, layer_names: tuple):
       ref = a_fp[name].reshape(x.shape[0], -1)
       act_err[name] = jnp.linalg.norm(diff, axis=1) / (jnp.linalg.norm(ref, axis=1) + _EPS)
     s_fp, s_q = softmax_stats(z_fp, y), softmax_stats(z_q, y)
-    out = {"abs_shift": jnp.mean(jnp.abs(z_q - z_fp), axis=-1),
-           "variance_fp": logit_variance(z_fp), "variance": logit_variance(z_q), "logits_q": z_q}
+    out = {"logits_fp": z_fp, "logits_q": z_q}  # logit definitions need whole groups: done on the host
     out.update({f"{k}_fp": v for k, v in s_fp.items()})
     out.update(s_q)
     return out, act_err
@@ -137,7 +217,15 @@ def forward_chain(model: nn.Module, variables: Mapping, bits_tree, x: np.ndarray
   Returns:
     {"weights": {"per_layer": {layer: weight_stats}, "model": weight_stats},
      "activations": {layer: [G] mean relative error},
-     "logits": {"abs_shift", "variance", "variance_fp", "variance_change": [G]},
+     "logits": {"abs_shift", "variance", "variance_fp", "variance_change": [G],
+                "definitions": logit_definitions(...)},
+       where abs_shift = mean_i mean_c |z_q - z_fp|, variance(_fp) = mean_i Var_c z_q (z_fp) and
+       variance_change = their difference (the same numbers as definitions["abs_shift"]["change"] and
+       definitions["variance_over_classes"]); definitions holds, per group g over its samples S_g,
+         variance_over_classes = mean_{i in S_g} Var_c z_ic,  variance_over_samples = mean_c Var_{i in S_g} z_ic,
+         true_class_variance = Var_{i in S_g} z_{i,y_i}: each {"fp", "quantized", "change", "relative_change"};
+         abs_shift, true_class_shift = mean (z_q - z_fp)_{i,y_i}, margin_shift = mean (m_q - m_fp)_i with
+         m = z_y - max_{c != y} z_c: each {"change", "relative_change" = change / mean |fp quantity|}.
      "softmax": {"true_prob", "top_prob", "margin", and *_fp, *_shift: [G]},
      "accuracy": [G], "loss": [G]}
   """
@@ -154,8 +242,11 @@ def forward_chain(model: nn.Module, variables: Mapping, bits_tree, x: np.ndarray
   cat = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
   act = {k: np.concatenate([p[k] for p in act_parts]) for k in act_parts[0]}
   gm = lambda v: metrics.group_mean(v, group, num_groups).tolist()
-  logits = {"abs_shift": gm(cat["abs_shift"]), "variance": gm(cat["variance"]),
-            "variance_fp": gm(cat["variance_fp"]), "variance_change": gm(cat["variance"] - cat["variance_fp"])}
+  defs = logit_definitions(cat["logits_fp"], cat["logits_q"], y, group, num_groups)
+  over_classes = defs["variance_over_classes"]
+  logits = {"abs_shift": list(defs["abs_shift"]["change"]), "variance": list(over_classes["quantized"]),
+            "variance_fp": list(over_classes["fp"]), "variance_change": list(over_classes["change"]),
+            "definitions": defs}  # copies: no list shared between the legacy keys and the definitions
   softmax = {}
   for key in ("true_prob", "top_prob", "margin"):
     softmax[key] = gm(cat[key])
