@@ -16,8 +16,9 @@ from jax.flatten_util import ravel_pytree
 
 from fqjax import layers, quant
 from fqjax.explain import curvature
-from fqjax.explain import (dequantized_params, group_gradient_norms, group_top_eigenvalues, hutchinson_trace,
-                           lanczos_top_eigenvalues, make_hvp, power_iteration)
+from fqjax.explain import (dequantized_params, group_gradient_norms, group_mean_sample_gradient_norms,
+                           group_top_eigenvalues, hutchinson_trace, lanczos_top_eigenvalues, make_hvp,
+                           power_iteration)
 from fqjax.layers import BitSpec, QuantRule
 from fqjax.metrics import spearman
 from fqjax.models import MLP, SmallCNN
@@ -240,6 +241,66 @@ def test_group_plan_is_homogeneous_and_covers_every_sample_once():
     np.testing.assert_allclose(sum(w.sum() for _, w in batches), 1.0, rtol=1e-6)  # weights 1/n_g
   padded = sum(int((w == 0).sum()) for batches in plan for _, w in batches)
   assert padded == 4 + 7 + 1 + 7
+
+
+def _loop_sample_norms(model, variables, params, x, y, group, num_groups):
+  """Per group: the mean over its samples of ||grad l_i|| (a one-hot masked gradient per sample)."""
+  onehot = jnp.eye(len(y), dtype=jnp.float32)
+  norms = np.array([float(optax.tree.norm(_programs(model)[1](variables, params, x, y, onehot[i])[1]))
+                    for i in range(len(y))])
+  return np.array([norms[group == g].mean() for g in range(num_groups)])
+
+
+# 256: one batch of all 40 rows; 16 (< group 0's 25 rows): 16 + 16 + 8 real + 8 padding rows.
+@pytest.mark.parametrize("quantized,batch_size", [(False, 256), (True, 16)])
+def test_group_mean_sample_gradient_norms_equal_a_per_sample_loop(quantized, batch_size):
+  model, variables, x, y = _cnn()
+  bits_tree = BitSpec.uniform(3).bits_tree(layers.quant_layer_names(model, x)) if quantized else None
+  params = dequantized_params(model, variables, bits_tree, x) if quantized else variables["params"]
+  out = group_mean_sample_gradient_norms(model, variables, x, y, GROUPS, 3, bits_tree=bits_tree,
+                                         batch_size=batch_size)
+  want = _loop_sample_norms(model, variables, params, x, y, GROUPS, 3)
+  np.testing.assert_allclose(out["mean_norms"], want, rtol=1e-5)
+  assert out["mean_norms"].dtype == np.float64
+  np.testing.assert_array_equal(out["counts"], [25, 14, 1])
+
+
+def test_mean_sample_gradient_norms_bound_the_group_gradient_norm(monkeypatch):
+  model, variables, x, y = _cnn()
+  norms = group_gradient_norms(model, variables, x, y, GROUPS, 3)["norms"]
+  mean = group_mean_sample_gradient_norms(model, variables, x, y, GROUPS, 3)["mean_norms"]
+  assert np.all(mean[:2] > 1.01 * norms[:2])  # triangle inequality, strict: per-sample gradients cancel
+  np.testing.assert_allclose(mean[2], norms[2], rtol=1e-5)  # a singleton group: the same gradient
+  # The memory cap B x P <= _MAX_GRAD_FLOATS sets the batch (16 rows, padded); a bit-width sweep reuses one program.
+  monkeypatch.setattr(curvature, "_MAX_GRAD_FLOATS", 16 * ravel_pytree(variables["params"])[0].size + 15)
+  names = layers.quant_layer_names(model, x)
+  capped = [group_mean_sample_gradient_norms(model, variables, x, y, GROUPS, 3,
+                                             bits_tree=BitSpec.uniform(bits).bits_tree(names))["mean_norms"]
+            for bits in (32, 4)]
+  sizes = curvature._sample_norm_step(model)._cache_size()
+  group_mean_sample_gradient_norms(model, variables, x, y, GROUPS, 3, bits_tree=BitSpec.uniform(2).bits_tree(names))
+  assert curvature._sample_norm_step(model)._cache_size() == sizes
+  np.testing.assert_allclose(capped[0], mean, rtol=1e-5)  # 32 bits: full precision, up to rounding
+  assert not np.allclose(capped[1], mean, rtol=1e-3)
+
+
+def test_group_mean_sample_gradient_norms_reject_bad_input():
+  model, variables, x, y = _cnn()
+  with pytest.raises(ValueError, match=r"group\(s\) \[1\] have no samples"):
+    group_mean_sample_gradient_norms(model, variables, x, y, np.where(GROUPS == 1, 2, GROUPS), 3)
+  with pytest.raises(ValueError, match=r"group ids must be in \[0, 2\)"):
+    group_mean_sample_gradient_norms(model, variables, x, y, GROUPS, 2)
+  with pytest.raises(ValueError, match="num_groups"):
+    group_mean_sample_gradient_norms(model, variables, x, y, GROUPS, 0)
+  with pytest.raises(ValueError, match="y and group"):
+    group_mean_sample_gradient_norms(model, variables, x, y, GROUPS[:-1], 3)
+  with pytest.raises(ValueError, match="batch_size"):
+    group_mean_sample_gradient_norms(model, variables, x, y, GROUPS, 3, batch_size=0)
+  with pytest.raises(ValueError, match="activations must be one of"):
+    group_mean_sample_gradient_norms(model, variables, x, y, GROUPS, 3, activations="maybe")
+  bits_tree = BitSpec.uniform(4, 8).bits_tree(layers.quant_layer_names(model, x))
+  with pytest.raises(ValueError, match="quantizes activations"):
+    group_mean_sample_gradient_norms(model, variables, x, y, GROUPS, 3, bits_tree=bits_tree)
 
 
 # ----------------------------------------------------------------------------

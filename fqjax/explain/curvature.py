@@ -5,6 +5,8 @@ inference mode (BatchNorm on its running statistics):
 
   L_g(theta) = (1 / n_g) sum_{i in g} l_i(theta)                  (each group's mean loss)
   grad norm_g = ||grad L_g(theta)||_2 over all parameters (and per layer)
+  mean sample grad norm_g = (1 / n_g) sum_{i in g} ||grad l_i(theta)||_2  (>= grad norm_g by
+    the triangle inequality; their ratio measures how much per-sample gradients cancel)
   top-k eigenvalues of the Hessian H_g = d^2 L_g / d theta^2, by Lanczos on
   Hessian-vector products H_g v = d/de grad L_g(theta + e v) (forward-over-reverse).
 
@@ -220,6 +222,69 @@ def group_gradient_norms(model: nn.Module, variables: Mapping, x, y, group, num_
   return {"norms": np.sqrt(results[:, :-1].sum(axis=1)),
           "per_layer": {name: np.sqrt(v) for name, v in per_layer.items()},
           "counts": counts, "loss": results[:, -1]}
+
+
+# Per-sample gradients held at once: B x P floats (2**26 float32 = 256 MiB); ResNet-18's
+# ~11M params get B = 5-6 rows, a 433-param test CNN the full batch.
+_MAX_GRAD_FLOATS = 2 ** 26
+
+
+@functools.lru_cache(maxsize=16)
+def _sample_norm_step(model: nn.Module):
+  """jitted (acc [G], params, batch_stats, x [N, ...], y [N], group [N], idx [B], mask [B])
+  -> acc + segment sum over groups of mask_i ||grad l_i||_2; ``acc`` is donated."""
+
+  def step(acc, params, batch_stats, x, y, group, idx, mask):
+    def loss(p, xi, yi):  # one sample: BatchNorm in inference mode, so rows are independent
+      return _per_sample_loss(model, p, batch_stats, xi[None], yi[None])[0]
+    grads = jax.vmap(jax.grad(loss), in_axes=(None, 0, 0))(params, x[idx], y[idx])  # leaves [B, ...]
+    sq = sum(jnp.sum(jnp.square(g).reshape(len(idx), -1), axis=1) for g in jax.tree_util.tree_leaves(grads))
+    norms = jnp.sqrt(sq).astype(acc.dtype) * mask  # [B]; padding rows weigh 0
+    return acc + jax.ops.segment_sum(norms, group[idx], num_segments=acc.shape[0])
+
+  return jax.jit(step, donate_argnums=(0,))
+
+
+def group_mean_sample_gradient_norms(model: nn.Module, variables: Mapping, x, y, group, num_groups: int, *,
+                                     bits_tree: Optional[Mapping] = None, batch_size: int = 256,
+                                     activations: str = "error") -> dict:
+  """(1/n_g) sum_{i in g} ||grad l_i(theta)||_2 for every group g: the mean per-sample gradient norm.
+
+  Next to ``group_gradient_norms`` (||grad L_g||, the norm of the mean gradient) this is the
+  mean of the norms; by the triangle inequality mean_norms_g >= norms_g, with equality for a
+  single sample or aligned gradients, so norms_g / mean_norms_g in (0, 1] says how little
+  the group's per-sample gradients cancel.
+
+  Per-sample gradients come from ``jax.vmap(jax.grad(l_i))`` over fixed batches of B rows
+  (``padded_batches``: the last one repeats a row at weight 0), B = min(batch_size, N,
+  2**26 // P) so the B x P gradients held at once stay <= 256 MiB of float32 (P = number
+  of params). Each batch is reduced on device to [B] norms and segment-summed into a [G]
+  accumulator: one compiled program per batch shape (theta and bits are traced, so a
+  bit-width sweep does not recompile), only dispatches in the loop, one transfer at the end.
+
+  Args:
+    model, variables: a Flax model of fqjax layers and its {"params", "batch_stats"}.
+    x: [N, ...] float inputs; y: [N] int labels; group: [N] int ids in [0, G).
+    bits_tree: None (full precision) or a weights-only bits tree (theta = ``dequantized_params``).
+    batch_size: the most rows per batch (the memory cap above may lower it).
+    activations: "error" refuses activation bits < 32 in ``bits_tree``, "ignore" drops them.
+  Returns (host NumPy): {"mean_norms": [G] float64, "counts": [G] int}.
+  Raises ValueError on bad shapes, group ids outside [0, G), empty groups or bad options.
+  """
+  counts = _check_data(x, y, group, num_groups)
+  lanczos._check_positive("batch_size", batch_size)
+  params, batch_stats = _theta(model, variables, x, bits_tree, activations)
+  num_params = sum(int(np.prod(np.shape(a))) for a in jax.tree_util.tree_leaves(params))
+  b = max(1, min(batch_size, _MAX_GRAD_FLOATS // max(num_params, 1)))
+  dtype = jnp.result_type(*jax.tree_util.tree_leaves(params))  # float64 params accumulate in float64
+  xd, yd, gd = jnp.asarray(x), jnp.asarray(y, jnp.int32), jnp.asarray(group, jnp.int32)
+  step = _sample_norm_step(model)
+  acc = jnp.zeros((num_groups,), dtype)
+  for idx, real in padded_batches(np.arange(yd.shape[0], dtype=np.int32), b):  # B = min(b, N)
+    mask = (np.arange(len(idx)) < real).astype(dtype)
+    acc = step(acc, params, batch_stats, xd, yd, gd, idx, mask)
+  sums = np.asarray(jax.device_get(acc), np.float64)
+  return {"mean_norms": sums / counts, "counts": counts}
 
 
 # ----------------------------------------------------------------------------
