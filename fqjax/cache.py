@@ -1,9 +1,10 @@
 """The cache rule's keys: what an entry of results.json was computed from, as a short hash.
 
   train key    = hash(schema version, data identity, config.model, config.train, seed)
-  stage key    = hash(schema version, the stage's config sections (less the lists of bit-widths and
-                 methods, whose entries are kept one by one), the train key and the digest of the
-                 trained variables the entry was computed from)
+  stage key    = hash(schema version, STAGE_VERSIONS[stage], the stage's config sections (less the lists
+                 of bit-widths and methods, and for explain the PTQ variants after the primary one: their
+                 entries are kept one by one), the train key and the digest of the trained variables the
+                 entry was computed from)
   data identity = sha256 of the loaded splits (every array and the metadata), so a replaced data
                  file, another split or imbalance setting or another TFDS version changes every key.
 fqjax.runner reuses an entry only when its stored key equals the key computed here.
@@ -18,6 +19,11 @@ import ml_collections
 import numpy as np
 
 from fqjax import results
+
+# What a stage computes per entry, versioned: bumped when the code adds or changes what an entry holds, so
+# entries computed by older code are recomputed instead of reused (2: issue 12's paired counts, link
+# definitions, per-sample gradient norms, the second-order test).
+STAGE_VERSIONS = {"ptq": 2, "explain": 2, "mitigate": 1}
 
 # Fields left out of a stage's key: their entries are kept one by one (per bit-width, per method).
 ENTRY_LISTS = {"ptq": (), "explain": ("bit_widths",), "mitigate": ("bit_widths", "methods")}
@@ -55,4 +61,7 @@ def stage_key(config, stage: str, train_entry: Optional[dict], train_entry_key: 
   sections = {"ptq": ("ptq", "eval"), "explain": ("explain", "ptq", "eval"), "mitigate": ("mitigate", "ptq", "eval")}
   parts = {name: _section(config, name, ENTRY_LISTS[stage] if name == stage else ("bit_widths", "sweep_mode"))
            for name in sections[stage]}
-  return _hash(results.SCHEMA_VERSION, stage, parts, train_entry_key, train_entry.get("variables_digest"))
+  if stage == "explain":  # entries are kept per variant (explain.variants.<v>); only the primary one is in per_seed
+    parts["ptq"]["variants"] = list(parts["ptq"].get("variants") or ())[:1]
+  return _hash(results.SCHEMA_VERSION, stage, STAGE_VERSIONS[stage], parts, train_entry_key,
+               train_entry.get("variables_digest"))

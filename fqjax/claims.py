@@ -1,27 +1,28 @@
 """Checks the paper's findings against a run's results, with the numbers behind every verdict.
 
-Verdicts: "holds", "partly" (holds at some bit-widths, not all), "does not hold",
-"not tested" (the stage that provides the data did not run, no group is a minority, or the
-statistic behind the verdict cannot be computed; "why" says which).
+Each claim is judged per PTQ variant and per definition (fqjax.judgements); the claim's verdict is
+the judgements' common verdict, or "depends" when they disagree. Verdicts: "holds", "partly" (at
+some bit-widths, not all), "does not hold", "inconclusive" and "not applicable" (accuracy claim
+only), "depends", "not tested" (the stage that provides the data did not run, no group is a
+minority, or the statistic cannot be computed; "why" says which).
 
-The rules are data, fixed here and never tuned to a run: ``GENERAL_RULES`` (who is a minority,
-how values are averaged, when a claim is not tested) and ``RULES`` (claim name -> its test);
-``check_claims`` copies them into results.json as ``claims.rules`` (``rules_text()``). Minority
-groups: train count n_g < MINORITY_FRACTION * median_g n_g (half the median: below the median
-itself would split a balanced-but-noisy set of groups in two; half the median picks the groups
-that are small). No JAX: Spearman and the finite means come from fqjax.metrics.
+The rules are data, fixed here and never tuned to a run: ``GENERAL_RULES`` and ``RULES`` (claim
+name -> its test), written before the numbers they judge; ``check_claims`` copies them into
+results.json as ``claims.rules`` (``rules_text()``). No JAX.
 """
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
-from fqjax.metrics import finite_mean, spearman  # noqa: F401  (spearman kept at fqjax.claims.spearman)
-
-FULL = 32
-MINORITY_FRACTION = 0.5
+from fqjax import stats
+from fqjax.judgements import (FULL, MINORITY_FRACTION, as_float, change_from_fp, collapsed_bits, combine,  # noqa: F401
+                              equivalence_margin, have_no_data, holders, judged, minority_mask, minority_threshold,
+                              no_minority_why, join_reasons, not_tested, path_values, per_bits, seed_matrix,
+                              too_few_groups_why, verdict_over_bits)
+from fqjax.metrics import finite_mean, pearson, spearman  # noqa: F401  (spearman kept at fqjax.claims.spearman)
 
 GENERAL_RULES = (
     "Minority groups are those whose training-set size is below half the median group size "
@@ -100,234 +101,195 @@ def rules_text() -> str:
   return "\n".join([*GENERAL_RULES, *(f"{name}: {rule}" for name, rule in RULES.items())])
 
 
-def minority_threshold(results: Mapping) -> Optional[float]:
-  """MINORITY_FRACTION * median of dataset.counts.train ([G] ints), or None for fewer than 2 groups."""
-  counts = np.asarray(results["dataset"]["counts"]["train"], np.float64)
-  if counts.ndim != 1 or counts.size < 2:
-    return None
-  return float(MINORITY_FRACTION * np.median(counts))
+def _quantized(bits: Sequence) -> list[int]:
+  return sorted((int(b) for b in bits if int(b) < FULL), reverse=True)
 
 
-def minority_mask(results: Mapping) -> Optional[np.ndarray]:
-  """[G] bool, True where counts.train[g] < minority_threshold; None with no minority or all minority."""
-  threshold = minority_threshold(results)
-  if threshold is None:
-    return None
-  minority = np.asarray(results["dataset"]["counts"]["train"], np.float64) < threshold
-  if not minority.any() or minority.all():
-    return None
-  return minority
-
-
-def _verdict(flags: Sequence[bool]) -> str:
-  if not flags:
-    return "not tested"
-  if all(flags):
-    return "holds"
-  return "partly" if any(flags) else "does not hold"
-
-
-def _not_tested(why: str, **numbers) -> dict:
-  return {"verdict": "not tested", "why": why, **numbers}
-
-
-def _float(x: Any) -> float:
-  """A number, or NaN for null / a missing or non-numeric value (results.json stores NaN as null)."""
-  try:
-    return float("nan") if x is None else float(x)
-  except (TypeError, ValueError):
-    return float("nan")
-
-
-def _groups_text(ids: Sequence[int]) -> str:
-  ids = [int(i) for i in ids]
-  return ("group " if len(ids) == 1 else "groups ") + ", ".join(str(i) for i in ids)
-
-
-def _test_counts(results: Mapping) -> Optional[list]:
-  counts = results.get("dataset", {}).get("counts", {})
-  test = counts.get("test") if isinstance(counts, Mapping) else None
-  return test if isinstance(test, list) else None
-
-
-def _have_no_data(results: Mapping, ids: Sequence[int]) -> str:
-  """'groups 3, 5 have no test rows' (and '..., group 4 has no values' for those with test rows but no value)."""
-  test = _test_counts(results)
-  no_rows = [int(i) for i in ids if test is not None and i < len(test) and not test[i]]
-  no_values = [int(i) for i in ids if int(i) not in no_rows]
-  parts = [f"{_groups_text(g)} {'has' if len(g) == 1 else 'have'} no {what}"
-           for g, what in ((no_rows, "test rows"), (no_values, "values")) if g]
-  return ", ".join(parts)
-
-
-def _too_few_groups_why(results: Mapping) -> Optional[str]:
-  """Why the fairness violation (max - min over groups with test rows) means nothing here, or None."""
-  test = _test_counts(results)
-  if test is None or sum(1 for c in test if c) >= 2:
-    return None
-  empty = [i for i, c in enumerate(test) if not c]
-  return ("fewer than 2 groups have test rows" + (f" ({_have_no_data(results, empty)})" if empty else "")
-          + ", so the fairness violation is 0 by definition")
-
-
-def _no_minority_why(results: Mapping) -> str:
-  """Why no minority / majority comparison can be made (single group, or none below half the median)."""
-  counts = results.get("dataset", {}).get("counts", {}).get("train") or []
-  if len(counts) < 2:
-    return "the data has a single group, so there is no minority to compare with a majority"
-  return "no group is smaller than half the median group size"
-
-
-def _join_reasons(reasons: Mapping[str, str]) -> str:
-  """One reason when every bit-width has the same one, else 'b-bit: reason; ...'."""
-  unique = list(dict.fromkeys(reasons.values()))
-  if len(unique) == 1:
-    return f"at {', '.join(reasons)} bits: {unique[0]}"
-  return "; ".join(f"{b}-bit: {why}" for b, why in reasons.items())
-
+# ----------------------------------------------------------------------------
+# PTQ accuracy: the fairness-violation trend and the minority's larger drop
+# ----------------------------------------------------------------------------
 
 def fairness_violation_grows(results: Mapping) -> dict:
-  """RULES["fairness_violation_grows_as_bits_shrink"] on ptq.summary: bits b_1 < ... < b_B, FV_b = mean over
-  seeds. Holds iff rho = Spearman(b, FV_b) < 0 and FV_{b_1} - FV_{b_B} > std over seeds of FV at b_1."""
+  """RULES["fairness_violation_grows_as_bits_shrink"], one judgement per PTQ variant."""
   if "ptq" not in results:
-    return _not_tested("the ptq stage did not run")
-  bits = sorted(int(b) for b in results["ptq"]["bit_widths"])
+    return not_tested("the ptq stage did not run")
+  section = results["ptq"]
+  return combine([judged(v, "fairness_violation", "Spearman(bits, mean FV over seeds), collapsed bits left out",
+                         _fv_trend(results, section, h, collapsed_bits(results, v)), collapsed_bits(results, v))
+                  for v, h in holders(section, results).items()])
+
+
+def _fv_trend(results: Mapping, section: Mapping, holder: Mapping, collapsed) -> dict:
+  """bits b_1 < ... < b_B (collapsed ones out), FV_b = mean over seeds: holds iff Spearman(b, FV_b) < 0 and
+  FV_{b_1} - FV_{b_B} > std over seeds of FV at b_1."""
+  every = sorted(int(b) for b in section["bit_widths"])
+  bits = [b for b in every if b not in (collapsed or [])]
   if len(bits) < 2:
-    return _not_tested("the PTQ sweep has one bit-width")
-  summary = results["ptq"].get("summary") or {}
+    return not_tested("fewer than two bit-widths are left once the collapsed ones are out" if len(every) > 1
+                      else "the PTQ sweep has one bit-width")
+  summary = holder.get("summary") or {}
   fv = {b: (summary.get(str(b)) or {}).get("fairness_violation") or {} for b in bits}
-  means = [_float(fv[b].get("mean")) for b in bits]
+  means = [as_float(fv[b].get("mean")) for b in bits]
   numbers = {"fairness_violation": {str(b): fv[b] for b in bits}}
   missing = [str(b) for b, m in zip(bits, means) if not math.isfinite(m)]
   if missing:
-    return _not_tested(f"the fairness violation has no value at {', '.join(missing)} bits (no seed has a group "
-                       "with test rows there)", **numbers)
+    return not_tested(f"the fairness violation has no value at {', '.join(missing)} bits (no seed has a group "
+                      "with test rows there)", **numbers)
   rho = spearman(bits, means)  # NaN, without a warning, for a constant sequence
-  low = bits[0]
-  gap = means[0] - means[-1]
-  std_low = _float(fv[low].get("std"))
-  numbers = {"spearman_bits_vs_fairness_violation": rho, **numbers,
+  gap, std_low = means[0] - means[-1], as_float(fv[bits[0]].get("std"))
+  numbers = {"spearman_bits_vs_fairness_violation": rho, **numbers, "bits_used": bits,
              "increase_lowest_vs_highest_bits": gap, "std_at_lowest_bits": std_low}
-  few = _too_few_groups_why(results)
+  few = too_few_groups_why(results)
   if few:
-    return _not_tested(few + " at every bit-width", **numbers)
+    return not_tested(few + " at every bit-width", **numbers)
   if not math.isfinite(rho):
-    return _not_tested("Spearman(bits, fairness violation) is undefined: the fairness violation is the same at "
-                       "every bit-width", **numbers)
+    return not_tested("Spearman(bits, fairness violation) is undefined: the fairness violation is the same at "
+                      "every bit-width", **numbers)
   if not math.isfinite(std_low):
-    return _not_tested(f"the std over seeds of the fairness violation at {low} bits is missing", **numbers)
-  holds = bool(rho < 0 and gap > std_low)
-  return {"verdict": "holds" if holds else "does not hold", **numbers}
+    return not_tested(f"the std over seeds of the fairness violation at {bits[0]} bits is missing", **numbers)
+  return {"verdict": "holds" if rho < 0 and gap > std_low else "does not hold", **numbers}
 
 
-def _per_bits_claim(results: Mapping, bits_list: Sequence[int], values_at: Callable[[str, int], Optional[list]],
-                    compare: Callable[[float, float, float], bool], use_size_correlation: bool = False) -> dict:
-  """Minority vs majority per bit-width. Groups without data (no test rows: NaN / null values in
-  every seed) are left out of the means and listed in "groups_without_data"; a bit-width whose
-  minority or majority mean (or size correlation) cannot be computed is listed in "not_tested_at"
-  and takes no part in the verdict."""
-  minority = minority_mask(results)
-  if minority is None:
-    return _not_tested(_no_minority_why(results))
-  sizes = np.asarray(results["dataset"]["counts"]["train"], np.float64)
-  per_bits, flags, skipped, without = {}, [], {}, set()
-  for b in bits_list:
-    per_seed = [values_at(str(s), b) for s in results["seeds"]]
-    if any(v is None for v in per_seed):
-      skipped[str(b)] = "no per-group values at this bit-width"
-      continue
-    try:
-      vals = np.asarray([[np.nan if v is None else v for v in row] for row in per_seed], np.float64)  # [S, G]
-    except (TypeError, ValueError):
-      vals = np.zeros((0,))
-    if vals.ndim != 2 or vals.shape[1] != minority.shape[0]:
-      skipped[str(b)] = f"the per-group values are not one per group ({minority.shape[0]} groups)"
-      continue
-    empty = ~np.isfinite(vals).any(axis=0)  # groups without data at this bit-width
-    without.update(int(g) for g in np.flatnonzero(empty))
-    mino, majo = float(finite_mean(vals[:, minority])), float(finite_mean(vals[:, ~minority]))
-    rho = spearman(sizes, finite_mean(vals, axis=0)) if use_size_correlation else float("nan")
-    reasons = []
-    if not math.isfinite(mino):
-      reasons.append(f"no minority group has data ({_have_no_data(results, np.flatnonzero(minority & empty))})")
-    if not math.isfinite(majo):
-      reasons.append(f"no majority group has data ({_have_no_data(results, np.flatnonzero(~minority & empty))})")
-    if use_size_correlation and not math.isfinite(rho):
-      reasons.append("Spearman(group size, value) is undefined (fewer than 2 groups with data, or constant values)")
-    if reasons:
-      skipped[str(b)] = "; ".join(reasons)
-      continue
-    ok = bool(compare(mino, majo, rho))
-    per_bits[str(b)] = {"minority_mean": mino, "majority_mean": majo, "holds": ok,
-                        **({"spearman_size": rho} if use_size_correlation else {})}
-    flags.append(ok)
-  extra = {}
-  if without:
-    extra["groups_without_data"] = sorted(without)
-  if not flags:
-    why = _join_reasons(skipped) if skipped else "no quantized bit-width to compare"
-    if set(skipped.values()) == {"no per-group values at this bit-width"}:
-      why = "no per-group values for these bit-widths"
-    return _not_tested(why, **extra, **({"not_tested_at": skipped} if skipped else {}))
-  if skipped:
-    extra["not_tested_at"] = skipped
-  return {"verdict": _verdict(flags), "per_bits": per_bits,
-          "minority_groups": [int(i) for i in np.flatnonzero(minority)], **extra}
+DROP_STATISTIC = ("D = minority mean - majority mean accuracy drop, 95% hierarchical paired bootstrap interval, "
+                  "equivalence margin")
 
 
 def minority_loses_more(results: Mapping) -> dict:
-  """RULES["minority_loses_more_accuracy"] per quantized bit-width b < 32, on ptq.per_seed[s][b].groups.accuracy_drop
-  ([G] per seed): holds at b iff mean over (seeds, minority groups) > mean over (seeds, majority groups)."""
+  """RULES["minority_loses_more_accuracy"], one judgement per PTQ variant, on its ptq intervals."""
   if "ptq" not in results:
-    return _not_tested("the ptq stage did not run")
-  bits = [int(b) for b in results["ptq"]["bit_widths"] if int(b) < FULL]
-  per_seed = results["ptq"]["per_seed"]
-  return _per_bits_claim(results, bits, lambda s, b: per_seed[s][str(b)]["groups"].get("accuracy_drop"),
-                         lambda mino, majo, rho: mino > majo)
+    return not_tested("the ptq stage did not run")
+  minority = minority_mask(results)
+  if minority is None:
+    return not_tested(no_minority_why(results))
+  section, margin = results["ptq"], equivalence_margin(results)
+  return combine([judged(v, "accuracy_drop", DROP_STATISTIC, _drop_difference(results, section, h, minority, margin),
+                         collapsed_bits(results, v)) for v, h in holders(section, results).items()],
+                 equivalence_margin=margin)
 
 
-def _explain_values(results: Mapping, path: Sequence[str]) -> Callable[[str, int], Optional[list]]:
-  per_seed = results["explain"]["per_seed"]
+def _drop_difference(results: Mapping, section: Mapping, holder: Mapping, minority: np.ndarray,
+                     margin: float) -> dict:
+  intervals = holder.get("intervals")
+  if not isinstance(intervals, Mapping) or not intervals:
+    return not_tested("no bootstrap intervals: config.eval.bootstrap_resamples is 0, or the ptq entries predate "
+                      "them (rerun the ptq stage with --force)")
+  if not math.isfinite(margin):
+    return not_tested("the equivalence margin is undefined (no group has test rows)")
+  out, statuses, skipped, without = {}, [], {}, set()
+  for b in _quantized(section["bit_widths"]):
+    iv = intervals.get(str(b)) or {}
+    drops = np.asarray([as_float(x) for x in ((iv.get("group_accuracy_drop") or {}).get("mean") or [])])
+    d = iv.get("drop_difference") or {}
+    mean, lo, hi = (as_float(d.get(k)) for k in ("mean", "low", "high"))
+    if drops.shape == minority.shape:  # groups without data are named (GENERAL_RULES)
+      without.update(int(g) for g in np.flatnonzero(~np.isfinite(drops)))
+    if drops.shape != minority.shape or not all(map(math.isfinite, (mean, lo, hi))):
+      skipped[str(b)] = _no_interval_why(results, minority, drops)
+      continue
+    mino, majo = float(finite_mean(drops[minority])), float(finite_mean(drops[~minority]))
+    if max(mino, majo) <= margin:
+      status = "not applicable"
+    else:
+      status = "holds" if lo > 0 else "does not hold" if hi <= 0 else "inconclusive"
+      statuses.append(status)
+    out[str(b)] = {"minority_mean_drop": mino, "majority_mean_drop": majo, "difference": mean, "low": lo,
+                   "high": hi, "status": status, "holds": status == "holds"}
+  extra = {"equivalence_margin": margin, **({"not_tested_at": skipped} if skipped else {}),
+           **({"groups_without_data": sorted(without)} if without else {})}
+  if not out:
+    return not_tested(join_reasons(skipped) if skipped else "no quantized bit-width has an interval", **extra)
+  if not statuses:
+    return {"verdict": "not applicable", "why": f"no group loses more than the equivalence margin ({margin:.3g}) "
+            "at any bit-width", "per_bits": out, **extra}
+  held = statuses.count("holds")
+  verdict = ("holds" if held == len(statuses) else "partly" if held else
+             "does not hold" if "does not hold" in statuses else "inconclusive")
+  return {"verdict": verdict, "per_bits": out, "minority_groups": [int(i) for i in np.flatnonzero(minority)],
+          **extra}
 
-  def get(seed: str, bits: int):
-    node = per_seed.get(seed, {}).get(str(bits))
-    for key in path:
-      if not isinstance(node, Mapping) or key not in node:
-        return None
-      node = node[key]
-    return node
 
-  return get
-
-
-def _explain_bits(results: Mapping) -> list[int]:
-  return [int(b) for b in results["explain"]["bit_widths"] if int(b) < FULL]
+def _no_interval_why(results: Mapping, minority: np.ndarray, drops: np.ndarray) -> str:
+  """Why a bit-width has no interval of the drop difference, naming the side without data."""
+  if drops.shape != minority.shape:
+    return "no bootstrap interval at this bit-width"
+  empty = ~np.isfinite(drops)
+  sides = [f"no {side} group has data ({have_no_data(results, np.flatnonzero(mask & empty))})"
+           for side, mask in (("minority", minority), ("majority", ~minority)) if empty[mask].all()]
+  return "; ".join(sides) or "no bootstrap interval of the drop difference"
 
 
-def logit_variance_drops_more(results: Mapping) -> dict:
-  """RULES["logit_variance_drops_more_for_minority"] per quantized bit-width on explain logits.variance_change
-  ([G] per seed): holds at b iff minority mean < 0 and minority mean < majority mean."""
+# ----------------------------------------------------------------------------
+# The forward chain's links, several definitions each
+# ----------------------------------------------------------------------------
+
+_drops_more = lambda mino, majo, rho: mino < 0 and mino < majo
+LINK_DEFINITIONS: dict[str, tuple[tuple[str, ...], Callable]] = {
+    "logit_variance_drops_more_for_minority":
+        (("variance_over_classes", "variance_over_samples", "true_class_variance"), _drops_more),
+    "logits_shift_more_for_minority": (("abs_shift",), lambda mino, majo, rho: mino > majo),
+    "minority_moves_toward_decision_boundary": (("true_class_shift", "margin_shift"), _drops_more),
+}
+
+
+def _link_claim(results: Mapping, claim: str) -> dict:
+  """RULES[claim] on explain logits.definitions, one judgement per (variant, definition, change kind)."""
   if "explain" not in results:
-    return _not_tested("the explain stage did not run")
-  return _per_bits_claim(results, _explain_bits(results), _explain_values(results, ("logits", "variance_change")),
-                         lambda mino, majo, rho: mino < 0 and mino < majo)
+    return not_tested("the explain stage did not run")
+  definitions, compare = LINK_DEFINITIONS[claim]
+  section = results["explain"]
+  bits = _quantized(section["bit_widths"])
+  judgements = []
+  for v, h in holders(section, results).items():
+    collapsed = collapsed_bits(results, v)
+    for d in definitions:
+      for kind in ("change", "relative_change"):
+        values = path_values(h.get("per_seed") or {}, ("logits", "definitions", d, kind))
+        judgements.append(judged(v, f"{d} ({kind})", f"minority vs majority mean of logits.definitions.{d}.{kind}",
+                                 per_bits(results, bits, values, compare), collapsed))
+  return combine(judgements)
+
+
+# ----------------------------------------------------------------------------
+# Curvature: gradient norms and top eigenvalues, several definitions, at bits and as change from FP
+# ----------------------------------------------------------------------------
+
+CURVATURE_DEFINITIONS = {
+    "grad_norm": {"norm_of_mean_gradient": (("curvature", "grad_norm"), None),
+                  "size_matched": (("curvature", "size_matched", "grad_norm", "mean"), None),
+                  "mean_per_sample_norm": (("curvature", "mean_per_sample_grad_norm"), None)},
+    "top_eigenvalue": {"top_eigenvalue": (("curvature", "top_eigenvalue"), ("curvature", "converged")),
+                       "size_matched": (("curvature", "size_matched", "top_eigenvalue", "mean"),
+                                        ("curvature", "size_matched", "converged"))},
+}
 
 
 def _curvature_claim(results: Mapping, key: str) -> dict:
-  """RULES["minority_<key>_larger"] per bit-width on explain curvature[key] ([G] per seed): holds at b iff
-  minority mean > majority mean and Spearman(train counts, per-group mean over seeds) < 0. Top eigenvalues
-  of unconverged Lanczos runs (curvature.converged False) count as missing."""
+  """RULES["minority_<key>_larger"]: per (variant, definition, statement) minority mean > majority mean and
+  Spearman(train counts, per-group mean over seeds) < 0; unconverged Lanczos values count as missing."""
   if "explain" not in results:
-    return _not_tested("the explain stage did not run")
-  bits = [int(b) for b in results["explain"]["bit_widths"]]
-  values, unconverged = _explain_values(results, ("curvature", key)), {}
-  if key == "top_eigenvalue":
-    values, unconverged = _converged_only(values, _explain_values(results, ("curvature", "converged")))
-  out = _per_bits_claim(results, bits, values, lambda mino, majo, rho: mino > majo and rho < 0,
-                        use_size_correlation=True)
-  if unconverged:
-    out["unconverged_lanczos"] = unconverged
-  return out
+    return not_tested("the explain stage did not run")
+  section = results["explain"]
+  every = sorted((int(b) for b in section["bit_widths"]), reverse=True)
+  compare = lambda mino, majo, rho: mino > majo and rho < 0
+  judgements = []
+  for v, h in holders(section, results).items():
+    collapsed, per_seed = collapsed_bits(results, v), h.get("per_seed") or {}
+    for d, (path, converged_path) in CURVATURE_DEFINITIONS[key].items():
+      values, dropped = path_values(per_seed, path), {}
+      if converged_path:
+        values, dropped = _converged_only(values, path_values(per_seed, converged_path))
+      for statement in ("at_bits", "change_from_fp"):
+        if statement == "at_bits":
+          result = per_bits(results, every, values, compare, use_size_correlation=True)
+        elif FULL not in every:
+          result = not_tested("explain has no full-precision entry to take the change from")
+        else:
+          result = per_bits(results, _quantized(every), change_from_fp(values), compare, use_size_correlation=True)
+        if dropped:
+          result["unconverged_lanczos"] = dropped
+        judgements.append(judged(v, f"{d} ({statement})", "minority vs majority mean; Spearman(group size, "
+                                 f"mean) of {'.'.join(path)}", result, collapsed))
+  return combine(judgements)
 
 
 def _converged_only(values: Callable, converged: Callable) -> tuple[Callable, dict]:
@@ -346,23 +308,64 @@ def _converged_only(values: Callable, converged: Callable) -> tuple[Callable, di
   return get, dropped
 
 
+# ----------------------------------------------------------------------------
+# The second-order test of the theory
+# ----------------------------------------------------------------------------
+
+def second_order_orders_excess_loss(results: Mapping) -> dict:
+  """RULES["second_order_estimate_orders_excess_loss"], one judgement per variant."""
+  if "explain" not in results:
+    return not_tested("the explain stage did not run")
+  section = results["explain"]
+  return combine([judged(v, "second_order_estimate", "Spearman over groups, one-sided permutation p < 0.05",
+                         _theory_per_bits(results, section, h), collapsed_bits(results, v))
+                  for v, h in holders(section, results).items()])
+
+
+def _theory_per_bits(results: Mapping, section: Mapping, holder: Mapping) -> dict:
+  per_seed, split = holder.get("per_seed") or {}, section.get("curvature_split", "train")
+  num_groups = len(results["dataset"]["counts"]["train"])
+  out, flags, skipped = {}, [], {}
+  for b in _quantized(section["bit_widths"]):
+    pred = seed_matrix(results, path_values(per_seed, ("theory", "second_order")), b, num_groups)
+    obs = seed_matrix(results, path_values(per_seed, ("theory", "observed_excess_loss", split)), b, num_groups)
+    if isinstance(pred, str) or isinstance(obs, str):
+      skipped[str(b)] = pred if isinstance(pred, str) else obs
+      continue
+    pred_mean, obs_mean = finite_mean(pred, axis=0), finite_mean(obs, axis=0)
+    rho, p = stats.spearman_permutation_test(pred_mean, obs_mean, seed=0)
+    if not (math.isfinite(rho) and math.isfinite(p)):
+      skipped[str(b)] = "Spearman is undefined (fewer than 3 groups with values, or constant values)"
+      continue
+    ok = bool(rho > 0 and p < 0.05)
+    out[str(b)] = {"spearman": rho, "p_value": p, "holds": ok,
+                   "pearson": pearson(pred_mean, obs_mean), "predicted_mean": pred_mean.tolist(),
+                   "observed_mean": obs_mean.tolist()}
+    flags.append(ok)
+  extra = {"observed_on": split, **({"not_tested_at": skipped} if skipped else {})}
+  if not flags:
+    return not_tested(f"no second-order results ({'; '.join(dict.fromkeys(skipped.values())) or 'no quantized bits'})",
+                      **extra)
+  return {"verdict": verdict_over_bits(flags), "per_bits": out, **extra}
+
+
 def fairqat_beats_ptq_and_qat(results: Mapping) -> dict:
   """RULES["fairqat_beats_ptq_and_qat"] per target bit-width on mitigate.summary (means and stds over seeds):
   holds at b iff FV(fairqat) < FV(ptq), FV(fairqat) < FV(qat) and acc(qat) - acc(fairqat) <= std(acc(qat))."""
   m = results.get("mitigate")
   if m is None:
-    return _not_tested("the mitigate stage did not run")
+    return not_tested("the mitigate stage did not run")
   if "summary" not in m:
-    return _not_tested("the mitigate stage has not finished")
+    return not_tested("the mitigate stage has not finished")
   if not {"fairqat", "ptq", "qat"} <= set(m["methods"]):
-    return _not_tested("the ablation needs the methods ptq, qat and fairqat")
-  few = _too_few_groups_why(results)
+    return not_tested("the ablation needs the methods ptq, qat and fairqat")
+  few = too_few_groups_why(results)
   if few:
-    return _not_tested(few)
+    return not_tested(few)
   per_bits, flags, skipped = {}, [], {}
   for b in m["bit_widths"]:
     s = {k: (m["summary"].get(k) or {}).get(str(b)) or {} for k in ("fairqat", "ptq", "qat")}
-    stat = lambda k, key, part="mean": _float((s[k].get(key) or {}).get(part))
+    stat = lambda k, key, part="mean": as_float((s[k].get(key) or {}).get(part))
     fv = {k: stat(k, "fairness_violation") for k in s}
     acc_loss = stat("qat", "accuracy") - stat("fairqat", "accuracy")
     qat_std = stat("qat", "accuracy", "std")
@@ -378,17 +381,18 @@ def fairqat_beats_ptq_and_qat(results: Mapping) -> dict:
                         "qat_accuracy_std": qat_std, "holds": ok}
     flags.append(ok)
   if not flags:
-    return _not_tested(_join_reasons(skipped) if skipped else "the ablation has no target bit-width",
+    return not_tested(join_reasons(skipped) if skipped else "the ablation has no target bit-width",
                        **({"not_tested_at": skipped} if skipped else {}))
-  return {"verdict": _verdict(flags), "per_bits": per_bits, **({"not_tested_at": skipped} if skipped else {})}
+  return {"verdict": verdict_over_bits(flags), "per_bits": per_bits, **({"not_tested_at": skipped} if skipped else {})}
 
 
 CLAIMS: dict[str, Callable[[Mapping], dict]] = {
     "fairness_violation_grows_as_bits_shrink": fairness_violation_grows,
     "minority_loses_more_accuracy": minority_loses_more,
-    "logit_variance_drops_more_for_minority": logit_variance_drops_more,
+    **{claim: (lambda results, claim=claim: _link_claim(results, claim)) for claim in LINK_DEFINITIONS},
     "minority_gradient_norm_larger": lambda results: _curvature_claim(results, "grad_norm"),
     "minority_top_eigenvalue_larger": lambda results: _curvature_claim(results, "top_eigenvalue"),
+    "second_order_estimate_orders_excess_loss": second_order_orders_excess_loss,
     "fairqat_beats_ptq_and_qat": fairqat_beats_ptq_and_qat,
 }
 

@@ -13,6 +13,7 @@ A study config has these sections (each experiment file overrides a few fields):
   explain: the forward chain and per-group curvature (fqjax.explain).
   mitigate: QAT / mixed precision / FairQAT ablation (fqjax.mitigate).
   eval:   batch size and bootstrap settings.
+  claims: the collapse level and the practical-equivalence margin of the verdicts (fqjax.claims).
   distributed: jax.distributed settings for multi-host runs.
 """
 from __future__ import annotations
@@ -70,6 +71,11 @@ def base_config() -> ml_collections.ConfigDict:
   })
   c.mitigate = _mitigate_defaults()
   c.eval = ml_collections.ConfigDict({"batch_size": 512, "bootstrap_resamples": 1000})
+  # How verdicts treat noise and collapse (fqjax.claims.GENERAL_RULES); they change no computed entry.
+  c.claims = ml_collections.ConfigDict({
+      "collapse_fraction": 0.5,  # collapsed: accuracy below chance + fraction * (full precision - chance)
+      "equivalence_margin": placeholder(float),  # None: 1 / median test-group size (one example)
+  })
   # Data parallelism over all visible devices (all hosts): batches split, parameters replicated.
   c.parallel = ml_collections.ConfigDict({"data_parallel": False, "num_devices": placeholder(int)})  # None: all
   c.distributed = ml_collections.ConfigDict({
@@ -169,6 +175,7 @@ def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
   _validate_mitigate(config.mitigate)
   if not _is_int(config.eval.bootstrap_resamples) or config.eval.bootstrap_resamples < 0:
     _fail("eval.bootstrap_resamples", config.eval.bootstrap_resamples, "an int >= 0 (0 = no interval)")
+  _validate_claims(config.claims)
   return config
 
 
@@ -236,6 +243,16 @@ def _validate_explain(e) -> None:
     _fail("explain.max_examples_per_group", e.max_examples_per_group, "None or an int >= 1")
   if not float(e.lanczos_tol) > 0:
     _fail("explain.lanczos_tol", e.lanczos_tol, "a number > 0")
+
+
+def _validate_claims(c) -> None:
+  if isinstance(c.collapse_fraction, bool) or not isinstance(c.collapse_fraction, (int, float)) or \
+      not 0 < c.collapse_fraction < 1:
+    _fail("claims.collapse_fraction", c.collapse_fraction, "a number strictly between 0 and 1 (0.5: the midpoint "
+          "between chance and full-precision accuracy)")
+  margin = c.equivalence_margin
+  if margin is not None and (isinstance(margin, bool) or not isinstance(margin, (int, float)) or not margin >= 0):
+    _fail("claims.equivalence_margin", margin, "None (one test example of the median group) or a number >= 0")
 
 
 def _validate_mitigate(m) -> None:

@@ -86,6 +86,20 @@ def spearman(a, b) -> float:
   return float(stats.spearmanr(a, b).statistic)
 
 
+def pearson(a, b) -> float:
+  """Pearson correlation of two 1-D sequences over the pairs with finite values; NaN (no warning) for fewer
+  than 2 pairs or a constant side. ValueError on mismatched shapes."""
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  if a.ndim != 1 or a.shape != b.shape:
+    raise ValueError(f"pearson needs two 1-D arrays of equal length, got shapes {a.shape} and {b.shape}.")
+  keep = np.isfinite(a) & np.isfinite(b)
+  a, b = a[keep], b[keep]
+  if a.size < 2 or np.all(a == a[0]) or np.all(b == b[0]):
+    return float("nan")
+  a, b = a - a.mean(), b - b.mean()
+  return float(np.clip(np.dot(a, b) / np.sqrt(np.dot(a, a) * np.dot(b, b)), -1.0, 1.0))
+
+
 def per_sample_loss(logits: np.ndarray, y: np.ndarray) -> np.ndarray:
   """Softmax cross-entropy per sample: logits [N, C], y [N] -> [N] float64."""
   logits = np.asarray(logits, np.float64)

@@ -13,13 +13,17 @@ results.json (schema_version 1), top level:
   train:    {"keys", "per_seed": {seed: TrainRecord}, "summary": Summary}
   ptq:      {"keys", "bit_widths", "a_bits", "per_channel", "fold_bn", "sweep_mode", "sweep_s": {seed: s},
              "variant": the primary PTQ variant ("<scale>/<bn>", fqjax.ptq.parse_variant),
-             "per_seed": {seed: {bits: Metrics}}, "summary": {bits: Summary},
-             "variants": {other variant: {"per_seed": {seed: {bits: Metrics}}, "summary": {bits: Summary}}}}
-  explain:  {"keys", "bit_widths", "forward_split", "curvature_split", "group_sizes": [G],
-             "per_seed": {seed: {bits: Explain}}}
+             "per_seed": {seed: {bits: Metrics}}, "summary": {bits: Summary}, "intervals": {bits: Intervals},
+             "variants": {other variant: {"per_seed", "summary", "intervals" as above}}}
+  explain:  {"keys", "bit_widths", "forward_split", "curvature_split", "group_sizes": [G], "variant",
+             "per_seed": {seed: {bits: Explain}}, "theory": {quantized bits: Theory},
+             "variants": {other variant: {"per_seed", "theory" as above}}} (at 32 bits every variant's
+             entry is the trained model's, computed once)
   mitigate: {"keys", "bit_widths", "methods", "per_seed": {seed: {method: {bits: Metrics + train_s}}},
              "summary": {method: {bits: Summary}}, "best": {bits: {column: method}}, "wall_s"}
-  claims:   {claim name: {"verdict": holds | partly | does not hold | not tested, numbers...}, "rules": str
+  claims:   {claim name: {"verdict": holds | partly | does not hold | inconclusive | not applicable | depends |
+            not tested, "judgements": {"<variant> | <definition>": {"verdict", "variant", "definition",
+            "statistic", "per_bits", "collapsed_bits", ...}}, "by_verdict" (depends)}, "rules": str
             (fqjax.claims.rules_text(): GENERAL_RULES, then "claim: rule" per RULES entry)}
   timings:  {stage: seconds of its last run}
   last_run: only in the dict fqjax.runner.run returns, never in the file: {"stages": {stage: seconds
@@ -27,7 +31,13 @@ results.json (schema_version 1), top level:
 where
   Metrics = fqjax.metrics.group_metrics output (accuracy, loss, worst_group_accuracy,
             fairness_violation, groups{count, accuracy, loss, accuracy_drop}, ...)
-            plus "size_bytes" and, for test metrics, "fairness_violation_ci" {low, high}.
+            plus "size_bytes" and, for test metrics, "fairness_violation_ci" {low, high}; PTQ entries also
+            groups.paired_counts [G][4] (fqjax.stats.CELLS: each test example's full-precision and
+            quantized outcome).
+  Intervals = fqjax.stats.intervals output: group_accuracy, group_accuracy_drop {mean, low, high: [G]},
+            worst_group_accuracy and drop_difference (minority minus majority drop) {mean, low, high}.
+  Theory = fqjax.summaries.theory_table row: first_order, second_order, curvature_term, grad_norm, bound
+            [G], d_norm, observed_excess_loss {split: [G]}, correlations {split: {spearman, pearson}}.
   TrainRecord = {"history": [epoch dicts], "val": Metrics, "test": Metrics, "wall_s", "epochs_run",
                  "resumed_from", "sample_counts", "variables_digest" (fqjax.train.tree_digest)}
   Summary = fqjax.metrics.summarize_over_seeds output ({"accuracy": {"mean", "std", "n"}, ...}), plus
@@ -36,8 +46,9 @@ where
             accuracy, loss per group) plus "curvature": {"grad_norm", "top_eigenvalue", "loss": [G],
             "top_k_eigenvalues": [G][k], "num_hvps", "converged": [G], "spearman_size_grad_norm",
             "spearman_size_top_eigenvalue", "activation_bits_ignored"[, "trace", "trace_std"][, "size_matched":
-            {"size", "repeats", "grad_norm": {"mean", "std"}, "top_eigenvalue": {"mean", "std"}} ([G] each)]}
-            and "wall_s".
+            {"size", "repeats", "grad_norm": {"mean", "std"}, "top_eigenvalue": {"mean", "std"}, "converged"}
+            ([G] each)], "mean_per_sample_grad_norm": [G]}, "theory" (quantized bits: fqjax.stages.theory) and
+            "wall_s"; logits.definitions {name: {change, relative_change[, fp, quantized]}} (forward_chain).
 Seeds and bit-widths are JSON object keys, so they are strings ("0", "32").
 """
 from __future__ import annotations
@@ -229,28 +240,33 @@ def csv_rows(results: Mapping) -> list[dict]:
   for seed, rec in results.get("train", {}).get("per_seed", {}).items():
     for split in ("val", "test"):
       rows += metric_rows("fp", 32, seed, split, rec[split], names)
-  for seed, by_bits in results.get("ptq", {}).get("per_seed", {}).items():
-    for bits, m in by_bits.items():
-      rows += metric_rows("ptq", bits, seed, "test", m, names)
+  ptq = results.get("ptq", {})
+  for label, holder in [("ptq", ptq), *((f"ptq/{v}", h) for v, h in ptq.get("variants", {}).items())]:
+    for seed, by_bits in holder.get("per_seed", {}).items():
+      for bits, m in by_bits.items():
+        rows += metric_rows(label, bits, seed, "test", m, names)
   for seed, by_method in results.get("mitigate", {}).get("per_seed", {}).items():
     for method, by_bits in by_method.items():
       for bits, m in by_bits.items():
         rows += metric_rows(f"mitigate/{method}", bits, seed, "test", m, names)
   explain = results.get("explain", {})
-  for seed, by_bits in explain.get("per_seed", {}).items():
-    for bits, e in by_bits.items():
-      rows += explain_rows(bits, seed, explain.get("forward_split", "test"), e, names)
+  for label, holder in [("explain", explain), *((f"explain/{v}", h) for v, h in explain.get("variants", {}).items())]:
+    for seed, by_bits in holder.get("per_seed", {}).items():
+      for bits, e in by_bits.items():
+        rows += explain_rows(bits, seed, explain.get("forward_split", "test"), e, names, label)
   return rows
 
 
-def explain_rows(bits: Any, seed: Any, split: str, e: Mapping, group_names: Iterable[str]) -> list[dict]:
-  """One row per group with the forward chain and (when computed) curvature."""
+def explain_rows(bits: Any, seed: Any, split: str, e: Mapping, group_names: Iterable[str],
+                 label: str = "explain") -> list[dict]:
+  """One row per group with the forward chain and (when computed) curvature; ``label``: the variant column
+  ("explain" for the primary PTQ variant, "explain/<variant>" for the others)."""
   rows = []
   acts = list(e.get("activations", {}).values())
   curv = e.get("curvature", {})
   for i, name in enumerate(group_names):
     act = [a[i] for a in acts if a[i] is not None]
-    rows.append({"variant": "explain", "bits": bits, "seed": seed, "split": split, "group": i, "group_name": name,
+    rows.append({"variant": label, "bits": bits, "seed": seed, "split": split, "group": i, "group_name": name,
                  "accuracy": e["accuracy"][i], "loss": e["loss"][i],
                  "logit_abs_shift": e["logits"]["abs_shift"][i], "logit_variance": e["logits"]["variance"][i],
                  "logit_variance_change": e["logits"]["variance_change"][i],

@@ -28,7 +28,7 @@ from typing import Callable, Optional, Sequence
 import jax
 import ml_collections
 
-from fqjax import claims, layers, metrics, mitigate, parallel, report, results, stages, train
+from fqjax import claims, layers, metrics, mitigate, parallel, report, results, stages, summaries, train
 from fqjax import config as config_lib
 from fqjax import data as data_lib
 from fqjax import workdir as workdir_lib
@@ -102,7 +102,10 @@ class _Run:
       for key in ("summary", "best", "missing_seeds"):
         self.results.get(stage, {}).pop(key, None)
       for entry in self.results.get(stage, {}).get("variants", {}).values():
-        entry.pop("summary", None)
+        for key in ("summary", "intervals", "theory"):
+          entry.pop(key, None)
+      for key in ("intervals", "theory"):
+        self.results.get(stage, {}).pop(key, None)
       self.results.pop("claims", None)
       self.results["updated"] = results.now()
       results.write_json(os.path.join(self.workdir, "results.json"), self.results)
@@ -229,37 +232,49 @@ def _ptq(r: _Run) -> bool:
 
 
 def _entries(r: _Run, stage: str, names: Sequence[str]) -> Callable[[int], dict]:
-  """Per seed, the stage's dict of entries with a matching key, keeping only the configured ``names``."""
+  """Per seed, the stage's dict of entries with a matching key, keeping only the configured ``names``; the
+  seed's entries of the section's other variants (section["variants"][v]["per_seed"]) follow the same key."""
   section = r.results[stage]
 
   def entries(seed: int) -> dict:
     key = r.key(stage, seed)
-    if section["keys"].get(str(seed)) != key or r.force:
-      section["per_seed"][str(seed)] = {}
+    stale = section["keys"].get(str(seed)) != key or r.force
     section["keys"][str(seed)] = key
-    kept = {k: v for k, v in section["per_seed"].setdefault(str(seed), {}).items() if k in names}
-    section["per_seed"][str(seed)] = kept
-    return kept
+    for holder in [section, *section.get("variants", {}).values()]:
+      per_seed = holder.setdefault("per_seed", {})
+      old = {} if stale else per_seed.get(str(seed), {})
+      per_seed[str(seed)] = {k: v for k, v in old.items() if k in names}
+    return section["per_seed"][str(seed)]
 
   return entries
 
 
 def _explain(r: _Run) -> bool:
+  """Every (seed, bit-width) entry of every PTQ variant; the primary variant's in per_seed, the others in
+  variants[v].per_seed. At full precision all variants are the model as trained, so they share one entry."""
   xcfg, pcfg = r.config.explain, r.config.ptq
   bit_widths = [int(b) for b in (xcfg.bit_widths or pcfg.bit_widths)]
   section = r.results.setdefault("explain", {"keys": {}, "per_seed": {}})
   section.update(bit_widths=bit_widths, curvature_split=xcfg.curvature_split, forward_split=xcfg.forward_split,
-                 group_sizes=r.splits.info.counts["train"])
+                 group_sizes=r.splits.info.counts["train"], variant=pcfg.variants[0])
+  section["variants"] = {v: section.get("variants", {}).get(v, {"per_seed": {}}) for v in pcfg.variants[1:]}
   entries_of, ran = _entries(r, "explain", [str(b) for b in bit_widths]), False
-  r.load_trained([s for s in r.seeds if any(str(b) not in entries_of(s) for b in bit_widths)])
+  holders = {pcfg.variants[0]: section, **section["variants"]}
+  todo = lambda seed: [(v, b) for b in bit_widths for v, h in holders.items()
+                       if str(b) not in h["per_seed"].get(str(seed), {})]
   for seed in r.seeds:
-    entries = entries_of(seed)
-    for bits in bit_widths:
-      if str(bits) in entries:
-        continue
-      entries[str(bits)] = stages.explain_entry(r.model, r.trained_variables(seed), r.splits, xcfg, pcfg,
-                                                r.config.eval, r.layer_names, bits, seed)
-      log.info("explain seed %d %d-bit: %.1f s", seed, bits, entries[str(bits)]["wall_s"])
+    entries_of(seed)  # drops the seed's entries whose key no longer matches
+  r.load_trained([s for s in r.seeds if todo(s)])
+  for seed in r.seeds:
+    for variant, bits in todo(seed):
+      primary = section["per_seed"][str(seed)]
+      if bits >= 32 and variant != pcfg.variants[0] and str(bits) in primary:
+        entry = primary[str(bits)]  # the model as trained: the same for every variant
+      else:
+        entry = stages.explain_entry(r.model, r.trained_variables(seed), r.splits, xcfg, pcfg, r.config.eval,
+                                     r.layer_names, bits, seed, variant)
+        log.info("explain seed %d %s %d-bit: %.1f s", seed, variant, bits, entry["wall_s"])
+      holders[variant]["per_seed"][str(seed)][str(bits)] = entry
       ran = True
       r.save_progress("explain")
   return ran
@@ -321,21 +336,6 @@ def available_stages() -> list[str]:
 # Summaries, claims and the result files
 # ----------------------------------------------------------------------------
 
-def _missing_seeds(r: _Run, stage: str) -> list[int]:
-  section = r.results.get(stage) or {}
-  per_seed = section.get("per_seed", {})
-  if stage == "explain":
-    bits = section.get("bit_widths", [])
-    return [s for s in r.seeds if any(str(b) not in per_seed.get(str(s), {}) for b in bits)]
-  if stage == "mitigate":
-    return [s for s in r.seeds if any(str(b) not in per_seed.get(str(s), {}).get(mth, {})
-                                      for mth in section.get("methods", []) for b in section.get("bit_widths", []))]
-  if stage == "ptq":
-    bits = section.get("bit_widths", [])
-    return [s for s in r.seeds if sorted(per_seed.get(str(s), {})) != sorted(str(b) for b in bits)]
-  return [s for s in r.seeds if str(s) not in per_seed]
-
-
 def _summarize(r: _Run) -> list[str]:
   """Summaries of every complete section over exactly the configured seeds; returns the incomplete stages."""
   incomplete = []
@@ -343,9 +343,9 @@ def _summarize(r: _Run) -> list[str]:
     section = r.results.get(stage)
     if section is None:
       continue
-    section.pop("summary", None)
-    section.pop("best", None)
-    missing = _missing_seeds(r, stage)
+    for key in ("summary", "best", "intervals", "theory"):
+      section.pop(key, None)
+    missing = summaries.missing_seeds(section, stage, r.seeds)
     section["missing_seeds"] = missing
     if missing:
       incomplete.append(stage)
@@ -354,9 +354,15 @@ def _summarize(r: _Run) -> list[str]:
     if stage == "train":
       section["summary"] = metrics.summarize_over_seeds([per_seed[str(s)]["test"] for s in r.seeds])
     elif stage == "ptq":
+      minority, resamples = claims.minority_mask(r.results), r.config.eval.bootstrap_resamples
       for entry in [section, *section.get("variants", {}).values()]:
         entry["summary"] = {str(b): metrics.summarize_over_seeds([entry["per_seed"][str(s)][str(b)]
                                                                   for s in r.seeds]) for b in section["bit_widths"]}
+        if resamples:
+          entry["intervals"] = summaries.ptq_intervals(entry, section["bit_widths"], r.seeds, minority, resamples)
+    elif stage == "explain":
+      for entry in [section, *section.get("variants", {}).values()]:
+        entry["theory"] = summaries.theory_table(entry, section["bit_widths"], r.seeds, section)
     elif stage == "mitigate":
       section.update(mitigate.summarize(per_seed, section["methods"], section["bit_widths"], r.seeds))
   return incomplete

@@ -7,7 +7,7 @@ each stage can be called, and tested, without a workdir:
   record, variables = train_seed(model, splits, config.train, config.eval, seed, ckpt_dir)
   by_bits = ptq_seed(model, variables, splits, config.ptq, config.eval, layer_names, seed)
   entry = explain_entry(model, variables, splits, config.explain, config.ptq, config.eval,
-                        layer_names, bits, seed)
+                        layer_names, bits, seed, variant)   (forward chain, curvature, theory)
   (the mitigate stage's entry is fqjax.mitigate.run_entry)
 
 `quantization_start` is the one place that turns trained variables into what a quantized
@@ -21,10 +21,12 @@ from typing import Mapping, Optional, Sequence
 import flax.linen as nn
 import jax
 import numpy as np
+from flax import traverse_util
 
-from fqjax import layers, metrics, ptq, quant, train
+from fqjax import layers, metrics, ptq, quant, stats, train
 from fqjax.explain import curvature as curvature_lib
 from fqjax.explain import forward as forward_lib
+from fqjax.explain import theory as theory_lib
 from fqjax.models import get_model
 
 Variables = Mapping[str, Mapping]
@@ -63,12 +65,17 @@ def recalibrated(qmodel: nn.Module, qvars: Variables, bits_tree, train_x: np.nda
                  variant: Optional[str] = None) -> dict:
   """``qvars`` with BatchNorm statistics re-estimated for the model quantized by ``bits_tree`` when the
   variant's BatchNorm mode is "recalibrate" (on ``pcfg.bn_batches`` training batches drawn from ``seed``);
-  unchanged for "keep"."""
+  unchanged for "keep" and at full precision."""
   _, bn = ptq.parse_variant(variant or pcfg.variants[0])
-  if bn == "keep":
-    return dict(qvars)
+  if bn == "keep" or is_full_precision(bits_tree):
+    return dict(qvars)  # at full precision every variant is the model as trained
   batches = ptq.calibration_batches(train_x, pcfg.calibration_batch_size, pcfg.bn_batches, seed + 1)
   return {**qvars, "batch_stats": ptq.recalibrate_batch_stats(qmodel, qvars, bits_tree, batches)}
+
+
+def is_full_precision(bits_tree) -> bool:
+  """Whether no leaf of a "bits" tree is below 32 (nothing is quantized)."""
+  return all(np.all(np.asarray(leaf) >= quant.FULL_PRECISION_BITS) for leaf in jax.tree_util.tree_leaves(bits_tree))
 
 
 def quantization_start(model: nn.Module, variables: Variables, train_x: np.ndarray, pcfg, seed: int, *,
@@ -108,7 +115,8 @@ def ptq_seed(model: nn.Module, variables: Variables, splits, pcfg, ecfg, layer_n
   Returns {"by_bits": {bits: group metrics + size_bytes [+ fairness_violation_ci]} of the primary
   variant, "variants": {other variant: its by_bits}, "sweep_s": seconds of all sweeps, "sweep_mode"}.
   Reference for accuracy drops: the model as trained (no folding, no quantizer in the graph), evaluated
-  once. Activation ranges are calibrated once (at full precision, so the weight rule does not matter).
+  once; groups.paired_counts [G, 4] (fqjax.stats.CELLS) pair each test example's reference and quantized
+  outcome, the sufficient statistic of the paired bootstrap. Activation ranges are calibrated once (at full precision, so the weight rule does not matter).
   With BatchNorm recalibration each bit-width has its own statistics, so that sweep runs one
   bit-width at a time through the same compiled function (K = 1).
   """
@@ -120,8 +128,10 @@ def ptq_seed(model: nn.Module, variables: Variables, splits, pcfg, ecfg, layer_n
   num_params = sum(int(np.prod(np.shape(a))) for a in jax.tree_util.tree_leaves(variables["params"]))
   mode = ptq.resolve_mode(pcfg.sweep_mode, num_params)
   test, info = splits.test, splits.info
-  ref = train.evaluate(model, {k: variables[k] for k in ("params", "batch_stats")}, test, info.num_groups,
-                       group_is_label=info.group_is_label, batch_size=ecfg.batch_size, mesh=mesh)
+  ref_logits = train.predict(model, {k: variables[k] for k in ("params", "batch_stats")}, test.x, ecfg.batch_size,
+                             mesh)
+  ref = metrics.group_metrics(ref_logits, test.y, test.group, info.num_groups, group_is_label=info.group_is_label)
+  ref_correct = ref_logits.argmax(-1) == test.y
   t0 = time.perf_counter()
   logits = {v: _variant_logits(ptq_model(model, pcfg, v), qvars, trees, splits, pcfg, ecfg, seed, v, mode, mesh)
             for v in pcfg.variants}
@@ -132,6 +142,8 @@ def ptq_seed(model: nn.Module, variables: Variables, splits, pcfg, ecfg, layer_n
     for i, (bits, spec) in enumerate(zip(bit_widths, specs)):
       m = metrics.group_metrics(variant_logits[i], test.y, test.group, info.num_groups,
                                 group_is_label=info.group_is_label, reference=ref)
+      m["groups"]["paired_counts"] = stats.paired_counts(ref_correct, variant_logits[i].argmax(-1) == test.y,
+                                                         test.group, info.num_groups).tolist()
       m["size_bytes"] = quant.storage_size(qvars["params"], layers.weight_bits_by_layer(spec, layer_names),
                                            per_channel=pcfg.per_channel)["bytes"]
       if ecfg.bootstrap_resamples:
@@ -154,44 +166,82 @@ def _variant_logits(qmodel, qvars, trees, splits, pcfg, ecfg, seed, variant, mod
 
 
 def explain_entry(model: nn.Module, variables: Variables, splits, xcfg, pcfg, ecfg, layer_names: Sequence[str],
-                  bits: int, seed: int) -> dict:
-  """Forward chain (on ``xcfg.forward_split``) and per-group curvature (on ``xcfg.curvature_split``) at ``bits``.
+                  bits: int, seed: int, variant: Optional[str] = None) -> dict:
+  """Forward chain (on ``xcfg.forward_split``), per-group curvature and the second-order test (on
+  ``xcfg.curvature_split``) of one PTQ ``variant`` (default: the primary one) at ``bits``.
 
-  ``variables`` are the trained ones; the quantized start is built here (quantization_start).
-  Returns forward_lib.forward_chain's dict plus "curvature" (when ``xcfg.curvature``) and "wall_s".
+  ``variables`` are the trained ones; the quantized start is built here (quantization_start), with the
+  variant's weight grid and BatchNorm mode. Returns forward_lib.forward_chain's dict plus "curvature"
+  (when ``xcfg.curvature``), "theory" (quantized bit-widths; see ``theory``) and "wall_s".
   """
   t0 = time.perf_counter()
   spec = ptq.sweep_specs([bits], pcfg.a_bits)[0]
-  qmodel = ptq_model(model, pcfg)
+  qmodel = ptq_model(model, pcfg, variant)
   qvars = quantization_start(qmodel, variables, splits.train.x, pcfg, seed, calibrate=spec.a_bits is not None)
   bits_tree = spec.bits_tree(layer_names)
-  qvars = recalibrated(qmodel, qvars, bits_tree, splits.train.x, pcfg, seed)  # the primary variant's BatchNorm
+  qvars_bn = recalibrated(qmodel, qvars, bits_tree, splits.train.x, pcfg, seed, variant)
   fwd, info = splits[xcfg.forward_split], splits.info
-  entry = forward_lib.forward_chain(qmodel, qvars, bits_tree, fwd.x, fwd.y, fwd.group, info.num_groups,
+  entry = forward_lib.forward_chain(qmodel, qvars_bn, bits_tree, fwd.x, fwd.y, fwd.group, info.num_groups,
                                     layer_names, batch_size=ecfg.batch_size)
+  rng = np.random.default_rng(seed)
+  rows = _subsample_groups(splits[xcfg.curvature_split], info.num_groups, xcfg.max_examples_per_group, rng)
   if xcfg.curvature:
-    entry["curvature"] = curvature(qmodel, qvars, bits_tree, splits[xcfg.curvature_split], info.num_groups,
-                                   info.counts["train"], xcfg, seed)
+    entry["curvature"] = curvature(qmodel, qvars_bn, bits_tree, rows, info.num_groups, info.counts["train"], xcfg,
+                                   seed, rng)
     entry["curvature"]["activation_bits_ignored"] = spec.a_bits is not None  # taken at the dequantized weights
+  if not is_full_precision(bits_tree):
+    entry["theory"] = theory(qmodel, qvars, bits_tree, rows, fwd, info.num_groups, xcfg,
+                             {"curvature": xcfg.curvature_split, "forward": xcfg.forward_split})
   entry["wall_s"] = time.perf_counter() - t0
   return entry
 
 
+def theory(qmodel: nn.Module, qvars: Variables, bits_tree, rows, fwd, num_groups: int, xcfg,
+           split_names: Mapping[str, str]) -> dict:
+  """The second-order test of the theory (fqjax.explain.theory) at one bits tree, weights only.
+
+  On the curvature rows: per group [G] the observed excess loss, g.d, d.H.d, the second-order estimate
+  and ||g|| (one forward-over-reverse pass per batch), and ||d||; on the forward split the observed
+  excess loss. BatchNorm statistics are the trained ones (``qvars`` before recalibration), so d, the
+  change of the weights, is the only change. Keys: the theory_lib names, "observed_excess_loss":
+  {split name: [G]}, "batchnorm": "trained statistics", "activation_bits_ignored".
+  """
+  terms = theory_lib.second_order_terms(qmodel, qvars, bits_tree, rows.x, rows.y, rows.group, num_groups,
+                                        batch_size=xcfg.batch_size)
+  held_out = theory_lib.excess_loss(qmodel, qvars, bits_tree, fwd.x, fwd.y, fwd.group, num_groups,
+                                    batch_size=xcfg.batch_size)
+  out = {k: (v.tolist() if isinstance(v, np.ndarray) else float(v)) for k, v in terms.items()}
+  out["observed_excess_loss"] = {split_names["curvature"]: out["excess_loss"]}
+  if split_names["forward"] != split_names["curvature"]:
+    out["observed_excess_loss"][split_names["forward"]] = np.asarray(held_out["excess_loss"]).tolist()
+  out["batchnorm"] = "trained statistics"
+  out["activation_bits_ignored"] = any(np.any(np.asarray(leaf) < quant.FULL_PRECISION_BITS)
+                                       for path, leaf in _flat_bits(bits_tree) if path[-1] == "a")
+  return out
+
+
+def _flat_bits(bits_tree):
+  return traverse_util.flatten_dict(bits_tree).items()
+
+
 def curvature(model: nn.Module, variables: Variables, bits_tree, split, num_groups: int, group_sizes: Sequence[int],
-              xcfg, seed: int) -> dict:
-  """Per-group gradient norms and Lanczos top-k Hessian eigenvalues at the (dequantized) weights.
+              xcfg, seed: int, rng: Optional[np.random.Generator] = None) -> dict:
+  """Per-group gradient norms (of the mean gradient and mean per-sample) and Lanczos top-k Hessian eigenvalues
+  at the (dequantized) weights, on ``split`` (already cut to ``xcfg.max_examples_per_group``).
 
   Activation bits are not a change of the parameters: curvature is taken at the dequantized
   weights only. group_sizes: [G] training-set sizes, for Spearman(size, value). With
-  ``xcfg.max_examples_per_group`` each group is first subsampled (seeded) to at most that many
-  rows. With ``xcfg.size_matched_repeats`` = R > 0, "size_matched" adds the same gradient norm and
-  top eigenvalue with every group subsampled to the smallest group's size m, R times: their
-  mean and std [G] over the repeats, so a size effect is not mistaken for a group effect.
+  ``xcfg.size_matched_repeats`` = R > 0, "size_matched" adds the same gradient norm and
+  top eigenvalue with every group subsampled (by ``rng``) to the smallest group's size m, R times: their
+  mean and std [G] over the repeats, and "converged" [G] (every repeat's Lanczos run converged), so a size
+  effect is not mistaken for a group effect.
   """
-  rng = np.random.default_rng(seed)
-  split = _subsample_groups(split, num_groups, xcfg.max_examples_per_group, rng)
+  rng = np.random.default_rng(seed) if rng is None else rng
   out = _curvature_of(model, variables, bits_tree, split, num_groups, xcfg, seed, k=xcfg.top_k,
                       trace_probes=xcfg.trace_probes)
+  out["mean_per_sample_grad_norm"] = curvature_lib.group_mean_sample_gradient_norms(
+      model, variables, split.x, split.y, split.group, num_groups, bits_tree=bits_tree, batch_size=xcfg.batch_size,
+      activations="ignore")["mean_norms"].tolist()
   out.update(spearman_size_grad_norm=metrics.spearman(group_sizes, out["grad_norm"]),
              spearman_size_top_eigenvalue=metrics.spearman(group_sizes, out["top_eigenvalue"]))
   if xcfg.size_matched_repeats:
@@ -202,7 +252,8 @@ def curvature(model: nn.Module, variables: Variables, bits_tree, split, num_grou
     out["size_matched"] = {"size": m, "repeats": xcfg.size_matched_repeats, **{
         key: {"mean": np.mean([r[key] for r in runs], axis=0).tolist(),
               "std": np.std([r[key] for r in runs], axis=0, ddof=1 if len(runs) > 1 else 0).tolist()}
-        for key in ("grad_norm", "top_eigenvalue")}}
+        for key in ("grad_norm", "top_eigenvalue")},
+        "converged": np.all([r["converged"] for r in runs], axis=0).tolist()}
   return out
 
 

@@ -5,9 +5,11 @@ that the runner stored (``ptq.summary[bits]``, ``mitigate.summary[method][bits]`
 per column that ``mitigate.summarize`` stored (``mitigate.best[bits][column]``). No JAX.
 
   ptq_table(results)                   the PTQ sweep: bits, size KB, accuracy, worst group, fairness violation
-                                       (mean±std over seeds) and per-group accuracy (mean)
+                                       (mean±std over seeds), the 95% intervals of the worst group and of D
+                                       (minority minus majority accuracy drop), and per-group accuracy (mean)
   ablation_table(results["mitigate"])  the ablation: mean±std per method and bit-width, * = best per column
   claims_lines(results)                one line per claim: '  name: verdict (why)'
+  interval_cell(node)                  '[low, high]' of a stored 95% interval
 
 A cell with no data (mean null / NaN / missing, n = 0: no test rows behind it) prints as ``EMPTY``.
 ``dig``, ``finite`` and ``mean_std_cell`` are the look-up and cell formats the report shares (it writes 'mean ± std').
@@ -82,16 +84,32 @@ def ptq_table(results: Mapping) -> str:
   if not isinstance(p.get("summary"), Mapping):
     return UNFINISHED.format(stage="ptq")
   names = results["dataset"]["group_names"]
-  lines = [f"{'bits':>4} {'size KB':>8} {'accuracy':>14} {'worst group':>14} {'fairness viol.':>15}  "
+  intervals = p.get("intervals") if isinstance(p.get("intervals"), Mapping) else {}
+  ci_header = f" {'worst 95% CI':>14} {'D 95% CI':>16}" if intervals else ""
+  lines = [f"{'bits':>4} {'size KB':>8} {'accuracy':>14} {'worst group':>14} {'fairness viol.':>15}{ci_header}  "
            + " ".join(f"{n[:8]:>8}" for n in names)]
   for b in p["bit_widths"]:
     s = p["summary"][str(b)]
     size = mean_std_cell({"mean": ptq_size_bytes(results, b)}, "{:.1f}", scale=1 / 1024)
     cell = lambda key: mean_std_cell(s.get(key))
     groups = " ".join(f"{mean_std_cell({'mean': g.get('mean')}):>8}" for g in s["groups"]["accuracy"])
+    ci = ""
+    if intervals:
+      iv = intervals.get(str(b)) or {}
+      ci = f" {interval_cell(iv.get('worst_group_accuracy')):>14} {interval_cell(iv.get('drop_difference')):>16}"
     lines.append(f"{b:>4} {size:>8} {cell('accuracy'):>14} {cell('worst_group_accuracy'):>14} "
-                 f"{cell('fairness_violation'):>15}  {groups}")
+                 f"{cell('fairness_violation'):>15}{ci}  {groups}")
   return "\n".join(lines)
+
+
+def interval_cell(node: Optional[Mapping], fmt: str = "{:.3f}") -> str:
+  """'[low, high]' of a {"low", "high"} dict; EMPTY when either end is missing.
+
+  >>> interval_cell({"mean": 0.5, "low": 0.4, "high": 0.6})
+  '[0.400, 0.600]'
+  """
+  low, high = finite((node or {}).get("low")), finite((node or {}).get("high"))
+  return EMPTY if low is None or high is None else f"[{fmt.format(low)}, {fmt.format(high)}]"
 
 
 def _ablation_row(b: Any, method: str, s: Mapping, best: Mapping) -> str:
@@ -125,8 +143,18 @@ def ablation_table(section: Mapping) -> str:
 
 
 def claims_lines(results: Mapping) -> str:
-  """'  claim_name: verdict' (+ ' (why)' when not tested) per claim of ``results["claims"]``; '' without claims."""
+  """'  claim_name: verdict' per claim of ``results["claims"]``, with ' (why)' when not tested and, for
+  "depends", how many judgements (variant | definition) give each verdict; '' without claims."""
   if "claims" not in results:
     return ""
-  return "\n".join(f"  {name}: {c['verdict']}" + (f" ({c['why']})" if c.get("why") else "")
-                   for name, c in results["claims"].items() if isinstance(c, Mapping))
+  lines = []
+  for name, c in results["claims"].items():
+    if not isinstance(c, Mapping):
+      continue
+    extra = f" ({c['why']})" if c.get("why") else ""
+    if isinstance(c.get("by_verdict"), Mapping):
+      total = sum(len(v) for v in c["by_verdict"].values())
+      extra = " (" + ", ".join(f"{verdict}: {len(names)}" for verdict, names in c["by_verdict"].items()) + \
+          f" of {total} judgements; report.md lists them)"
+    lines.append(f"  {name}: {c['verdict']}{extra}")
+  return "\n".join(lines)

@@ -96,7 +96,8 @@ def test_adding_a_seed_computes_only_that_seed(finished, wd):
     assert res["ptq"]["per_seed"][seed] == old["ptq"]["per_seed"][seed]
   assert _train_records(res)["2"]["epochs_run"] == 2
   assert res["ptq"]["summary"]["4"]["accuracy"]["n"] == 3
-  assert res["claims"]["fairness_violation_grows_as_bits_shrink"]["fairness_violation"]["4"]["n"] == 3
+  judgement = res["claims"]["fairness_violation_grows_as_bits_shrink"]["judgements"]["max/keep | fairness_violation"]
+  assert judgement["fairness_violation"]["4"]["n"] == 3
   with open(os.path.join(wd["dir"], "fqjax.log")) as f:
     log = f.read().split("train seed 2:")[0]  # this run's log up to the new seed
   assert log.count("train seed 0: done already, skipped") == 1
@@ -182,3 +183,21 @@ def test_lock_is_released_after_a_failed_run(finished, wd):
     runner.run(bad, wd["dir"], ["train"], force=True, progress=False)
   with workdir_lib.workdir_lock(wd["dir"]):
     pass  # free again
+
+
+def test_stage_keys_follow_the_stage_version_and_only_the_primary_ptq_variant(monkeypatch):
+  """Entries computed by older code (a lower STAGE_VERSIONS) are not reused; explain's key names only the primary
+  PTQ variant (the others' entries are kept by name), while ptq's key covers every variant."""
+  from fqjax import cache
+  c = config_lib.base_config()
+  train_entry = {"variables_digest": "abc"}
+  keys = {stage: cache.stage_key(c, stage, train_entry, "k") for stage in ("ptq", "explain", "mitigate")}
+  c.ptq.variants = ("max/keep", "mse/recalibrate")
+  assert cache.stage_key(c, "explain", train_entry, "k") == keys["explain"]
+  assert cache.stage_key(c, "ptq", train_entry, "k") != keys["ptq"]
+  c.ptq.variants = ("mse/recalibrate", "max/keep")  # another primary variant: explain's entries are stale
+  assert cache.stage_key(c, "explain", train_entry, "k") != keys["explain"]
+  c.ptq.variants = ("max/keep",)
+  monkeypatch.setitem(cache.STAGE_VERSIONS, "explain", cache.STAGE_VERSIONS["explain"] + 1)
+  assert cache.stage_key(c, "explain", train_entry, "k") != keys["explain"]
+  assert cache.stage_key(c, "mitigate", train_entry, "k") == keys["mitigate"]

@@ -13,7 +13,7 @@ import warnings
 import numpy as np
 import pytest
 
-from fqjax import claims, metrics, mitigate, report, results, tables
+from fqjax import claims, metrics, mitigate, report, results, stats, tables
 
 BITS = (32, 8, 4, 2)
 SEEDS = (0, 1)
@@ -35,23 +35,41 @@ def _split(test_counts, seed):
   return y, group
 
 
-def _ptq_section(test_counts):
+def _minority(train_counts):
+  sizes = np.asarray(train_counts, np.float64)
+  small = sizes < 0.5 * np.median(sizes)
+  return small if small.any() and not small.all() else None
+
+
+def _ptq_section(train_counts, test_counts):
+  """The ptq schema with each entry's paired counts and the bootstrap intervals made from them."""
   num_groups = len(test_counts)
   per_seed = {}
   for seed in SEEDS:
     y, group = _split(test_counts, seed)
-    ref = metrics.group_metrics(_logits(y, 32, seed), y, group, num_groups)
+    z_ref = _logits(y, 32, seed)
+    ref = metrics.group_metrics(z_ref, y, group, num_groups)
     per_seed[str(seed)] = {}
     for b in BITS:
       z = _logits(y, b, seed)
       m = metrics.group_metrics(z, y, group, num_groups, reference=ref)
+      m["groups"]["paired_counts"] = stats.paired_counts(z_ref.argmax(-1) == y, z.argmax(-1) == y, group,
+                                                         num_groups).tolist()
       m["size_bytes"] = 100 * b
       m["fairness_violation_ci"] = metrics.bootstrap_fairness_violation(z.argmax(-1) == y, group, num_groups,
                                                                        num_resamples=20, seed=seed)
       per_seed[str(seed)][str(b)] = m
   summary = {str(b): metrics.summarize_over_seeds([per_seed[str(s)][str(b)] for s in SEEDS]) for b in BITS}
-  return {"bit_widths": list(BITS), "a_bits": None, "per_channel": True, "fold_bn": True, "per_seed": per_seed,
-          "summary": summary}
+  section = {"bit_widths": list(BITS), "a_bits": None, "per_channel": True, "fold_bn": True, "variant": "max/keep",
+             "per_seed": per_seed, "summary": summary}
+  section["intervals"] = _intervals(section, _minority(train_counts))
+  return section
+
+
+def _intervals(section, minority):
+  """What the runner stores: stats.intervals per bit-width from every seed's paired counts."""
+  counts = lambda b: np.asarray([section["per_seed"][str(s)][str(b)]["groups"]["paired_counts"] for s in SEEDS])
+  return {str(b): stats.intervals(counts(b), minority, num_resamples=200, seed=0) for b in BITS}
 
 
 def _mitigate_section(test_counts, methods=("ptq", "qat", "fairqat"), bit_widths=(4,)):
@@ -72,9 +90,9 @@ def _mitigate_section(test_counts, methods=("ptq", "qat", "fairqat"), bit_widths
 
 
 def _explain_section(train_counts, empty_groups, bit_widths=(32, 4, 2)):
-  """The documented explain schema; the groups in ``empty_groups`` have null per-group values."""
+  """The documented explain schema; the groups in ``empty_groups`` have null per-group values. Built so that
+  every link and curvature statement holds: the small groups lose more, their values fall with group size."""
   sizes = np.asarray(train_counts, np.float64)
-  num_groups = len(sizes)
   small = (sizes < 0.5 * np.median(sizes)).astype(np.float64)
   blank = lambda v: [None if g in empty_groups else float(x) for g, x in enumerate(v)]
   per_seed = {}
@@ -87,19 +105,44 @@ def _explain_section(train_counts, empty_groups, bit_widths=(32, 4, 2)):
       var_fp = 4.0 + sizes / sizes.max()
       var_q = var_fp * (1 - e * (1 + small))
       tp_fp = 0.9 - 0.2 * small
-      per_seed[str(seed)][str(b)] = {
+      entry = {
           "weights": {"per_layer": {"Dense_0": weights}, "model": dict(weights)},
           "activations": {"Dense_0": blank(e * (1 + small))},
           "logits": {"abs_shift": blank(e * (1 + small)), "variance": blank(var_q), "variance_fp": blank(var_fp),
-                     "variance_change": blank(var_q - var_fp)},
+                     "variance_change": blank(var_q - var_fp),
+                     "definitions": _logit_definitions(e, small, var_fp, var_q, blank)},
           "softmax": {"true_prob": blank(tp_fp - e * small), "true_prob_fp": blank(tp_fp),
                       "true_prob_shift": blank(-e * small), "margin": blank(2 * tp_fp - 1 - e),
                       "margin_fp": blank(2 * tp_fp - 1), "margin_shift": blank(-e * (1 + small))},
           "accuracy": blank(0.9 - 0.1 * small - e), "loss": blank(0.3 + 0.2 * small + e),
-          "curvature": {"grad_norm": blank(10.0 / np.sqrt(sizes) * (1 + e)),
-                        "top_eigenvalue": blank(50.0 / sizes * (1 + e)),
-                        "spearman_size_grad_norm": -1.0, "spearman_size_top_eigenvalue": -1.0}}
-  return {"bit_widths": list(bit_widths), "group_sizes": [int(c) for c in train_counts], "per_seed": per_seed}
+          "curvature": _curvature(e, sizes, blank)}
+      if b != 32:
+        entry["theory"] = {"second_order": blank(e / sizes), "observed_excess_loss": {"train": blank(2 * e / sizes)}}
+      per_seed[str(seed)][str(b)] = entry
+  return {"bit_widths": list(bit_widths), "group_sizes": [int(c) for c in train_counts], "per_seed": per_seed,
+          "curvature_split": "train", "variant": "max/keep"}
+
+
+def _logit_definitions(e, small, var_fp, var_q, blank):
+  """logits.definitions: variances fall and logits move away from the true class more for the minority."""
+  change = lambda c, ref: {"change": blank(c), "relative_change": blank(c / ref)}
+  variance = {"fp": blank(var_fp), "quantized": blank(var_q), **change(var_q - var_fp, var_fp)}
+  return {"variance_over_classes": variance, "variance_over_samples": dict(variance),
+          "true_class_variance": dict(variance), "abs_shift": change(e * (1 + small), 2.0 + 0 * small),
+          "true_class_shift": change(-e * (1 + small), 3.0 + 0 * small),
+          "margin_shift": change(-e * (1 + small), 1.0 + 0 * small)}
+
+
+def _curvature(e, sizes, blank):
+  """Gradient norms and top eigenvalues that fall with group size and grow as bits shrink."""
+  grad, top = 10.0 / np.sqrt(sizes) * (1 + e), 50.0 / sizes * (1 + e)
+  ms = lambda v: {"mean": blank(v), "std": blank(0 * v)}
+  converged = [True] * len(sizes)
+  return {"grad_norm": blank(grad), "top_eigenvalue": blank(top), "converged": list(converged),
+          "mean_per_sample_grad_norm": blank(2 * grad), "spearman_size_grad_norm": -1.0,
+          "spearman_size_top_eigenvalue": -1.0,
+          "size_matched": {"size": 5, "repeats": 2, "grad_norm": ms(1.5 * grad), "top_eigenvalue": ms(1.5 * top),
+                           "converged": list(converged)}}
 
 
 def _results(train_counts, test_counts, with_explain=True):
@@ -110,7 +153,7 @@ def _results(train_counts, test_counts, with_explain=True):
                      "group_names": [f"g{i}" for i in range(num_groups)],
                      "counts": {"train": list(train_counts), "val": list(test_counts), "test": list(test_counts)}},
          "model": {"name": "mlp", "num_params": 10, "layer_names": ["Dense_0"]},
-         "ptq": _ptq_section(test_counts), "mitigate": _mitigate_section(test_counts)}
+         "ptq": _ptq_section(train_counts, test_counts), "mitigate": _mitigate_section(test_counts)}
   if with_explain:
     res["explain"] = _explain_section(train_counts, {g for g, c in enumerate(test_counts) if c == 0})
   res["claims"] = claims.check_claims(res)
@@ -180,40 +223,55 @@ def test_summaries_of_an_empty_group_have_n_zero():
 # Claims
 # ----------------------------------------------------------------------------
 
+DROP = "max/keep | accuracy_drop"
+MINORITY_CLAIMS = ("minority_loses_more_accuracy", "logit_variance_drops_more_for_minority",
+                   "logits_shift_more_for_minority", "minority_moves_toward_decision_boundary",
+                   "minority_gradient_norm_larger", "minority_top_eigenvalue_larger")
+
+
+def _paired_drops(res, bits):
+  """[S, G] accuracy drops from each seed's paired counts (NaN without rows)."""
+  counts = np.asarray([res["ptq"]["per_seed"][str(s)][str(bits)]["groups"]["paired_counts"] for s in SEEDS])
+  n = counts.sum(-1)
+  return np.where(n > 0, (counts[..., 1] - counts[..., 2]) / np.maximum(n, 1), np.nan)
+
+
 def test_majority_group_without_test_rows_is_left_out_and_named(tmp_path):
   for res in (_results(*EMPTY_MAJORITY), _round_trip(_results(*EMPTY_MAJORITY), tmp_path)):
     c = claims.check_claims(res)
-    loses = c["minority_loses_more_accuracy"]
-    assert loses["verdict"] in ("holds", "partly", "does not hold")
+    loses = c["minority_loses_more_accuracy"]["judgements"][DROP]
+    assert loses["verdict"] != "not tested" and set(loses["per_bits"]) == {"8", "4", "2"}
     assert loses["groups_without_data"] == [2]
-    drops = np.asarray([[res["ptq"]["per_seed"][str(s)]["4"]["groups"]["accuracy_drop"][g] for g in (0, 1)]
-                        for s in SEEDS], np.float64)
-    assert loses["per_bits"]["4"]["majority_mean"] == pytest.approx(drops.mean())  # groups 0 and 1 only
+    drops = _paired_drops(res, 4)
+    assert loses["per_bits"]["4"]["majority_mean_drop"] == pytest.approx(drops[:, :2].mean())  # groups 0, 1 only
+    assert loses["per_bits"]["4"]["minority_mean_drop"] == pytest.approx(drops[:, 3].mean())
+    stored = [res["ptq"]["per_seed"][str(s)]["4"]["groups"]["accuracy_drop"][3] for s in SEEDS]
+    assert drops[:, 3] == pytest.approx(stored)  # the paired counts give the stored drops
     for v in loses["per_bits"].values():
-      assert math.isfinite(v["minority_mean"]) and math.isfinite(v["majority_mean"])
-    for name in ("minority_gradient_norm_larger", "logit_variance_drops_more_for_minority"):
-      assert c[name]["groups_without_data"] == [2], name
-      assert c[name]["verdict"] != "not tested", name
-    assert c["minority_gradient_norm_larger"]["verdict"] == "holds"  # built so: falls with size
+      assert all(math.isfinite(v[k]) for k in ("minority_mean_drop", "majority_mean_drop", "low", "high"))
+    for name in MINORITY_CLAIMS[1:]:
+      for key, j in c[name]["judgements"].items():
+        assert j["groups_without_data"] == [2], (name, key)
+        assert j["verdict"] == "holds", (name, key)  # built so: the minority loses more, falls with size
+      assert c[name]["verdict"] == "holds"
 
 
 def test_minority_group_without_test_rows_is_left_out_of_the_minority_mean(tmp_path):
   res = _round_trip(_results(*EMPTY_MINORITY), tmp_path)
-  c = claims.minority_loses_more(res)
+  c = claims.minority_loses_more(res)["judgements"][DROP]
   assert c["minority_groups"] == [3, 4]
   assert c["groups_without_data"] == [3]
-  drops = [res["ptq"]["per_seed"][str(s)]["2"]["groups"]["accuracy_drop"][4] for s in SEEDS]
-  assert c["per_bits"]["2"]["minority_mean"] == pytest.approx(np.mean(drops))  # group 4 alone
+  assert c["per_bits"]["2"]["minority_mean_drop"] == pytest.approx(_paired_drops(res, 2)[:, 4].mean())  # group 4
 
 
 def test_only_minority_group_without_test_rows_is_not_tested_with_the_reason(tmp_path):
   for res in (_results(*ONLY_MINORITY_EMPTY), _round_trip(_results(*ONLY_MINORITY_EMPTY), tmp_path)):
     c = claims.check_claims(res)
-    for name in ("minority_loses_more_accuracy", "logit_variance_drops_more_for_minority",
-                 "minority_gradient_norm_larger", "minority_top_eigenvalue_larger"):
+    for name in MINORITY_CLAIMS:
       assert c[name]["verdict"] == "not tested", (name, c[name])
       assert "group 3 has no test rows" in c[name]["why"], (name, c[name]["why"])
-      assert c[name]["groups_without_data"] == [3]
+      for key, j in c[name]["judgements"].items():
+        assert j["verdict"] == "not tested" and j["groups_without_data"] == [3], (name, key)
     assert "not tested" not in (c["fairness_violation_grows_as_bits_shrink"]["verdict"],
                                 c["fairqat_beats_ptq_and_qat"]["verdict"])
 
@@ -229,8 +287,10 @@ def test_single_group_claims_are_not_tested(tmp_path):
     assert "single group" in c["minority_loses_more_accuracy"]["why"]
     fv = c["fairness_violation_grows_as_bits_shrink"]
     assert "fewer than 2 groups have test rows" in fv["why"]
-    assert fv["spearman_bits_vs_fairness_violation"] is None or math.isnan(fv["spearman_bits_vs_fairness_violation"])
+    rho = fv["judgements"]["max/keep | fairness_violation"]["spearman_bits_vs_fairness_violation"]
+    assert rho is None or math.isnan(rho)
     assert "fewer than 2 groups have test rows" in c["fairqat_beats_ptq_and_qat"]["why"]
+    assert "fewer than 3 groups" in c["second_order_estimate_orders_excess_loss"]["why"]
 
 
 def test_one_of_two_groups_without_test_rows_leaves_no_fairness_violation(tmp_path):
@@ -252,20 +312,25 @@ def test_constant_fairness_violation_is_not_tested_without_a_warning():
 
 def test_a_bit_width_without_minority_data_is_skipped_and_named():
   res = _results(*EMPTY_MINORITY, with_explain=False)
-  for s in SEEDS:  # at 2 bits the minority group 4 has no values either (as if its rows were dropped there)
-    res["ptq"]["per_seed"][str(s)]["2"]["groups"]["accuracy_drop"][4] = None
-  c = claims.minority_loses_more(res)
+  for s in SEEDS:  # at 2 bits the minority group 4 has no rows either (as if its rows were dropped there)
+    res["ptq"]["per_seed"][str(s)]["2"]["groups"]["paired_counts"][4] = [0, 0, 0, 0]
+  res["ptq"]["intervals"] = _intervals(res["ptq"], _minority(EMPTY_MINORITY[0]))
+  c = claims.minority_loses_more(res)["judgements"][DROP]
   assert "2" not in c["per_bits"] and set(c["per_bits"]) == {"8", "4"}
   assert "group 3 has no test rows" in c["not_tested_at"]["2"] and "group 4 has no values" in c["not_tested_at"]["2"]
   assert c["groups_without_data"] == [3, 4]
-  assert c["verdict"] in ("holds", "partly", "does not hold")
+  assert c["verdict"] != "not tested"
 
 
 def test_fairness_violation_with_missing_means_is_not_tested():
   res = _results(*EMPTY_MAJORITY, with_explain=False)
+  res["ptq"]["summary"]["2"]["accuracy"]["mean"] = 0.34  # chance is 1/3: collapsed, so left out of the trend
   res["ptq"]["summary"]["2"]["fairness_violation"] = {"mean": None, "std": None, "n": 0}
   c = claims.fairness_violation_grows(res)
-  assert c["verdict"] == "not tested" and "2 bits" in c["why"]
+  assert c["verdict"] != "not tested" and 2 in c["judgements"]["max/keep | fairness_violation"]["collapsed_bits"]
+  res["ptq"]["summary"]["8"]["fairness_violation"] = {"mean": None, "std": None, "n": 0}
+  c = claims.fairness_violation_grows(res)
+  assert c["verdict"] == "not tested" and "8 bits" in c["why"]
 
 
 def test_fairqat_with_missing_means_is_not_tested():
@@ -323,4 +388,5 @@ def test_report_renders_without_warnings(case, tmp_path):
   if 0 in case[1]:
     assert "empty" in md
   if case is SINGLE_GROUP:
-    assert md.count("**not tested**") == 6
+    rows = [line for line in md.splitlines() if line.startswith("| ") and "| **not tested** |" in line]
+    assert len(rows) == len(claims.CLAIMS)  # one row per claim in the claims table

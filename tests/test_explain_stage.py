@@ -30,20 +30,44 @@ def test_explain_section(run):
     assert -1.0 <= curv["spearman_size_grad_norm"] <= 1.0
     sm = curv["size_matched"]  # one repeat of every group cut to the smallest group's training size
     assert sm["size"] == min(res["dataset"]["counts"]["train"]) and len(sm["grad_norm"]["mean"]) == 3
+    assert len(sm["converged"]) == 3 and all(isinstance(c, bool) for c in sm["converged"])
+    # Mean of per-sample norms >= norm of the mean gradient (triangle inequality), per group.
+    assert all(m >= n * (1 - 1e-5) for m, n in zip(curv["mean_per_sample_grad_norm"], curv["grad_norm"]))
+    definitions = entry["logits"]["definitions"]
+    assert set(definitions) == {"variance_over_classes", "variance_over_samples", "true_class_variance",
+                                "abs_shift", "true_class_shift", "margin_shift"}
+    np.testing.assert_allclose(definitions["variance_over_classes"]["change"], entry["logits"]["variance_change"])
     # The forward chain's per-group accuracy equals the PTQ stage's at the same bits (same model, data).
     np.testing.assert_allclose(entry["accuracy"], res["ptq"]["per_seed"]["0"][bits]["groups"]["accuracy"])
   fp = e["per_seed"]["0"]["32"]
   assert fp["weights"]["model"]["rel_l2"] == 0.0
   np.testing.assert_allclose(fp["logits"]["abs_shift"], 0.0, atol=1e-6)
   assert e["per_seed"]["0"]["2"]["weights"]["model"]["induced_sparsity"] > 0.0
+  assert "theory" not in fp  # nothing is quantized at 32 bits
+  theory = e["per_seed"]["0"]["2"]["theory"]
+  assert theory["d_norm"] > 0 and theory["batchnorm"] == "trained statistics"
+  np.testing.assert_allclose(theory["second_order"], np.add(theory["first_order"],
+                                                             0.5 * np.asarray(theory["curvature_term"])))
+  assert set(theory["observed_excess_loss"]) == {"train", "test"}
+  # The summary over seeds: means, the bound from the full-precision top eigenvalue, correlations per split.
+  table = e["theory"]["2"]
+  g = np.asarray([e["per_seed"][s]["2"]["theory"]["grad_norm"] for s in ("0", "1")])
+  lam = np.asarray([e["per_seed"][s]["32"]["curvature"]["top_eigenvalue"] for s in ("0", "1")])
+  d = np.asarray([e["per_seed"][s]["2"]["theory"]["d_norm"] for s in ("0", "1")])[:, None]
+  if all(all(e["per_seed"][s]["32"]["curvature"]["converged"]) for s in ("0", "1")):
+    np.testing.assert_allclose(table["bound"], np.mean(g * d + 0.5 * lam * d * d, axis=0), rtol=1e-6)
+  assert set(table["correlations"]) == {"train", "test"}
   results.validate(res)
 
 
 def test_claims_use_explain(run):
   _, res = run
-  for name in ("logit_variance_drops_more_for_minority", "minority_gradient_norm_larger",
-               "minority_top_eigenvalue_larger"):
-    assert res["claims"][name]["verdict"] in ("holds", "partly", "does not hold")
+  for name in ("logit_variance_drops_more_for_minority", "logits_shift_more_for_minority",
+               "minority_moves_toward_decision_boundary", "minority_gradient_norm_larger",
+               "minority_top_eigenvalue_larger", "second_order_estimate_orders_excess_loss"):
+    claim = res["claims"][name]
+    assert claim["verdict"] in ("holds", "partly", "does not hold", "depends"), (name, claim)
+    assert all(name.startswith("max/keep | ") for name in claim["judgements"])
 
 
 def test_csv_has_explain_rows(run):

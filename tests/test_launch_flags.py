@@ -205,7 +205,7 @@ def test_overrides_are_read_from_the_given_argv_not_sys_argv(monkeypatch):
     (["--config=experiments/arrays.py", "--config.trian.epochs=3"], "did you mean train.epochs"),
     (["--config.ptq.abits=same"], "did you mean ptq.a_bits"),
     (["--config.train.epochs.x=1"], "; config.train has: batch_size"),
-    (["--config.zzz=1"], "the config has: data, distributed"),
+    (["--config.zzz=1"], "the config has: claims, data, distributed"),
     (["--config.data.synthetic.qqqqqqqq=1"], "; config.data.synthetic has: group_sizes, noise"),
     (["--config.train.nonexistent=1"], "; config.train has: batch_size, effective_beta"),
     (["--config.trian={'epochs': 3}"], "did you mean train?"),

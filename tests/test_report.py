@@ -112,13 +112,14 @@ def _check_html(workdir):
 def test_full_report_figures_links_and_sections(workdirs):
   wd = workdirs["explained"]
   out = report.write_report(wd)
-  assert set(out["figures"]) == set(report.FIGURE_NAMES) - {"ptq_variants"}  # one PTQ variant: no comparison
+  # One PTQ variant: no comparison; the constructed explain section has no second-order test.
+  assert set(out["figures"]) == set(report.FIGURE_NAMES) - {"ptq_variants", "explain_theory"}
   assert out["sections"] == {s: "ok" for s in ("train", "ptq", "explain", "curvature", "mitigate", "claims")}
   for path in out["figures"].values():
     assert os.path.dirname(path) == os.path.join(wd, "figures")
     _check_png(path)
   html_text, refs = _check_html(wd)
-  assert {f"figures/{n}.png" for n in report.FIGURE_NAMES if n != "ptq_variants"} <= set(refs)
+  assert {f"figures/{n}.png" for n in out["figures"]} <= set(refs)
   assert "<details><summary>Config of this run</summary>" in html_text
   md = open(out["markdown"]).read()
   for section in SECTIONS:
@@ -211,7 +212,9 @@ def test_report_numbers_come_from_results(workdirs):
     if isinstance(c, dict):
       row = next(line for line in md.splitlines() if line.startswith(f"| {name.replace('_', ' ')} |"))
       assert f"**{c['verdict']}**" in row
-  assert checked["minority_gradient_norm_larger"]["verdict"] == "holds"
+  judged = checked["minority_gradient_norm_larger"]["judgements"]
+  assert judged["max/keep | norm_of_mean_gradient (at_bits)"]["verdict"] == "holds"
+  assert judged["max/keep | size_matched (at_bits)"]["verdict"] == "not tested"  # not in the constructed section
   # Config and wall times at the end.
   assert md.index("## Run") > md.index("## Claims")
   for stage in ("train", "ptq", "mitigate"):
@@ -260,7 +263,7 @@ def test_minority_sentence_and_curvature_shading_follow_the_rule(workdirs):
 def test_partial_workdir_says_what_is_missing(workdirs):
   wd = workdirs["partial"]
   out = report.write_report(wd)
-  assert set(out["figures"]) == {"ptq_group_accuracy", "ptq_fairness"}
+  assert set(out["figures"]) == {"ptq_group_accuracy", "ptq_fairness", "ptq_variant_groups"}
   for name in ("explain", "curvature", "mitigate"):
     assert out["sections"][name].startswith("missing"), out["sections"]
   assert out["sections"]["ptq"] == "ok"

@@ -1,4 +1,5 @@
 """The stage functions without a workdir: arrays, a model and config sections in, JSON-ready dicts out."""
+import csv
 import json
 import os
 
@@ -84,28 +85,45 @@ def test_size_matched_curvature_and_group_caps(setup):
 
 
 def test_ptq_variants_are_computed_summarized_and_keyed(tiny_study, tiny_study_copy, tiny_config):
-  """config.ptq.variants: the primary variant stays ptq.per_seed (same numbers as before); the others go to
-  ptq.variants with their own summaries; BatchNorm recalibration changes the quantized model's numbers."""
+  """config.ptq.variants: the primary variant stays ptq.per_seed / explain.per_seed (same numbers, not
+  recomputed); the others go to ptq.variants / explain.variants with their own summaries, intervals and theory
+  tables; BatchNorm recalibration changes the quantized model's numbers; at 32 bits every variant is the
+  trained model; every claim is judged per variant."""
   c = tiny_config()
   c.ptq.variants = ("max/keep", "mse/recalibrate", "half_step/keep")
-  res = runner.run(c, tiny_study_copy, ["train", "ptq"], progress=False)
-  old = tiny_study["results"]["ptq"]
-  p = res["ptq"]
-  assert res["last_run"]["stages"]["train"] == "skipped" and p["variant"] == "max/keep"
+  res = runner.run(c, tiny_study_copy, ["train", "ptq", "explain"], progress=False)
+  old, old_explain = tiny_study["results"]["ptq"], tiny_study["results"]["explain"]
+  p, e = res["ptq"], res["explain"]
+  assert res["last_run"]["stages"]["train"] == "skipped" and p["variant"] == "max/keep" == e["variant"]
   assert p["per_seed"] == old["per_seed"]  # the primary variant's numbers are unchanged
-  assert sorted(p["variants"]) == ["half_step/keep", "mse/recalibrate"]
+  assert e["per_seed"] == old_explain["per_seed"]  # and its explain entries were kept, not recomputed
+  assert sorted(p["variants"]) == sorted(e["variants"]) == ["half_step/keep", "mse/recalibrate"]
   for name, entry in p["variants"].items():
     assert sorted(entry["per_seed"]) == ["0", "1"] and entry["summary"]["2"]["accuracy"]["n"] == 2
-    # 32 bits: no quantizer, and recalibration at 32 bits re-estimates the same network's statistics
-    assert entry["per_seed"]["0"]["32"]["groups"]["count"] == old["per_seed"]["0"]["32"]["groups"]["count"]
+    assert entry["per_seed"]["0"]["32"] == old["per_seed"]["0"]["32"]  # 32 bits: the model as trained
+    assert sorted(entry["intervals"]) == sorted(entry["summary"])
+    explained = e["variants"][name]["per_seed"]
+    assert explained["1"]["32"] == old_explain["per_seed"]["1"]["32"]  # shared, not recomputed
+    assert "theory" in explained["1"]["2"] and set(e["variants"][name]["theory"]) == {"2"}
   recal = p["variants"]["mse/recalibrate"]["per_seed"]["0"]["2"]
   assert recal["groups"]["loss"] != old["per_seed"]["0"]["2"]["groups"]["loss"]
-  # The report compares the variants: a figure and a table with one row per variant and bit-width.
+  assert e["variants"]["mse/recalibrate"]["per_seed"]["0"]["2"]["logits"] != old_explain["per_seed"]["0"]["2"]["logits"]
+  judged = res["claims"]["logit_variance_drops_more_for_minority"]["judgements"]
+  assert {name.split(" | ")[0] for name in judged} == {"max/keep", "mse/recalibrate", "half_step/keep"}
+  # The report compares the variants: figures and a table with one row per variant and bit-width.
   from fqjax import report
   out = report.write_report(tiny_study_copy, res)
   assert "ptq_variants" in out["figures"] and os.path.getsize(out["figures"]["ptq_variants"]) > 5_000
+  assert {"ptq_variant_groups", "explain_theory"} <= set(out["figures"])
   md = open(out["markdown"]).read()
-  assert "**PTQ variants**" in md and sum(line.startswith("| mse/recalibrate | ") for line in md.splitlines()) == 4
+  assert "**PTQ variants**" in md and sum(line.startswith("| mse/recalibrate | ") for line in md.splitlines()) == 4 + 4 + 1
+  with open(os.path.join(tiny_study_copy, "results.csv")) as f:
+    labels = {row["variant"] for row in csv.DictReader(f)}
+  assert {"ptq", "ptq/mse/recalibrate", "explain", "explain/half_step/keep"} <= labels
+  # Dropping a variant drops its entries and recomputes nothing.
+  c.ptq.variants = ("max/keep", "mse/recalibrate")
+  res = runner.run(c, tiny_study_copy, ["train", "ptq", "explain"], progress=False)
+  assert list(res["explain"]["variants"]) == ["mse/recalibrate"] and res["last_run"]["stages"]["explain"] == "skipped"
   with pytest.raises(ValueError, match="config.ptq.variants"):
     bad = tiny_config()
     bad.ptq.variants = ("max/fold",)

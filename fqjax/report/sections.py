@@ -12,6 +12,7 @@ from fqjax import claims as claims_lib
 from fqjax.report.common import (ABLATION_COLUMNS, EMPTY, FIGURES_DIR, FULL, _bits_label, _cell, _Ctx, _dig,
                                  _explain_bits, _explain_ms, _ms, _nanmean, _num, _pm, _ptq_summary, _rel,
                                  _sorted_bits)
+from fqjax.report import verdicts
 from fqjax.report.document import _Doc
 from fqjax.tables import ptq_size_bytes
 from fqjax.report.figures import (_save_png, figure_explain_curvature, figure_explain_logits,
@@ -121,6 +122,7 @@ class _Report:
                f"{EMPTY}: the group has no test rows):")
     self.doc.table(["group"] + [f"{_bits_label(b)} bits" for b in bits], rows)
     self.ptq_variants(bits)
+    self.ptq_intervals()
 
   def ptq_variants(self, bits: list) -> None:
     """The PTQ variants compared in this study (config.ptq.variants), when there are two or more."""
@@ -135,6 +137,19 @@ class _Report:
     self.doc.p(f"**PTQ variants** (the first, `{next(iter(summaries))}`, is the primary one the other sections use; "
                "mean ± std over seeds):")
     self.doc.table(["variant", "bits", "accuracy", "worst group", "fairness violation"], rows)
+
+  def ptq_intervals(self) -> None:
+    """Per-group accuracy by variant with 95% intervals, and the intervals behind the accuracy claim."""
+    rows = verdicts.interval_rows(self.ctx)
+    if not rows:
+      return
+    self.fig("ptq_variant_groups", verdicts.figure_variant_groups(self.ctx),
+             "Per-group test accuracy by PTQ variant and bit-width (mean over seeds; band: 95% hierarchical paired "
+             "bootstrap interval); minority groups dashed.")
+    self.doc.p("**95% intervals** (hierarchical paired bootstrap: seeds, then each group's test examples with their "
+               "full-precision and quantized outcomes kept together). D = minority mean − majority mean accuracy "
+               "drop; status: the accuracy claim's rule at that bit-width.")
+    self.doc.table(["variant", "bits", "worst-group accuracy", "D (minority − majority drop)", "status"], rows)
 
   def explain(self) -> None:
     ctx, e = self.ctx, self.ctx.results.get("explain")
@@ -186,6 +201,23 @@ class _Report:
                "minority / majority means):")
     self.doc.table(["bits", "ρ(size, grad norm)", "ρ(size, top eigenvalue)", "grad norm", "top eigenvalue",
                     "Hessian trace"], rows)
+    self.theory()
+
+  def theory(self) -> None:
+    """The second-order test of the theory (fqjax.explain.theory), when explain computed it."""
+    rows = verdicts.theory_rows(self.ctx)
+    if not rows:
+      return
+    self.doc.h(2, "Explain: second-order test of the theory")
+    self.fig("explain_theory", verdicts.figure_theory(self.ctx),
+             "Per group: the second-order estimate g·d + ½ d·H·d (gradient and Hessian of the group's loss at the "
+             "full-precision weights, d = weight change) against the observed excess loss; hollow: minority.")
+    self.doc.p("d = quantized − full-precision weights (BatchNorm statistics as trained); correlations over groups "
+               "of the estimate with each split's observed excess loss (Spearman / Pearson); p: one-sided permutation "
+               "p-value of the Spearman correlation on the curvature split; per-group columns as minority / "
+               "majority means over seeds; bound = ||g|| ||d|| + ½ λmax ||d||².")
+    self.doc.table(["variant", "bits", "‖d‖", "ρ / r by split", "p", "observed excess loss", "second-order estimate",
+                    "bound"], rows)
 
   def mitigate(self) -> None:
     ctx, m = self.ctx, self.open_section("Mitigation ablation", "mitigate")
@@ -226,6 +258,11 @@ class _Report:
     rows = [[name.replace("_", " "), f"**{c.get('verdict', '?')}**", _claim_numbers(c)]
             for name, c in checked.items() if isinstance(c, Mapping)]
     self.doc.table(["claim", "verdict", "key numbers"], rows)
+    for name, c in checked.items():
+      rows = verdicts.judgement_rows(c) if isinstance(c, Mapping) else []
+      if len(rows) > 1:
+        self.doc.details(f"{name.replace('_', ' ')}: {c.get('verdict')}, by variant and definition",
+                         "\n".join(" | ".join(r) for r in rows))
     if isinstance(checked.get("rules"), str):
       self.doc.details("The rules behind the verdicts", checked["rules"])
 
