@@ -9,6 +9,13 @@ to 0.1^(c/9) of each class, N = 735):
   (3) HVPs to be within 1e-3 (relative) of the top eigenvalue: Lanczos against power iteration
       with PyHessian's stopping rule (tol 1e-3), errors against a converged Lanczos reference
       goal: Lanczos <= half as many, and its top-5 are within 1e-3 in the same budget
+  (4) the second-order test of the theory (fqjax.explain.theory.second_order_terms: every group's g.d,
+      d.H.d, ||g|| and excess loss at 4-bit weights) / one HVP of every group's loss (each over its
+      own rows, as a Lanczos step does)                                                  goal <= 1.5x
+      (the explain stage's "at most one HVP per group and bit-width": one forward-over-reverse pass
+      per group, plus the forward pass at theta + d that measures the observed excess loss and the
+      dequantization of the weights, which no HVP can replace); also against one HVP of the
+      whole data, and the mean per-sample gradient norms / all group gradient norms       reported
   plus the per-group numbers themselves and their Spearman correlation with group size.
 --size small: SmallCNN width 16, 3 seeds in (3) (run times and figures: benchmarks/README.md).
 --size full: SmallCNN width 32, all 1797 digits too and ResNet-18 (CIFAR stem, random 32x32
@@ -31,8 +38,9 @@ from sklearn.datasets import load_digits
 
 from benchmarks.common import device_description, median_times_interleaved, write_json_atomic
 from fqjax import layers
-from fqjax.explain import (dequantized_params, group_gradient_norms, group_top_eigenvalues,
-                           lanczos_top_eigenvalues, make_hvp, power_iteration)
+from fqjax.explain import (dequantized_params, group_gradient_norms, group_mean_sample_gradient_norms,
+                           group_top_eigenvalues, lanczos_top_eigenvalues, make_hvp, power_iteration)
+from fqjax.explain import theory
 from fqjax.layers import BitSpec
 from fqjax.metrics import spearman
 from fqjax.models import SmallCNN, resnet
@@ -41,7 +49,9 @@ TOL = 1e-3
 # (label, key in run()["ratios"], goal) for benchmarks/run_all.py
 RATIO_KEYS = [("all group gradient norms / one gradient", "group_grad_norms_over_gradient", "<= 1.5"),
               ("HVP / gradient", "hvp_over_gradient", "2-3"),
-              ("Lanczos / power HVPs to 1e-3, top eigenvalue", "lanczos_over_power_hvps", "<= 0.5")]
+              ("Lanczos / power HVPs to 1e-3, top eigenvalue", "lanczos_over_power_hvps", "<= 0.5"),
+              ("second-order terms, all groups / one HVP per group", "theory_over_hvp", "<= 1.5"),
+              ("mean per-sample grad norms / group grad norms", "per_sample_over_group_norms", "reported")]
 
 
 def digits(long_tail: bool, seed: int = 0):
@@ -154,6 +164,31 @@ def hvp_cost(model, variables, x, y, repeats, batch_size=256):
   return {"gradient_s": t["gradient"], "hvp_s": t["hvp"], "ratio": t["hvp"] / t["gradient"]}
 
 
+def theory_cost(model, variables, x, y, group, repeats, batch_size=256):
+  """(4): second_order_terms at 4-bit weights and the mean per-sample gradient norms, against one HVP per group
+  (make_hvp on the group's rows, batches of min(batch_size, next power of two >= n_g) as in
+  group_top_eigenvalues), one HVP over all the data, and all group gradient norms."""
+  bits_tree = BitSpec.uniform(4).bits_tree(layers.quant_layer_names(model, x[:1]))
+  hvp, flat = make_hvp(model, variables, x, y, batch_size=batch_size)
+  v = jax.random.normal(jax.random.PRNGKey(0), flat.shape)
+  group_hvps = []
+  for g in range(10):
+    rows = np.flatnonzero(group == g)
+    b = min(batch_size, max(8, 1 << int(np.ceil(np.log2(len(rows))))))
+    group_hvps.append(make_hvp(model, variables, x[rows], y[rows], batch_size=b)[0])
+  xd, yd = jnp.asarray(x), jnp.asarray(y)
+  t = median_times_interleaved({
+      "hvp": lambda: hvp(v),
+      "group_hvps": lambda: [h(v) for h in group_hvps][-1],
+      "theory": lambda: theory.second_order_terms(model, variables, bits_tree, xd, yd, group, 10,
+                                                  batch_size=batch_size)["second_order"],
+      "group_norms": lambda: group_gradient_norms(model, variables, xd, yd, group, 10, batch_size=batch_size)["norms"],
+      "per_sample_norms": lambda: group_mean_sample_gradient_norms(model, variables, xd, yd, group, 10,
+                                                                   batch_size=batch_size)["mean_norms"]}, repeats)
+  return {"times_s": t, "theory_over_hvp": t["theory"] / t["group_hvps"], "theory_over_one_hvp": t["theory"] / t["hvp"],
+          "per_sample_over_group_norms": t["per_sample_norms"] / t["group_norms"]}
+
+
 def _first_within(history, ref, tol=TOL):
   """1-based count of products after which every value is within tol (relative) of ref; None if never."""
   for i, h in enumerate(history):
@@ -244,6 +279,8 @@ def run(size: str = "small", repeats: int = 5) -> dict:
   sections["grad_norm_cost"] = time.perf_counter() - t0 - sum(sections.values())
   out["hvp_cost"] = hvp_cost(model, variables, x, y, repeats)
   sections["hvp_cost"] = time.perf_counter() - t0 - sum(sections.values())
+  out["theory_cost"] = theory_cost(model, variables, x, y, group, repeats)
+  sections["theory_cost"] = time.perf_counter() - t0 - sum(sections.values())
   out["eigen"] = {"fp": eig_counts(model, variables, x, y, range(3 if size == "small" else 10))}
   if size == "full":
     deq = {**variables, "params": dequantized_params(
@@ -268,7 +305,9 @@ def run(size: str = "small", repeats: int = 5) -> dict:
   out["ratios"] = {  # worst case over the measured models; Lanczos/power on the FP Hessian, medians over seeds
       "group_grad_norms_over_gradient": max(r["ratio"] for r in out["grad_norm_cost"]),
       "hvp_over_gradient": out["hvp_cost"]["ratio"],
-      "lanczos_over_power_hvps": _median(eig_fp, "lanczos1_hvps_to_1e-3") / _median(eig_fp, "power_hvps_to_1e-3")}
+      "lanczos_over_power_hvps": _median(eig_fp, "lanczos1_hvps_to_1e-3") / _median(eig_fp, "power_hvps_to_1e-3"),
+      "theory_over_hvp": out["theory_cost"]["theory_over_hvp"],
+      "per_sample_over_group_norms": out["theory_cost"]["per_sample_over_group_norms"]}
   out["wall_s"] = time.perf_counter() - t0
   return out
 
@@ -318,6 +357,11 @@ def report(out: dict) -> None:
         "(expected 2-3x)")
   for op, e in out["eigen"].items():
     _report_eigen(op, e, out["tol"])
+  tc = out["theory_cost"]
+  print(f"\n(4) second-order terms of all groups at 4 bits / one HVP per group: {tc['times_s']['theory']:.4f} s / "
+        f"{tc['times_s']['group_hvps']:.4f} s = {tc['theory_over_hvp']:.2f}x (goal <= 1.5); / one HVP of all the "
+        f"data: {tc['theory_over_one_hvp']:.2f}x; mean per-sample gradient norms / group gradient norms: "
+        f"{tc['per_sample_over_group_norms']:.2f}x")
   g = out["groups"]
   print("\nper group (long-tailed train set):")
   print(f"{'group':>5s} {'n':>5s} {'|grad| FP':>10s} {'|grad| 3b':>10s} {'lambda_max':>10s}")

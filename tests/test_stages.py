@@ -128,3 +128,17 @@ def test_ptq_variants_are_computed_summarized_and_keyed(tiny_study, tiny_study_c
     bad = tiny_config()
     bad.ptq.variants = ("max/fold",)
     config_lib.validate_config(bad)
+
+
+def test_claims_config_rejudges_without_recomputing(tiny_study_copy, tiny_config):
+  """config.claims only changes the verdicts: every stage is skipped, the claims change and are written."""
+  c = tiny_config()
+  c.claims.equivalence_margin = 1.0  # nobody loses more than every example
+  res = runner.run(c, tiny_study_copy, None, progress=False)
+  assert all(v == "skipped" for k, v in res["last_run"]["stages"].items() if k not in ("data", "report"))
+  assert res["claims"]["minority_loses_more_accuracy"]["verdict"] == "not applicable"
+  with open(os.path.join(tiny_study_copy, "results.json")) as f:
+    assert json.load(f)["claims"]["minority_loses_more_accuracy"]["equivalence_margin"] == 1.0
+  c.claims.collapse_fraction = 1.5
+  with pytest.raises(ValueError, match="claims.collapse_fraction"):
+    runner.run(c, tiny_study_copy, None, progress=False)

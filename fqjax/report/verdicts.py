@@ -82,8 +82,8 @@ def explain_holders(ctx: _Ctx) -> dict:
 
 def figure_theory(ctx: _Ctx) -> Optional[Figure]:
   """Second-order estimate g.d + 1/2 d.H.d against the observed excess loss per group (curvature split; means over
-  seeds), one panel per variant, one colour per bit-width, hollow markers for minority groups; the diagonal
-  is a perfect prediction. None without theory tables."""
+  seeds), one panel per variant, one colour per bit-width, hollow markers for minority groups, symlog axes; the
+  diagonal is a perfect prediction. None without theory tables."""
   split = _dig(ctx.results, "explain", "curvature_split") or "train"
   tables = {n: h.get("theory") for n, h in explain_holders(ctx).items() if h.get("theory")}
   if not tables:
@@ -106,7 +106,10 @@ def figure_theory(ctx: _Ctx) -> Optional[Figure]:
       if finite.size:
         lo, hi = min(lo, finite.min()), max(hi, finite.max())
     if np.isfinite(lo):
-      ax.plot([lo, hi], [lo, hi], color="grey", lw=1, ls=":")
+      ax.plot(np.linspace(lo, hi, 200), np.linspace(lo, hi, 200), color="grey", lw=1, ls=":")
+    # Excess losses span orders of magnitude across bit-widths (and can be negative): symmetric log axes.
+    for set_scale in (ax.set_xscale, ax.set_yscale):
+      set_scale("symlog", linthresh=1e-3)
     ax.set_title(f"Second-order test, PTQ {name}")
     ax.set_xlabel(f"observed excess loss ({split})")
     ax.legend(fontsize="x-small")
