@@ -115,11 +115,15 @@ class _Report:
     groups = {b: _dig(_ptq_summary(ctx, b), "groups", "accuracy") for b in bits}
 
     def group_cell(b, g):
-      return _cell(groups[b][g]) if isinstance(groups[b], list) and g < len(groups[b]) else "–"
+      if not isinstance(groups[b], list) or g >= len(groups[b]):
+        return "–"
+      low, high = (_dig(p, "intervals", b, "group_accuracy", side) or [None] * (g + 1) for side in ("low", "high"))
+      interval = f" [{_num(low[g])}, {_num(high[g])}]" if g < len(low) and low[g] is not None else ""
+      return _cell(groups[b][g]) + interval
 
     rows = [[ctx.group_label(g)] + [group_cell(b, g) for b in bits] for g in ctx.size_order()]
-    self.doc.p("**Per-group accuracy** (mean ± std over seeds; groups by train count, smallest first; "
-               f"{EMPTY}: the group has no test rows):")
+    self.doc.p("**Per-group accuracy** (mean ± std over seeds [95% hierarchical paired bootstrap interval]; groups "
+               f"by train count, smallest first; {EMPTY}: the group has no test rows):")
     self.doc.table(["group"] + [f"{_bits_label(b)} bits" for b in bits], rows)
     self.ptq_variants(bits)
     self.ptq_intervals()
