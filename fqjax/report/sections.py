@@ -118,8 +118,9 @@ class _Report:
       if not isinstance(groups[b], list) or g >= len(groups[b]):
         return "–"
       low, high = (_dig(p, "intervals", b, "group_accuracy", side) or [None] * (g + 1) for side in ("low", "high"))
+      cell = _cell(groups[b][g])
       interval = f" [{_num(low[g])}, {_num(high[g])}]" if g < len(low) and low[g] is not None else ""
-      return _cell(groups[b][g]) + interval
+      return cell if cell == EMPTY else cell + interval
 
     rows = [[ctx.group_label(g)] + [group_cell(b, g) for b in bits] for g in ctx.size_order()]
     self.doc.p("**Per-group accuracy** (mean ± std over seeds [95% hierarchical paired bootstrap interval]; groups "
