@@ -93,6 +93,13 @@ RULES = {
     "fairqat_beats_ptq_and_qat":
         "per target bit-width, FV(fairqat) < FV(ptq) and FV(fairqat) < FV(qat) (means over seeds), and "
         "accuracy(qat) - accuracy(fairqat) <= std of qat's accuracy over seeds.",
+    "fairqat_beats_each_control":
+        "One judgement per control method run in the ablation (ptq, qat, mp_qat, qat_equal_size, sampling_qat, "
+        "weighted_qat, fair_ft; all at the same optimizer steps, settings chosen on validation). Statistic: the "
+        "per-seed paired difference FV(control) - FV(fairqat) on test, with a 95% t-interval over seeds (mean +- "
+        "t(0.975, S-1) * sd / sqrt(S); needs S >= 2). Per target bit-width: holds when the interval's lower end "
+        "> 0, does not hold when its upper end <= 0, inconclusive otherwise; over bit-widths as for "
+        "minority_loses_more_accuracy.",
 }
 
 
