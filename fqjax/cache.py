@@ -21,9 +21,10 @@ import numpy as np
 from fqjax import results
 
 # What a stage computes per entry, versioned: bumped when the code adds or changes what an entry holds, so
-# entries computed by older code are recomputed instead of reused (2: issue 12's paired counts, link
-# definitions, per-sample gradient norms, the second-order test).
-STAGE_VERSIONS = {"ptq": 2, "explain": 2, "mitigate": 1}
+# entries computed by older code are recomputed instead of reused (ptq / explain 2: issue 12's paired
+# counts, link definitions, per-sample gradient norms, the second-order test; mitigate 2: issue 13's step
+# budget, grid selection, hardness signal and controls).
+STAGE_VERSIONS = {"ptq": 2, "explain": 2, "mitigate": 2}
 
 # Fields left out of a stage's key: their entries are kept one by one (per bit-width, per method).
 ENTRY_LISTS = {"ptq": (), "explain": ("bit_widths",), "mitigate": ("bit_widths", "methods")}

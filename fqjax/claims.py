@@ -21,7 +21,8 @@ from fqjax import stats
 from fqjax.judgements import (FULL, MINORITY_FRACTION, as_float, change_from_fp, collapsed_bits, combine,  # noqa: F401
                               equivalence_margin, have_no_data, holders, judged, minority_mask, minority_threshold,
                               no_minority_why, join_reasons, not_tested, path_values, per_bits, seed_matrix,
-                              too_few_groups_why, verdict_over_bits)
+                              too_few_groups_why, verdict_from_statuses, verdict_over_bits)
+from fqjax.claims_mitigate import fairqat_beats_each_control, fairqat_beats_ptq_and_qat
 from fqjax.metrics import finite_mean, pearson, spearman  # noqa: F401  (spearman kept at fqjax.claims.spearman)
 
 GENERAL_RULES = (
@@ -208,10 +209,8 @@ def _drop_difference(results: Mapping, section: Mapping, holder: Mapping, minori
   if not statuses:
     return {"verdict": "not applicable", "why": f"no group loses more than the equivalence margin ({margin:.3g}) "
             "at any bit-width", "per_bits": out, **extra}
-  held = statuses.count("holds")
-  verdict = ("holds" if held == len(statuses) else "partly" if held else
-             "does not hold" if "does not hold" in statuses else "inconclusive")
-  return {"verdict": verdict, "per_bits": out, "minority_groups": [int(i) for i in np.flatnonzero(minority)],
+  return {"verdict": verdict_from_statuses(statuses), "per_bits": out,
+          "minority_groups": [int(i) for i in np.flatnonzero(minority)],
           **extra}
 
 
@@ -356,43 +355,6 @@ def _theory_per_bits(results: Mapping, section: Mapping, holder: Mapping) -> dic
   return {"verdict": verdict_over_bits(flags), "per_bits": out, **extra}
 
 
-def fairqat_beats_ptq_and_qat(results: Mapping) -> dict:
-  """RULES["fairqat_beats_ptq_and_qat"] per target bit-width on mitigate.summary (means and stds over seeds):
-  holds at b iff FV(fairqat) < FV(ptq), FV(fairqat) < FV(qat) and acc(qat) - acc(fairqat) <= std(acc(qat))."""
-  m = results.get("mitigate")
-  if m is None:
-    return not_tested("the mitigate stage did not run")
-  if "summary" not in m:
-    return not_tested("the mitigate stage has not finished")
-  if not {"fairqat", "ptq", "qat"} <= set(m["methods"]):
-    return not_tested("the ablation needs the methods ptq, qat and fairqat")
-  few = too_few_groups_why(results)
-  if few:
-    return not_tested(few)
-  per_bits, flags, skipped = {}, [], {}
-  for b in m["bit_widths"]:
-    s = {k: (m["summary"].get(k) or {}).get(str(b)) or {} for k in ("fairqat", "ptq", "qat")}
-    stat = lambda k, key, part="mean": as_float((s[k].get(key) or {}).get(part))
-    fv = {k: stat(k, "fairness_violation") for k in s}
-    acc_loss = stat("qat", "accuracy") - stat("fairqat", "accuracy")
-    qat_std = stat("qat", "accuracy", "std")
-    missing = [f"{k} fairness violation" for k in s if not math.isfinite(fv[k])]
-    missing += [f"{k} accuracy" for k in ("qat", "fairqat") if not math.isfinite(stat(k, "accuracy"))]
-    if not missing and not math.isfinite(qat_std):
-      missing.append("std of qat accuracy")
-    if missing:
-      skipped[str(b)] = "no value for " + ", ".join(missing) + " (no seed has test rows for it)"
-      continue
-    ok = bool(fv["fairqat"] < fv["ptq"] and fv["fairqat"] < fv["qat"] and acc_loss <= qat_std)
-    per_bits[str(b)] = {"fairness_violation": fv, "accuracy_loss_vs_qat": acc_loss,
-                        "qat_accuracy_std": qat_std, "holds": ok}
-    flags.append(ok)
-  if not flags:
-    return not_tested(join_reasons(skipped) if skipped else "the ablation has no target bit-width",
-                       **({"not_tested_at": skipped} if skipped else {}))
-  return {"verdict": verdict_over_bits(flags), "per_bits": per_bits, **({"not_tested_at": skipped} if skipped else {})}
-
-
 CLAIMS: dict[str, Callable[[Mapping], dict]] = {
     "fairness_violation_grows_as_bits_shrink": fairness_violation_grows,
     "minority_loses_more_accuracy": minority_loses_more,
@@ -401,6 +363,7 @@ CLAIMS: dict[str, Callable[[Mapping], dict]] = {
     "minority_top_eigenvalue_larger": lambda results: _curvature_claim(results, "top_eigenvalue"),
     "second_order_estimate_orders_excess_loss": second_order_orders_excess_loss,
     "fairqat_beats_ptq_and_qat": fairqat_beats_ptq_and_qat,
+    "fairqat_beats_each_control": fairqat_beats_each_control,
 }
 
 

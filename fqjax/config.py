@@ -104,6 +104,12 @@ def _train_defaults() -> ml_collections.ConfigDict:
       "effective_beta": 0.999,
       "hardness_power": 1.0,
       "hardness_floor": 0.1,
+      # Hardness weights: from the validation loss capped at hardness_cap ("capped_loss"), the validation error
+      # rate ("error_rate") or the raw loss ("loss"), smoothed across epochs by an EMA (weight of the new value).
+      "hardness_source": "capped_loss",
+      "hardness_cap": 3.0,
+      "hardness_ema": 0.5,
+      "rows_per_epoch": placeholder(int),  # None: every row (or the sampler's draw); set by mitigate's step budget
       "eval_batch_size": 512,
   })
 
@@ -112,10 +118,16 @@ def _mitigate_defaults() -> ml_collections.ConfigDict:
   """QAT fine-tuning of the trained model (fqjax.mitigate): methods, their bit-widths and settings."""
   return ml_collections.ConfigDict({
       "bit_widths": (8, 4, 3, 2),
-      "methods": ("ptq", "qat", "mp_qat", "sampling_qat", "weighted_qat", "fairqat"),
+      "methods": ("ptq", "qat", "mp_qat", "qat_equal_size", "sampling_qat", "weighted_qat", "fairqat", "fair_ft"),
       "a_bits": placeholder(object),
       "edge_bits": 8,
+      # The PTQ baseline's variant (fqjax.ptq.parse_variant): QAT's grid, with BatchNorm re-estimated as every QAT
+      # method does in its first epoch.
+      "ptq_variant": "max/recalibrate",
       "epochs": 5,
+      # "steps": every method runs plain QAT's number of optimizer steps (resampled epochs are cut to it);
+      # "epochs": every method runs `epochs` passes over its own (possibly longer) resampled data.
+      "budget": "steps",
       "batch_size": 64,
       "optimizer": "sgd",
       "learning_rate": 0.01,
@@ -131,6 +143,12 @@ def _mitigate_defaults() -> ml_collections.ConfigDict:
       "effective_beta": 0.999,
       "hardness_power": 1.0,
       "hardness_floor": 0.1,
+      "hardness_source": "capped_loss",
+      "hardness_cap": 3.0,
+      "hardness_ema": 0.5,
+      # Settings tried per (method, bit-width, seed); the one with the best validation worst-group accuracy is
+      # kept, and only it is evaluated on test. {field of this section: values}; empty: no selection.
+      "grid": ml_collections.ConfigDict({"learning_rate": (0.01, 0.03)}),
   })
 
 
@@ -141,6 +159,10 @@ def _fail(field: str, given, allowed: str) -> None:
 
 def _is_int(v) -> bool:
   return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+  return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 def check_stages(stages: Iterable[str]) -> list[str]:
@@ -203,6 +225,11 @@ def _validate_training(section: str, t) -> None:
   _one_of(f"{section}.sampling", t.sampling, choices.SAMPLING_METHODS)
   _one_of(f"{section}.loss_weights", t.loss_weights, choices.WEIGHT_SCHEMES)
   _one_of(f"{section}.weight_target", t.weight_target, choices.WEIGHT_TARGETS)
+  _one_of(f"{section}.hardness_source", t.hardness_source, choices.HARDNESS_SOURCES)
+  if not _is_number(t.hardness_cap) or not t.hardness_cap > 0:
+    _fail(f"{section}.hardness_cap", t.hardness_cap, "a number > 0 (the largest validation loss a weight sees)")
+  if not _is_number(t.hardness_ema) or not 0 < t.hardness_ema <= 1:
+    _fail(f"{section}.hardness_ema", t.hardness_ema, "a number in (0, 1] (1: no smoothing across epochs)")
 
 
 def _bit_list(field: str, bits, lo: int, hi: int, example: str) -> None:
@@ -264,6 +291,17 @@ def _validate_mitigate(m) -> None:
     _fail("mitigate.edge_bits", m.edge_bits, "an int in 1..32")
   if m.a_bits is not None and not (_is_int(m.a_bits) and 1 <= m.a_bits <= 32):
     _fail("mitigate.a_bits", m.a_bits, "None or an int in 1..32")
+  _one_of("mitigate.budget", m.budget, choices.BUDGETS)
+  scale, _, bn = str(m.ptq_variant).partition("/")
+  if scale not in choices.WEIGHT_SCALE_RULES or bn not in choices.PTQ_BN_MODES:
+    _fail("mitigate.ptq_variant", m.ptq_variant, f"'<scale>/<bn>' with scale in {choices.WEIGHT_SCALE_RULES} and bn "
+          f"in {choices.PTQ_BN_MODES}")
+  grid = m.grid.to_dict() if hasattr(m.grid, "to_dict") else dict(m.grid or {})
+  for field, values in grid.items():
+    if field not in choices.GRID_FIELDS:
+      _fail(f"mitigate.grid.{field}", values, f"a field of {choices.GRID_FIELDS}")
+    if not isinstance(values, (list, tuple)) or not values or not all(_is_number(v) for v in values):
+      _fail(f"mitigate.grid.{field}", values, "a non-empty list of numbers, e.g. (0.01, 0.03)")
 
 
 def seeds_of(config) -> list[int]:

@@ -27,6 +27,15 @@ def verdict_over_bits(flags: Sequence[bool]) -> str:
   return "partly" if any(flags) else "does not hold"
 
 
+def verdict_from_statuses(statuses: Sequence[str]) -> str:
+  """Over bit-widths, from per-bit statuses (holds / does not hold / inconclusive, not applicable ones left out):
+  holds when all hold, partly when some do, does not hold when none does and one does not hold, else inconclusive."""
+  held = statuses.count("holds")
+  if held:
+    return "holds" if held == len(statuses) else "partly"
+  return "does not hold" if "does not hold" in statuses else "inconclusive"
+
+
 def not_tested(why: str, **numbers) -> dict:
   return {"verdict": "not tested", "why": why, **numbers}
 

@@ -6,17 +6,30 @@ all methods, so differences come from the method) with fake-quantized weights
 gradients, through the same ``fqjax.train.fit`` loop as full-precision training.
 
 Methods (``config.mitigate.methods``):
-  ptq            post-training quantization, no training (the baseline)
+  ptq            post-training quantization, no training (the baseline), with ``mitigate.ptq_variant``
+                 (default max/recalibrate: QAT's grid, BatchNorm re-estimated as QAT does in its first epoch)
   qat            QAT, uniform bit-width
   lsq_qat        QAT with learned step sizes (LSQ, Esser et al. 2020)
   mp_qat         QAT, mixed precision: first and last layer at ``edge_bits``
+  qat_equal_size uniform QAT at the smallest bit-width whose model is at least as large as mp_qat's at the
+                 target bit-width (mixed precision compared at equal size; "w_bits" records it)
   sampling_qat   QAT on group-resampled data (``mitigate.sampling``)
   weighted_qat   QAT with group-weighted cross-entropy (``mitigate.loss_weights``)
   fairqat        sampling + weighted cross-entropy + mixed-precision QAT
+  fair_ft        full-precision fine-tuning with fairqat's sampling and weights, no quantization (the control
+                 that tells "rebalancing helps any model" from "repairing quantization"); the same model at
+                 every target bit-width, trained once per seed
+
+Budgets: with ``mitigate.budget`` "steps" every training method runs plain QAT's optimizer steps (each
+epoch is cut or padded to the training split's rows, whatever the sampler draws); entries record "steps"
+and "size_bytes". Selection: every setting of ``mitigate.grid`` is trained and the one with the best
+validation worst-group accuracy (ties: validation accuracy, then grid order) is kept; only it is evaluated
+on test, and "selection" records the grid, each setting's validation numbers and the choice.
 """
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from typing import Mapping, Optional, Sequence
 
@@ -24,7 +37,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from fqjax import choices, layers, metrics, quant, stages, train
+from fqjax import choices, layers, metrics, ptq, quant, stages, train
 from fqjax.layers import BitSpec
 
 METHODS, BN_MODES = choices.MITIGATE_METHODS, choices.BN_MODES
@@ -38,6 +51,7 @@ class Method:
   weighting: bool = False
   lsq: bool = False
   trains: bool = True
+  quantized: bool = True
 
 
 METHOD_PARTS = {
@@ -45,27 +59,71 @@ METHOD_PARTS = {
     "qat": Method(),
     "lsq_qat": Method(lsq=True),
     "mp_qat": Method(mixed_precision=True),
+    "qat_equal_size": Method(),
     "sampling_qat": Method(sampling=True),
     "weighted_qat": Method(weighting=True),
     "fairqat": Method(mixed_precision=True, sampling=True, weighting=True),
+    "fair_ft": Method(sampling=True, weighting=True, quantized=False),
 }
 
 
-def method_spec(method: str, bits: int, m: ml_collections.ConfigDict) -> BitSpec:
+def method_spec(method: str, bits: int, m: ml_collections.ConfigDict, params: Optional[Mapping] = None,
+                layer_names: Sequence[str] = ()) -> BitSpec:
+  """The bit layout ``method`` trains and evaluates at target ``bits``. qat_equal_size needs ``params`` and
+  ``layer_names`` (the sizes it matches); fair_ft is full precision."""
   parts = METHOD_PARTS[method]
   a = m.a_bits if m.a_bits is None or m.a_bits < quant.FULL_PRECISION_BITS else None
+  if not parts.quantized:
+    return BitSpec.uniform(None, None)
   if parts.mixed_precision:
     return BitSpec.first_last(bits, edge_bits=m.edge_bits, a_bits=a)
+  if method == "qat_equal_size":
+    return BitSpec.uniform(equal_size_bits(bits, m, params, layer_names), a)
   return BitSpec.uniform(bits, a)
 
 
-def qat_train_config(method: str, m: ml_collections.ConfigDict, base_train: ml_collections.ConfigDict):
-  """config.train for fine-tuning with ``method``: QAT hyperparameters plus its sampling / weighting."""
+def equal_size_bits(bits: int, m: ml_collections.ConfigDict, params: Mapping, layer_names: Sequence[str]) -> int:
+  """The smallest uniform weight bit-width b' >= bits whose model is at least as large as the mixed-precision
+  one at ``bits`` (first and last layer at m.edge_bits); 32 when none below is."""
+  size = lambda spec: quant.storage_size(params, layers.weight_bits_by_layer(spec, layer_names))["bytes"]
+  target = size(BitSpec.first_last(bits, edge_bits=m.edge_bits))
+  return next((b for b in range(bits, quant.FULL_PRECISION_BITS) if size(BitSpec.uniform(b)) >= target),
+              quant.FULL_PRECISION_BITS)
+
+
+def checkpoint_name(method: str, bits: int) -> str:
+  """The checkpoint folder of a (method, bit-width) entry; fair_ft trains one model for every bit-width."""
+  return method if not METHOD_PARTS[method].quantized else f"{method}_w{bits}"
+
+
+def grid_settings(m: ml_collections.ConfigDict) -> list[dict]:
+  """Every setting of ``m.grid`` ({field: values}) as {field: value} dicts, in grid order; [{}] without a grid."""
+  grid = m.grid.to_dict() if hasattr(m.grid, "to_dict") else dict(m.grid or {})
+  settings = [{}]
+  for field, values in grid.items():
+    settings = [{**s, field: v} for s in settings for v in values]
+  return settings
+
+
+def setting_label(setting: Mapping) -> str:
+  """'epochs=5,learning_rate=0.01' (a checkpoint subfolder name; fields in the grid's sorted order); 'default'
+  without a grid."""
+  return ",".join(f"{k}={v}" for k, v in setting.items()) or "default"
+
+
+def qat_train_config(method: str, m: ml_collections.ConfigDict, base_train: ml_collections.ConfigDict,
+                     setting: Optional[Mapping] = None, num_train_rows: Optional[int] = None):
+  """config.train for fine-tuning with ``method``: QAT hyperparameters (with a grid ``setting`` applied) plus its
+  sampling / weighting; with the "steps" budget, rows_per_epoch = ``num_train_rows`` (plain QAT's epoch)."""
   parts = METHOD_PARTS[method]
   t = ml_collections.ConfigDict(base_train.to_dict())
   for key in ("epochs", "batch_size", "optimizer", "learning_rate", "momentum", "weight_decay", "warmup_epochs",
-              "weight_target", "effective_beta", "hardness_power", "hardness_floor"):
+              "weight_target", "effective_beta", "hardness_power", "hardness_floor", "hardness_source",
+              "hardness_cap", "hardness_ema"):
     t[key] = m[key]
+  for key, value in (setting or {}).items():
+    t[key] = type(t[key])(value) if isinstance(t[key], (int, float)) and not isinstance(t[key], bool) else value
+  t.rows_per_epoch = num_train_rows if m.budget == "steps" else None
   t.sampling = m.sampling if parts.sampling else "none"
   t.sampling_target = m.sampling_target if parts.sampling else None
   t.loss_weights = m.loss_weights if parts.weighting else "uniform"
@@ -84,27 +142,20 @@ def run_entry(model, fp_variables: Mapping, fp_test: Mapping, splits, mcfg, pcfg
   model: the trained architecture; fp_variables: its trained variables; fp_test: its test
   metrics (reference for accuracy drops); mcfg / pcfg / ecfg / base_train: config.mitigate,
   config.ptq (activation calibration), config.eval and config.train; ckpt_dir: where the
-  fine-tuning resumes from. Returns group metrics + "size_bytes" and "train_s".
+  fine-tuning resumes from (one subfolder per grid setting). Returns group metrics + "size_bytes",
+  "w_bits" (uniform methods' weight bits), "steps", "train_s" and, for trained methods, "selection".
   """
-  spec = method_spec(method, bits, mcfg)
+  spec = method_spec(method, bits, mcfg, fp_variables["params"], layer_names)
   resolved = spec.resolve(layer_names)
   bits_tree = layers.bits_tree_from(resolved)
   qmodel = qat_model(model, method, mcfg)
-  variables = {"params": fp_variables["params"], "batch_stats": fp_variables["batch_stats"]}
-  if METHOD_PARTS[method].lsq:
-    init = jax.eval_shape(lambda x: qmodel.init(jax.random.PRNGKey(seed), x), splits.train.x[:2])
-    ones = jax.tree_util.tree_map(lambda a: jax.numpy.ones(a.shape, a.dtype), init["params"])
-    variables["params"] = layers.init_lsq_scales(_merge(ones, variables["params"]), resolved)
-  variables = stages.quantization_start(model, variables, splits.train.x, pcfg, seed, calibrate=mcfg.a_bits is not None)
+  start = _start_variables(model, qmodel, fp_variables, splits, pcfg, mcfg, method, resolved, seed)
   t0 = time.perf_counter()
   if METHOD_PARTS[method].trains:
-    tcfg = qat_train_config(method, mcfg, base_train)
-    out = train.fit(qmodel, splits, tcfg, seed, ckpt_dir, bits_tree=bits_tree, init_variables=variables,
-                    bn_train_epochs=None if mcfg.bn == "train" else mcfg.bn_train_epochs, progress=False,
-                    extra_variables={k: v for k, v in variables.items() if k == layers.QUANT_STATS},
-                    init_group_losses=_start_losses(qmodel, variables, bits_tree, splits, tcfg, ecfg, mesh),
-                    mesh=mesh)
-    variables = {**variables, **out["variables"]}
+    variables, steps, selection = _select(qmodel, start, bits_tree, splits, mcfg, ecfg, base_train, method, seed,
+                                          ckpt_dir, mesh)
+  else:
+    variables, steps, selection = _ptq_baseline(qmodel, start, bits_tree, splits, pcfg, mcfg, seed), 0, None
   train_s = time.perf_counter() - t0
   test, info = splits.test, splits.info
   logits = train.predict(qmodel, {**variables, layers.BITS: bits_tree}, test.x, ecfg.batch_size, mesh)
@@ -112,21 +163,66 @@ def run_entry(model, fp_variables: Mapping, fp_test: Mapping, splits, mcfg, pcfg
                                  group_is_label=info.group_is_label, reference=fp_test)
   result["size_bytes"] = quant.storage_size(fp_variables["params"],
                                             {n: w for n, (w, _) in resolved.items()})["bytes"]
-  result["train_s"] = train_s
+  result.update(train_s=train_s, steps=steps, w_bits=None if spec.layers else spec.w_bits)
+  if selection is not None:
+    result["selection"] = selection
   return result
 
 
-def _start_losses(model, variables: Mapping, bits_tree, splits, tcfg, ecfg, mesh) -> Optional[list]:
-  """Validation loss per group (or class) of the quantized starting point, for the first epoch's hardness weights.
+def _start_variables(model, qmodel, fp_variables, splits, pcfg, mcfg, method: str, resolved, seed: int) -> dict:
+  """What every method starts from: the trained params and statistics (plus LSQ scales), activation ranges."""
+  variables = {"params": fp_variables["params"], "batch_stats": fp_variables["batch_stats"]}
+  if METHOD_PARTS[method].lsq:
+    init = jax.eval_shape(lambda x: qmodel.init(jax.random.PRNGKey(seed), x), splits.train.x[:2])
+    ones = jax.tree_util.tree_map(lambda a: jax.numpy.ones(a.shape, a.dtype), init["params"])
+    variables["params"] = layers.init_lsq_scales(_merge(ones, variables["params"]), resolved)
+  return stages.quantization_start(model, variables, splits.train.x, pcfg, seed, calibrate=mcfg.a_bits is not None)
 
-  An id with no validation rows gets 0 (as fqjax.train does with NaN losses).
-  """
+
+def _ptq_baseline(qmodel, start, bits_tree, splits, pcfg, mcfg, seed: int) -> dict:
+  """The PTQ baseline of ``mcfg.ptq_variant``: its weight grid, and BatchNorm re-estimated when it says so."""
+  scale, _ = ptq.parse_variant(mcfg.ptq_variant)
+  pmodel = layers.configured(qmodel, scale=scale)
+  return stages.recalibrated(pmodel, start, bits_tree, splits.train.x, pcfg, seed, mcfg.ptq_variant)
+
+
+def _select(qmodel, start, bits_tree, splits, mcfg, ecfg, base_train, method: str, seed: int, ckpt_dir: str,
+            mesh) -> tuple[dict, int, dict]:
+  """Fine-tunes every grid setting (each in its own checkpoint subfolder) and keeps the one with the best
+  validation worst-group accuracy (ties: validation accuracy, then grid order)."""
+  tried, best = [], None
+  for setting in grid_settings(mcfg):
+    tcfg = qat_train_config(method, mcfg, base_train, setting, len(splits.train))
+    folder = os.path.join(ckpt_dir, setting_label(setting))
+    out = train.fit(qmodel, splits, tcfg, seed, folder, bits_tree=bits_tree, init_variables=start,
+                    bn_train_epochs=None if mcfg.bn == "train" else mcfg.bn_train_epochs, progress=False,
+                    extra_variables={k: v for k, v in start.items() if k == layers.QUANT_STATS},
+                    init_group_losses=_start_hardness(qmodel, start, bits_tree, splits, tcfg, ecfg, mesh), mesh=mesh)
+    last = out["history"][-1]
+    row = {"setting": dict(setting), "val_worst_group_accuracy": last["val_worst_group_accuracy"],
+           "val_accuracy": last["val_accuracy"], "steps": out["steps"]}
+    tried.append(row)
+    score = (_finite_or(row["val_worst_group_accuracy"]), _finite_or(row["val_accuracy"]))
+    if best is None or score > best[0]:
+      best = (score, {**start, **out["variables"]}, row)
+  _, variables, chosen = best
+  selection = {"metric": "val_worst_group_accuracy", "grid": tried, "chosen": chosen["setting"]}
+  return variables, chosen["steps"], selection
+
+
+def _finite_or(x, default: float = -np.inf) -> float:
+  return float(x) if x is not None and np.isfinite(x) else default
+
+
+def _start_hardness(model, variables: Mapping, bits_tree, splits, tcfg, ecfg, mesh) -> Optional[list]:
+  """The quantized starting point's validation hardness signal (train.hardness_signal), for the first epoch's
+  weights; None unless the method weights by hardness."""
   if tcfg.loss_weights != "hardness":
     return None
   val, info = splits.val, splits.info
   logits = train.predict(model, {**variables, layers.BITS: bits_tree}, val.x, ecfg.batch_size, mesh)
   ids, n = (val.group, info.num_groups) if tcfg.weight_target == "group" else (val.y, info.num_classes)
-  return np.nan_to_num(metrics.group_mean(metrics.per_sample_loss(logits, val.y), ids, n), nan=0.0).tolist()
+  return train.hardness_signal(logits, val.y, ids, n, tcfg).tolist()
 
 
 def _merge(init: Mapping, trained: Mapping) -> dict:
@@ -136,7 +232,7 @@ def _merge(init: Mapping, trained: Mapping) -> dict:
 
 
 TABLE_COLUMNS = (("accuracy", "max"), ("worst_group_accuracy", "max"), ("fairness_violation", "min"),
-                 ("size_bytes", "min"), ("train_s", "min"))
+                 ("size_bytes", "min"), ("steps", "min"), ("train_s", "min"))
 
 
 def summarize(per_seed: Mapping, methods, bit_widths, seeds) -> dict:
@@ -151,8 +247,10 @@ def summarize(per_seed: Mapping, methods, bit_widths, seeds) -> dict:
     for b in bit_widths:
       runs = [per_seed[str(s)][method][str(b)] for s in seeds]
       s = metrics.summarize_over_seeds(runs)
-      s["size_bytes"] = metrics.mean_std([r["size_bytes"] for r in runs])
-      s["train_s"] = metrics.mean_std([r["train_s"] for r in runs])
+      for key in ("size_bytes", "train_s", "steps"):
+        s[key] = metrics.mean_std([r.get(key, np.nan) for r in runs])
+      w_bits = {r.get("w_bits") for r in runs}
+      s["w_bits"] = w_bits.pop() if len(w_bits) == 1 else None
       summary[method][str(b)] = s
   best = {}
   for b in bit_widths:

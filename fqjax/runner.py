@@ -5,7 +5,7 @@ workdir/
   results.json    see fqjax.results; results.csv: one row per variant, bits, seed, split and group
   fqjax.log       the log of every run; .fqjax.lock: the workdir lock (pid and start of its holder)
   checkpoints/seed_<s>/train/                     the training run (orbax), with KEY: its cache key
-  checkpoints/seed_<s>/mitigate/<method>_w<bits>/ fine-tuning runs, each with KEY
+  checkpoints/seed_<s>/mitigate/<method>_w<bits>/<grid setting>/ fine-tuning runs (fair_ft: mitigate/fair_ft/), KEY
   report.md, report.html, figures/
 
 One cache rule for every stage, per seed: an entry is reused only when its key (fqjax.cache:
@@ -28,12 +28,12 @@ from typing import Callable, Optional, Sequence
 import jax
 import ml_collections
 
-from fqjax import claims, layers, metrics, mitigate, parallel, report, results, stages, summaries, train
+from fqjax import claims, layers, mitigate, parallel, report, results, stages, summaries, train
 from fqjax import config as config_lib
 from fqjax import data as data_lib
 from fqjax import workdir as workdir_lib
 from fqjax.cache import data_identity, stage_key, train_key
-from fqjax.errors import FqjaxError, MissingFileError
+from fqjax.errors import FqjaxError, InputError, MissingFileError
 
 log = logging.getLogger("fqjax")
 
@@ -47,7 +47,7 @@ class _Run:
   """What the runner holds during one run; stages never see it (they get explicit arguments)."""
   config: ml_collections.ConfigDict
   workdir: str
-  splits: data_lib.Splits
+  splits: data_lib.Splits  # the first seed's: the model, layer names and dataset description come from it
   model: object
   layer_names: list
   mesh: object
@@ -55,6 +55,7 @@ class _Run:
   progress: bool
   force: bool
   results: dict = dataclasses.field(default_factory=dict)
+  by_seed: dict = dataclasses.field(default_factory=dict)  # seed -> (its Splits, their data identity)
   trained: dict = dataclasses.field(default_factory=dict)  # seed -> trained variables (loaded once)
   changed: bool = False  # whether results changed in this run (the report is redrawn only then)
   loaded: Optional[str] = None  # results.json as read (_comparable), to tell whether anything changed
@@ -62,6 +63,10 @@ class _Run:
   @property
   def seeds(self) -> list[int]:
     return config_lib.seeds_of(self.config)
+
+  def splits_of(self, seed: int) -> data_lib.Splits:
+    """The splits training seed ``seed`` uses (its own with config.data.resplit_per_seed, else the shared ones)."""
+    return self.by_seed[seed][0]
 
   @property
   def writer(self) -> bool:
@@ -76,12 +81,12 @@ class _Run:
 
   def key(self, stage: str, seed: int) -> Optional[str]:
     if stage == "train":
-      return train_key(self.config, self.data_id, seed)
+      return train_key(self.config, self.by_seed[seed][1], seed)
     return stage_key(self.config, stage, *self.train_entry(seed))
 
   def trained_variables(self, seed: int) -> dict:
     if seed not in self.trained:
-      loaded = train.load_trained(self.model, self.splits, self.config.train, seed, self.ckpt_dir(seed))
+      loaded = train.load_trained(self.model, self.splits_of(seed), self.config.train, seed, self.ckpt_dir(seed))
       if loaded is None:
         raise MissingFileError(
             f"no finished training checkpoint for seed {seed} in {self.ckpt_dir(seed)}. Rerun with the train "
@@ -112,17 +117,38 @@ class _Run:
 
 
 def _open(config, workdir: str, progress: bool, force: bool) -> _Run:
-  """Loads the data and builds the model (before the workdir exists: bad data leaves nothing behind)."""
+  """Loads each seed's data and builds the model (before the workdir exists: bad data leaves nothing behind)."""
   t0 = time.perf_counter()
-  splits = data_lib.load(config)
+  by_seed, loaded = {}, {}
+  for seed in config_lib.seeds_of(config):
+    split_seed = data_lib.split_seed(config, seed)
+    if split_seed not in loaded:
+      splits = data_lib.load_for_seed(config, seed)
+      loaded[split_seed] = (splits, data_identity(splits))
+    by_seed[seed] = loaded[split_seed]
   data_s = time.perf_counter() - t0
+  splits, data_id = next(iter(by_seed.values()))
+  _check_same_counts(config, by_seed)
   model = stages.build_model(config, splits.info)
   mesh = parallel.data_mesh(config.parallel.num_devices) if config.parallel.data_parallel else None
   sample = splits.train.x[:2]
-  r = _Run(config=config, workdir=workdir, splits=splits, model=model, layer_names=layers.quant_layer_names(model, sample),
-           mesh=mesh, data_id=data_identity(splits), progress=progress, force=force)
+  r = _Run(config=config, workdir=workdir, splits=splits, model=model,
+           layer_names=layers.quant_layer_names(model, sample), mesh=mesh, data_id=data_id, progress=progress,
+           force=force, by_seed=by_seed)
   r.results = {"timings": {"data": data_s}, "model": {"num_params": stages.num_params(model, sample)}}
   return r
+
+
+def _check_same_counts(config, by_seed: dict) -> None:
+  """Per-seed splits must have the same rows per group and split (stratified splits do), or the minority
+  groups and the summaries over seeds would mix different designs."""
+  first_seed, (first, _) = next(iter(by_seed.items()))
+  for seed, (splits, _) in by_seed.items():
+    if splits.info.counts != first.info.counts:
+      raise InputError(
+          f"with config.data.resplit_per_seed, seed {seed}'s split has rows per group {splits.info.counts}, seed "
+          f"{first_seed}'s {first.info.counts}; the seeds' splits must have the same sizes. Set "
+          "--config.data.resplit_per_seed=False to share one split, or use a dataset with a stratified split.")
 
 
 def _read_results(r: _Run) -> None:
@@ -133,7 +159,8 @@ def _read_results(r: _Run) -> None:
   fresh, r.results = r.results, existing or results.new_results()
   r.results["timings"]["data"] = fresh["timings"]["data"]
   r.results.update({"config": r.config.to_dict(), "seeds": r.seeds, "dataset": {**r.splits.to_dict(),
-                    "identity": r.data_id},
+                    "identity": r.data_id, "split_identities": {str(s): r.by_seed[s][1] for s in r.seeds},
+                    "split_seeds": {str(s): data_lib.split_seed(r.config, s) for s in r.seeds}},
                     "model": {"name": stages.resolved_model_name(r.config, r.splits.info),
                               "num_params": fresh["model"]["num_params"], "layer_names": r.layer_names}})
   _drop_stale(r)
@@ -192,8 +219,8 @@ def _train(r: _Run) -> bool:
     workdir_lib.claim_checkpoints(folder, key, fresh=r.force)
     log.info("train seed %d: %d epochs of %s on %s", seed, cfg.train.epochs, r.results["model"]["name"],
              r.splits.info.name)
-    record, r.trained[seed] = stages.train_seed(r.model, r.splits, cfg.train, cfg.eval, seed, folder, mesh=r.mesh,
-                                                progress=r.progress)
+    record, r.trained[seed] = stages.train_seed(r.model, r.splits_of(seed), cfg.train, cfg.eval, seed, folder,
+                                                mesh=r.mesh, progress=r.progress)
     section["per_seed"][str(seed)], section["keys"][str(seed)] = record, key
     test = record["test"]
     log.info("train seed %d: test accuracy %.4f, worst group %.4f, fairness violation %.4f", seed,
@@ -219,7 +246,7 @@ def _ptq(r: _Run) -> bool:
   r.load_trained(todo)
   for seed in todo:
     key = r.key("ptq", seed)
-    out = stages.ptq_seed(r.model, r.trained_variables(seed), r.splits, p, r.config.eval, r.layer_names, seed,
+    out = stages.ptq_seed(r.model, r.trained_variables(seed), r.splits_of(seed), p, r.config.eval, r.layer_names, seed,
                           mesh=r.mesh)
     for variant, entry in others.items():
       entry["per_seed"][str(seed)] = out["variants"][variant]
@@ -271,7 +298,7 @@ def _explain(r: _Run) -> bool:
       if bits >= 32 and variant != pcfg.variants[0] and str(bits) in primary:
         entry = primary[str(bits)]  # the model as trained: the same for every variant
       else:
-        entry = stages.explain_entry(r.model, r.trained_variables(seed), r.splits, xcfg, pcfg, r.config.eval,
+        entry = stages.explain_entry(r.model, r.trained_variables(seed), r.splits_of(seed), xcfg, pcfg, r.config.eval,
                                      r.layer_names, bits, seed, variant)
         log.info("explain seed %d %s %d-bit: %.1f s", seed, variant, bits, entry["wall_s"])
       holders[variant]["per_seed"][str(seed)][str(bits)] = entry
@@ -295,12 +322,12 @@ def _mitigate(r: _Run) -> bool:
         if str(bits) in entries.get(method, {}):
           continue
         if fp_test is None:
-          fp_test = train.evaluate(r.model, r.trained_variables(seed), r.splits.test, r.splits.info.num_groups,
+          fp_test = train.evaluate(r.model, r.trained_variables(seed), r.splits_of(seed).test, r.splits.info.num_groups,
                                    group_is_label=r.splits.info.group_is_label, batch_size=cfg.eval.batch_size,
                                    mesh=r.mesh)
-        folder = r.ckpt_dir(seed, "mitigate", f"{method}_w{bits}")
+        folder = r.ckpt_dir(seed, "mitigate", mitigate.checkpoint_name(method, bits))
         workdir_lib.claim_checkpoints(folder, r.key("mitigate", seed), fresh=r.force)
-        out = mitigate.run_entry(r.model, r.trained_variables(seed), fp_test, r.splits, m, cfg.ptq, cfg.eval,
+        out = mitigate.run_entry(r.model, r.trained_variables(seed), fp_test, r.splits_of(seed), m, cfg.ptq, cfg.eval,
                                  cfg.train, r.layer_names, method, int(bits), seed, folder, mesh=r.mesh)
         entries.setdefault(method, {})[str(bits)] = out
         log.info("mitigate seed %d %s %d-bit: acc %.3f worst %.3f fv %.3f (%.1f s)", seed, method, bits,
@@ -338,34 +365,7 @@ def available_stages() -> list[str]:
 
 def _summarize(r: _Run) -> list[str]:
   """Summaries of every complete section over exactly the configured seeds; returns the incomplete stages."""
-  incomplete = []
-  for stage in ("train", "ptq", "explain", "mitigate"):
-    section = r.results.get(stage)
-    if section is None:
-      continue
-    for key in ("summary", "best", "intervals", "theory"):
-      section.pop(key, None)
-    missing = summaries.missing_seeds(section, stage, r.seeds)
-    section["missing_seeds"] = missing
-    if missing:
-      incomplete.append(stage)
-      continue
-    per_seed = section["per_seed"]
-    if stage == "train":
-      section["summary"] = metrics.summarize_over_seeds([per_seed[str(s)]["test"] for s in r.seeds])
-    elif stage == "ptq":
-      minority, resamples = claims.minority_mask(r.results), r.config.eval.bootstrap_resamples
-      for entry in [section, *section.get("variants", {}).values()]:
-        entry["summary"] = {str(b): metrics.summarize_over_seeds([entry["per_seed"][str(s)][str(b)]
-                                                                  for s in r.seeds]) for b in section["bit_widths"]}
-        if resamples:
-          entry["intervals"] = summaries.ptq_intervals(entry, section["bit_widths"], r.seeds, minority, resamples)
-    elif stage == "explain":
-      for entry in [section, *section.get("variants", {}).values()]:
-        entry["theory"] = summaries.theory_table(entry, section["bit_widths"], r.seeds, section)
-    elif stage == "mitigate":
-      section.update(mitigate.summarize(per_seed, section["methods"], section["bit_widths"], r.seeds))
-  return incomplete
+  return summaries.summarize_sections(r.results, r.seeds, r.config.eval.bootstrap_resamples)
 
 
 def _claims(r: _Run, incomplete: list[str]) -> dict:

@@ -116,7 +116,8 @@ def ptq_seed(model: nn.Module, variables: Variables, splits, pcfg, ecfg, layer_n
   variant, "variants": {other variant: its by_bits}, "sweep_s": seconds of all sweeps, "sweep_mode"}.
   Reference for accuracy drops: the model as trained (no folding, no quantizer in the graph), evaluated
   once; groups.paired_counts [G, 4] (fqjax.stats.CELLS) pair each test example's reference and quantized
-  outcome, the sufficient statistic of the paired bootstrap. Activation ranges are calibrated once (at full precision, so the weight rule does not matter).
+  outcome, the sufficient statistic of the paired bootstrap. Activation ranges are calibrated once (at full
+  precision, so the weight rule does not matter).
   With BatchNorm recalibration each bit-width has its own statistics, so that sweep runs one
   bit-width at a time through the same compiled function (K = 1).
   """
@@ -185,20 +186,27 @@ def explain_entry(model: nn.Module, variables: Variables, splits, xcfg, pcfg, ec
                                     layer_names, batch_size=ecfg.batch_size)
   rng = np.random.default_rng(seed)
   rows = _subsample_groups(splits[xcfg.curvature_split], info.num_groups, xcfg.max_examples_per_group, rng)
+  # Derivatives are taken of the plain network at the variant's dequantized weights: one model clone for every
+  # variant (at full precision the weight rule computes nothing), so the compiled programs are shared.
+  plain = ptq_model(model, pcfg)
+  params_q = curvature_lib.quantized_params(qmodel, qvars_bn, bits_tree, rows.x[:1])
   if xcfg.curvature:
-    entry["curvature"] = curvature(qmodel, qvars_bn, bits_tree, rows, info.num_groups, info.counts["train"], xcfg,
-                                   seed, rng)
+    entry["curvature"] = curvature(plain, {**qvars_bn, "params": params_q}, None, rows, info.num_groups,
+                                   info.counts["train"], xcfg, seed, rng)
     entry["curvature"]["activation_bits_ignored"] = spec.a_bits is not None  # taken at the dequantized weights
   if not is_full_precision(bits_tree):
-    entry["theory"] = theory(qmodel, qvars, bits_tree, rows, fwd, info.num_groups, xcfg,
+    if qvars_bn.get("batch_stats") is not qvars.get("batch_stats"):  # folded BN: the grid follows the statistics
+      params_q = curvature_lib.quantized_params(qmodel, qvars, bits_tree, rows.x[:1])
+    entry["theory"] = theory(plain, qvars, params_q, bits_tree, rows, fwd, info.num_groups, xcfg,
                              {"curvature": xcfg.curvature_split, "forward": xcfg.forward_split})
   entry["wall_s"] = time.perf_counter() - t0
   return entry
 
 
-def theory(qmodel: nn.Module, qvars: Variables, bits_tree, rows, fwd, num_groups: int, xcfg,
+def theory(model: nn.Module, qvars: Variables, params_q, bits_tree, rows, fwd, num_groups: int, xcfg,
            split_names: Mapping[str, str]) -> dict:
-  """The second-order test of the theory (fqjax.explain.theory) at one bits tree, weights only.
+  """The second-order test of the theory (fqjax.explain.theory) at the dequantized weights ``params_q`` of one
+  bits tree, weights only (``model``: a clone of the quantized model; its weight rule is not used).
 
   On the curvature rows: per group [G] the observed excess loss, g.d, d.H.d, the second-order estimate
   and ||g|| (one forward-over-reverse pass per batch), and ||d||; on the forward split the observed
@@ -206,10 +214,10 @@ def theory(qmodel: nn.Module, qvars: Variables, bits_tree, rows, fwd, num_groups
   change of the weights, is the only change. Keys: the theory_lib names, "observed_excess_loss":
   {split name: [G]}, "batchnorm": "trained statistics", "activation_bits_ignored".
   """
-  terms = theory_lib.second_order_terms(qmodel, qvars, bits_tree, rows.x, rows.y, rows.group, num_groups,
-                                        batch_size=xcfg.batch_size)
-  held_out = theory_lib.excess_loss(qmodel, qvars, bits_tree, fwd.x, fwd.y, fwd.group, num_groups,
-                                    batch_size=xcfg.batch_size)
+  terms = theory_lib.second_order_terms(model, qvars, None, rows.x, rows.y, rows.group, num_groups,
+                                        batch_size=xcfg.batch_size, params_q=params_q)
+  held_out = theory_lib.excess_loss(model, qvars, None, fwd.x, fwd.y, fwd.group, num_groups,
+                                    batch_size=xcfg.batch_size, params_q=params_q)
   out = {k: (v.tolist() if isinstance(v, np.ndarray) else float(v)) for k, v in terms.items()}
   out["observed_excess_loss"] = {split_names["curvature"]: out["excess_loss"]}
   if split_names["forward"] != split_names["curvature"]:

@@ -10,11 +10,44 @@ from typing import Mapping, Optional, Sequence
 
 import numpy as np
 
-from fqjax import stats
+from fqjax import claims, metrics, mitigate, stats
 from fqjax.explain import theory as theory_lib
 from fqjax.metrics import finite_mean
 
 FULL = 32
+
+
+def summarize_sections(results: dict, seeds: Sequence[int], bootstrap_resamples: int) -> list[str]:
+  """Stores, in place, the summaries of every complete stage section of ``results`` over exactly ``seeds``
+  ("summary", mitigate's "best", ptq's "intervals", explain's "theory"; stale ones are removed first) and
+  each section's "missing_seeds"; returns the stages with missing seeds (which get no summary)."""
+  incomplete = []
+  for stage in ("train", "ptq", "explain", "mitigate"):
+    section = results.get(stage)
+    if section is None:
+      continue
+    for key in ("summary", "best", "intervals", "theory"):
+      section.pop(key, None)
+    section["missing_seeds"] = missing_seeds(section, stage, seeds)
+    if section["missing_seeds"]:
+      incomplete.append(stage)
+      continue
+    per_seed = section["per_seed"]
+    if stage == "train":
+      section["summary"] = metrics.summarize_over_seeds([per_seed[str(s)]["test"] for s in seeds])
+    elif stage == "ptq":
+      minority = claims.minority_mask(results)
+      for entry in [section, *section.get("variants", {}).values()]:
+        entry["summary"] = {str(b): metrics.summarize_over_seeds([entry["per_seed"][str(s)][str(b)] for s in seeds])
+                            for b in section["bit_widths"]}
+        if bootstrap_resamples:
+          entry["intervals"] = ptq_intervals(entry, section["bit_widths"], seeds, minority, bootstrap_resamples)
+    elif stage == "explain":
+      for entry in [section, *section.get("variants", {}).values()]:
+        entry["theory"] = theory_table(entry, section["bit_widths"], seeds, section)
+    elif stage == "mitigate":
+      section.update(mitigate.summarize(per_seed, section["methods"], section["bit_widths"], seeds))
+  return incomplete
 
 
 def missing_seeds(section: Mapping, stage: str, seeds: Sequence[int]) -> list[int]:

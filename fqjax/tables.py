@@ -26,6 +26,7 @@ ABLATION_COLUMNS = (("accuracy", "accuracy", 1.0, "{:.3f}"),
                     ("worst_group_accuracy", "worst group", 1.0, "{:.3f}"),
                     ("fairness_violation", "fairness violation", 1.0, "{:.3f}"),
                     ("size_bytes", "size KB", 1 / 1024, "{:.1f}"),
+                    ("steps", "steps", 1.0, "{:.0f}"),
                     ("train_s", "train s", 1.0, "{:.1f}"))
 
 
@@ -112,17 +113,19 @@ def interval_cell(node: Optional[Mapping], fmt: str = "{:.3f}") -> str:
   return EMPTY if low is None or high is None else f"[{fmt.format(low)}, {fmt.format(high)}]"
 
 
-def _ablation_row(b: Any, method: str, s: Mapping, best: Mapping) -> str:
-  """One row: the mean±std columns carry '*' (best) or ' ' after them; size KB and train s are means."""
+def _ablation_row(b: Any, method: str, s: Mapping, best: Mapping, label: str = "", width: int = 13) -> str:
+  """One row: the mean±std columns carry '*' (best) or ' ' after them; size KB, steps and train s are means.
+  ``label``: the method cell (default ``method``), ``width`` its column's width."""
   def marked(col):
     text = mean_std_cell(s.get(col))
     return text + ("*" if text != EMPTY and best.get(col) == method else " ")
 
-  def plain(col, scale=1.0):
-    return mean_std_cell({"mean": (s.get(col) or {}).get("mean")}, "{:.1f}", scale=scale)
+  def plain(col, scale=1.0, fmt="{:.1f}"):
+    return mean_std_cell({"mean": (s.get(col) or {}).get("mean")}, fmt, scale=scale)
 
-  return (f"{b:>4} {method:<13} {marked('accuracy'):>14} {marked('worst_group_accuracy'):>14} "
-          f"{marked('fairness_violation'):>15} {plain('size_bytes', 1 / 1024):>8} {plain('train_s'):>8}")
+  return (f"{b:>4} {label or method:<{width}} {marked('accuracy'):>14} {marked('worst_group_accuracy'):>14} "
+          f"{marked('fairness_violation'):>15} {plain('size_bytes', 1 / 1024):>8} "
+          f"{plain('steps', fmt='{:.0f}'):>6} {plain('train_s'):>8}")
 
 
 def ablation_table(section: Mapping) -> str:
@@ -130,15 +133,26 @@ def ablation_table(section: Mapping) -> str:
 
   section: results["mitigate"]. One row per (bit-width, method) in ``bit_widths`` x ``methods`` order;
   accuracy, worst group and fairness violation as 'mean±std' with '*' after the best method of the
-  column at that bit-width, size KB and train s as means (1 decimal). UNFINISHED without a summary.
+  column at that bit-width, size KB and train s as means (1 decimal), steps (optimizer steps) as an
+  integer mean. A method that ran at other weight bits than the target (summary "w_bits", e.g.
+  qat_equal_size matching mixed precision's size) shows them: 'qat_equal_size (5b)'. UNFINISHED
+  without a summary.
   """
   if not isinstance(section.get("summary"), Mapping) or not isinstance(section.get("best"), Mapping):
     return UNFINISHED.format(stage="mitigate")
-  lines = [f"{'bits':>4} {'method':<13} {'accuracy':>14} {'worst group':>14} {'fairness viol.':>15} "
-           f"{'size KB':>8} {'train s':>8}"]
+
+  def label(method, b):  # the weight bits used, where they are not the target (None: mixed precision)
+    w = dig(section, "summary", method, b, "w_bits")
+    return f"{method} ({w}b)" if isinstance(w, int) and not isinstance(w, bool) and w != int(b) else method
+
+  # The widest label sets the method column, so a '(5b)' suffix does not shift the number columns.
+  width = max([13] + [len(label(m, b)) for b in section["bit_widths"] for m in section["methods"]])
+  lines = [f"{'bits':>4} {'method':<{width}} {'accuracy':>14} {'worst group':>14} {'fairness viol.':>15} "
+           f"{'size KB':>8} {'steps':>6} {'train s':>8}"]
   for b in section["bit_widths"]:
     best = section["best"][str(b)]
-    lines += [_ablation_row(b, method, section["summary"][method][str(b)], best) for method in section["methods"]]
+    lines += [_ablation_row(b, method, section["summary"][method][str(b)], best, label(method, b), width)
+              for method in section["methods"]]
   return "\n".join(lines)
 
 

@@ -255,10 +255,46 @@ def _weight_table(tcfg, counts: np.ndarray, group_losses: Optional[np.ndarray]) 
 
 
 def _epoch_rows(train_split, num_ids: int, ids: np.ndarray, tcfg, seed: int, epoch: int) -> np.ndarray:
+  """The rows of one epoch: all of them, or the sampler's draw; with ``tcfg.rows_per_epoch`` = R, exactly R rows
+  (a seeded subset of a longer draw, or the draw plus seeded repeats of it), so every method takes the same
+  number of optimizer steps per epoch whatever its sampler draws."""
   if tcfg.sampling == "none":
-    return np.arange(len(train_split), dtype=np.int64)
-  kw = sampling.target_option(tcfg.sampling, tcfg.sampling_target)
-  return sampling.sample_indices(ids, num_ids, tcfg.sampling, seed=seed * 100_003 + epoch, **kw).indices
+    rows = np.arange(len(train_split), dtype=np.int64)
+  else:
+    kw = sampling.target_option(tcfg.sampling, tcfg.sampling_target)
+    rows = sampling.sample_indices(ids, num_ids, tcfg.sampling, seed=seed * 100_003 + epoch, **kw).indices
+  target = tcfg.get("rows_per_epoch")
+  if target is None or len(rows) == target:
+    return rows
+  rng = np.random.default_rng(seed * 100_019 + epoch)
+  if len(rows) > target:
+    return np.sort(rng.choice(rows, size=target, replace=False))
+  return np.concatenate([rows, rng.choice(rows, size=target - len(rows), replace=True)])
+
+
+def hardness_signal(logits: np.ndarray, y: np.ndarray, ids: np.ndarray, num_ids: int, tcfg) -> np.ndarray:
+  """What hardness weights follow, per group or class id [num_ids] float64 (0 for an id without rows).
+
+  ``tcfg.hardness_source``: "capped_loss" = mean over the id's validation rows of min(cross-entropy,
+  hardness_cap) (a collapsed model's huge losses stay bounded), "error_rate" = 1 - accuracy, "loss" = the
+  uncapped mean cross-entropy.
+  """
+  source = tcfg.get("hardness_source", "loss")
+  if source == "error_rate":
+    per_sample = (np.asarray(logits).argmax(-1) != y).astype(np.float64)
+  else:
+    per_sample = metrics.per_sample_loss(logits, y)
+    if source == "capped_loss":
+      per_sample = np.minimum(per_sample, float(tcfg.hardness_cap))
+  return np.nan_to_num(metrics.group_mean(per_sample, ids, num_ids), nan=0.0)
+
+
+def smoothed(previous: Optional[np.ndarray], signal: np.ndarray, tcfg) -> np.ndarray:
+  """EMA across epochs: ema * signal + (1 - ema) * previous (the signal itself when there is no previous)."""
+  if previous is None:
+    return np.asarray(signal, np.float64)
+  ema = float(tcfg.get("hardness_ema", 1.0))
+  return ema * np.asarray(signal, np.float64) + (1.0 - ema) * np.asarray(previous, np.float64)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -299,7 +335,8 @@ def fit(model: nn.Module, splits, tcfg: ml_collections.ConfigDict, seed: int, ck
     on_epoch_end: called with (epoch, history entry) after each checkpoint.
 
   Returns:
-    {"variables", "history": [per-epoch dicts], "epochs_run", "resumed_from", "wall_s", "sample_counts"}.
+    {"variables", "history": [per-epoch dicts], "epochs_run", "resumed_from", "wall_s", "sample_counts",
+     "steps": optimizer steps of all epochs}.
   Raises:
     TrainingDiverged naming the first step whose loss was not finite; CorruptFileError for an
     unreadable checkpoint in ``ckpt_dir``.
@@ -352,7 +389,8 @@ def _fit_loop(plan: _Plan, mngr, state, extra, init_group_losses, on_epoch_end, 
     table = jnp.asarray(table) if mesh is None else parallel.global_array(table, parallel.replicated(mesh))
     state, stacked = _epoch(plan, state, data, rows, table, extra, epoch, mngr)
     eval_vars = {**model_variables(state), **(extra or {})}
-    entry, group_losses = _validate(plan, eval_vars, stacked, table, epoch)
+    entry, signal = _validate(plan, eval_vars, stacked, table, epoch)
+    group_losses = smoothed(group_losses, signal, tcfg)
     history.append(entry)
     # A deep copy: orbax saves asynchronously, and the live history list grows in the next epoch.
     save_checkpoint(mngr, epoch, state, {"epoch": epoch, "history": copy.deepcopy(history),
@@ -366,6 +404,7 @@ def _fit_loop(plan: _Plan, mngr, state, extra, init_group_losses, on_epoch_end, 
   mngr.wait_until_finished()
   return {"variables": jax.device_get(model_variables(state)), "history": history,
           "epochs_run": tcfg.epochs - start_epoch, "resumed_from": start_epoch if restored else None,
+          "steps": int(sum(h.get("steps", 0) for h in history)),
           "wall_s": time.perf_counter() - t0, "sample_counts": sample_counts}
 
 
@@ -396,25 +435,20 @@ def _epoch(plan: _Plan, state, data, rows: np.ndarray, table, extra, epoch: int,
 
 
 def _validate(plan: _Plan, eval_vars, stacked, table, epoch: int) -> tuple[dict, np.ndarray]:
-  """The epoch's history entry and the per-id validation losses (hardness weights of the next epoch)."""
+  """The epoch's history entry and the per-id hardness signal (``hardness_signal`` on the validation split)."""
   info, splits, tcfg = plan.splits.info, plan.splits, plan.tcfg
-  val = evaluate(plan.model, eval_vars, splits.val, info.num_groups, group_is_label=info.group_is_label,
-                 batch_size=tcfg.eval_batch_size, mesh=plan.mesh)
-  per_id = val["groups"]["loss"] if plan.by_group else _class_losses(plan.model, eval_vars, splits.val, info, tcfg,
-                                                                      plan.mesh)
-  group_losses = np.nan_to_num(np.asarray(per_id, np.float64), nan=0.0)
-  entry = {"epoch": epoch,
+  logits = predict(plan.model, eval_vars, splits.val.x, tcfg.eval_batch_size, plan.mesh)
+  val = metrics.group_metrics(logits, splits.val.y, splits.val.group, info.num_groups,
+                              group_is_label=info.group_is_label)
+  signal = hardness_signal(logits, splits.val.y, splits.val.group if plan.by_group else splits.val.y, plan.num_ids,
+                           tcfg)
+  entry = {"epoch": epoch, "steps": int(len(stacked["loss"])),
            "train_loss": float(np.sum(stacked["loss"] * stacked["count"]) / np.sum(stacked["count"])),
            "train_accuracy": float(np.sum(stacked["correct"]) / np.sum(stacked["count"])),
            "val_accuracy": val["accuracy"], "val_loss": val["loss"],
-           "val_worst_group_accuracy": val["worst_group_accuracy"], "weights": np.asarray(table).tolist()}
-  return entry, group_losses
-
-
-def _class_losses(model, variables, split, info, tcfg, mesh=None) -> list:
-  """Per-class validation loss [C] (NaN for a class with no validation rows), for class-weighted hardness."""
-  logits = predict(model, variables, split.x, tcfg.eval_batch_size, mesh)
-  return metrics.group_mean(metrics.per_sample_loss(logits, split.y), split.y, info.num_classes).tolist()
+           "val_worst_group_accuracy": val["worst_group_accuracy"], "weights": np.asarray(table).tolist(),
+           "hardness_signal": signal.tolist()}
+  return entry, signal
 
 
 def load_trained(model: nn.Module, splits, tcfg, seed: int, ckpt_dir: str) -> Optional[dict]:

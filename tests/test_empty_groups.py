@@ -82,7 +82,7 @@ def _mitigate_section(test_counts, methods=("ptq", "qat", "fairqat"), bit_widths
       per_seed[str(seed)][method] = {}
       for b in bit_widths:
         m = metrics.group_metrics(_logits(y, b, seed + 10 * i), y, group, num_groups)
-        m["size_bytes"], m["train_s"] = 100 * b, 1.0 + i
+        m["size_bytes"], m["train_s"], m["steps"] = 100 * b, 1.0 + i, 0 if method == "ptq" else 50
         per_seed[str(seed)][method][str(b)] = m
   section = {"methods": list(methods), "bit_widths": list(bit_widths), "per_seed": per_seed}
   section.update(mitigate.summarize(per_seed, methods, bit_widths, SEEDS))

@@ -24,7 +24,10 @@ def test_ablation_section(run):
     assert 0.0 <= entry["accuracy"] <= 1.0
     assert len(entry["groups"]["accuracy"]) == 3
     assert entry["train_s"] >= 0
-  assert m["per_seed"]["0"]["ptq"]["4"]["train_s"] < 0.5  # PTQ trains nothing
+  ptq_entry = m["per_seed"]["0"]["ptq"]["4"]
+  assert ptq_entry["steps"] == 0 and "selection" not in ptq_entry  # PTQ trains nothing (it re-estimates BatchNorm)
+  steps = {m["per_seed"]["0"][method]["4"]["steps"] for method in m["methods"] if method != "ptq"}
+  assert len(steps) == 1 and steps.pop() > 0  # the same optimizer steps for every training method
   # Mixed precision keeps first/last layer at 8 bits: larger than uniform 4-bit, smaller than float32.
   s = m["summary"]
   assert s["mp_qat"]["4"]["size_bytes"]["mean"] > s["qat"]["4"]["size_bytes"]["mean"]

@@ -16,6 +16,7 @@ import pytest
 from PIL import Image
 
 from fqjax import claims, report, results
+from fqjax.tables import dig as _dig
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SECTIONS = ("Full-precision training", "PTQ sweep", "Explain: forward chain", "Explain: curvature",
@@ -115,6 +116,7 @@ def test_full_report_figures_links_and_sections(workdirs):
   # One PTQ variant: no comparison; the constructed explain section has no second-order test.
   assert set(out["figures"]) == set(report.FIGURE_NAMES) - {"ptq_variants", "explain_theory"}
   assert out["sections"] == {s: "ok" for s in ("train", "ptq", "explain", "curvature", "mitigate", "claims")}
+  assert "mitigate_pareto" in out["figures"]  # the size / worst group / fairness trade-off of the ablation
   for path in out["figures"].values():
     assert os.path.dirname(path) == os.path.join(wd, "figures")
     _check_png(path)
@@ -137,7 +139,7 @@ def test_unfinished_mitigate_stage_is_marked_incomplete(workdirs, tmp_path):
   del res["mitigate"]["summary"], res["mitigate"]["best"]
   out = report.write_report(str(tmp_path), results=res)
   assert out["sections"]["mitigate"] == "incomplete"
-  assert "mitigate_ablation" not in out["figures"]
+  assert not {"mitigate_ablation", "mitigate_pareto"} & set(out["figures"])
   md = open(out["markdown"]).read()
   assert "has not finished (9 of 10 (method, bit-width, seed) entries done)" in md
   assert "| 4 | fairqat | 1 of 2 |" in md and "| 4 | qat | 2 of 2 |" in md
@@ -206,6 +208,24 @@ def test_report_numbers_come_from_results(workdirs):
     fv = res["mitigate"]["summary"][method]["4"]["fairness_violation"]
     assert f"{fv['mean']:.3f} ± {fv['std']:.3f}" in fv_cell
     assert fv_cell.startswith("**") == (method == best), row
+  # Steps: the stored summary's mean ± std (integers); every training method ran the same steps in the tiny study.
+  steps_col = 3 + [c[0] for c in report.ABLATION_COLUMNS].index("steps")
+  trained = [mth for mth in res["mitigate"]["methods"] if res["mitigate"]["summary"][mth]["4"]["steps"]["mean"] > 0]
+  for method in res["mitigate"]["methods"]:
+    row = next(line for line in md.splitlines() if line.startswith(f"| 4 | {method} |"))
+    steps = res["mitigate"]["summary"][method]["4"]["steps"]
+    assert row.split("|")[steps_col].strip().strip("*") == f"{steps['mean']:.0f} ± {steps['std']:.0f}", row
+  assert "ptq" not in trained and len({res["mitigate"]["summary"][mth]["4"]["steps"]["mean"] for mth in trained}) == 1
+  assert "Every training method (" + ", ".join(f"`{mth}`" for mth in trained) + ") ran the same number" in md
+  # Selection: chosen on validation worst-group accuracy; the most frequent choice over seeds, with its count.
+  assert "on validation worst-group accuracy" in md
+  for method in trained:
+    chosen = [", ".join(f"{k}={v}" for k, v in res["mitigate"]["per_seed"][s][method]["4"]["selection"]["chosen"]
+                        .items()) for s in map(str, res["seeds"])]
+    row = next(line for line in md.splitlines() if line.startswith(f"| {method} | ") and "seeds)" in line)
+    top, n, of = re.search(r"\| ([^|]+?) \((\d+)/(\d+) seeds\) \|", row).groups()
+    assert top in chosen and int(n) == chosen.count(top) == max(map(chosen.count, chosen)), row
+    assert int(of) == len(res["seeds"])
   # Claims: verdicts of fqjax.claims on this results.json, the explain claims tested on the injected section.
   checked = claims.check_claims(res)
   for name, c in checked.items():
@@ -220,6 +240,46 @@ def test_report_numbers_come_from_results(workdirs):
   for stage in ("train", "ptq", "mitigate"):
     assert re.search(rf"\| {stage} \| {res['timings'][stage]:.1f} \|", md), stage
   assert json.dumps(res["config"]["ptq"]["bit_widths"]) .replace(" ", "") in md.replace("\n", "").replace(" ", "")
+
+
+def test_ablation_names_used_bits_and_unequal_steps(workdirs, tmp_path):
+  """A method run at other weight bits than the target names them; unequal optimizer steps are listed."""
+  res = json.loads(json.dumps(workdirs["results"]))
+  m = res["mitigate"]
+  m["summary"]["qat"]["4"]["w_bits"] = 5  # as qat_equal_size stores it when mixed precision needs 5 bits
+  m["summary"]["fairqat"]["4"]["steps"] = {"mean": 8.0, "std": 0.0, "n": 2}
+  out = report.write_report(str(tmp_path), results=res)
+  ablation = open(out["markdown"]).read().split("## Mitigation ablation")[1].split("## Claims")[0]
+  assert any(line.startswith("| 4 | qat (5b) |") for line in ablation.splitlines())
+  common = m["summary"]["lsq_qat"]["4"]["steps"]["mean"]
+  assert f"most ran {common:.0f}, but `fairqat` 8 at 4 bits." in ablation
+  w = _dig(m, "summary", "qat_equal_size", "4", "w_bits")  # the tiny study's own, where it runs the method
+  if isinstance(w, int) and w != 4:
+    assert f"| 4 | qat_equal_size ({w}b) |" in ablation
+  for method in set(m["methods"]) - {"qat", "qat_equal_size"}:  # bits as the target or mixed: the name alone
+    assert any(line.startswith(f"| 4 | {method} |") for line in ablation.splitlines()), method
+
+
+def test_mitigate_pareto_figure(workdirs, tmp_path):
+  from fqjax.report.figures import _save_png, figure_mitigate_pareto, pareto_front
+  assert pareto_front([1, 2, 2, 3, 4, float("nan")], [0.5, 0.4, 0.7, 0.6, 0.9, 1.0]) == [0, 2, 4]
+  assert pareto_front([1, 2, 3], [0.3, 0.2, 0.25], maximize=False) == [0, 1]
+  res = json.loads(json.dumps(workdirs["results"]))
+  ctx = report._Ctx(res, workdirs["explained"])
+  assert figure_mitigate_pareto(ctx, None) is None
+  methods = res["mitigate"]["methods"]
+  fig = figure_mitigate_pareto(ctx, res["mitigate"]["summary"])
+  for ax in fig.axes[:2]:
+    assert len(ax.containers) == len(methods)  # one error-bar point per method and bit-width (one bit-width)
+    assert [t.get_text() for t in ax.texts] == ["4b"] * len(methods)
+    assert any(line.get_label() == "Pareto front" for line in ax.get_lines())
+    assert ax.get_xscale() == "linear"  # the tiny study's sizes are within 4x of each other
+  res["mitigate"]["summary"]["qat"]["4"]["size_bytes"]["mean"] *= 10
+  res["mitigate"]["summary"]["qat"]["4"]["w_bits"] = 32
+  fig = figure_mitigate_pareto(ctx, res["mitigate"]["summary"])
+  assert fig.axes[0].get_xscale() == "log" and "4→32b" in [t.get_text() for t in fig.axes[0].texts]
+  _save_png(fig, str(tmp_path / "pareto.png"))
+  _check_png(str(tmp_path / "pareto.png"))
 
 
 def test_minority_groups_are_dashed(workdirs):

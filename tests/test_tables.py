@@ -27,12 +27,12 @@ def _results():
   mitigate = {"methods": ["ptq", "fairqat"], "bit_widths": [4], "per_seed": {},
               "summary": {"ptq": {"4": {"accuracy": _ms(0.7, 0.02), "worst_group_accuracy": _ms(0.5, 0.05),
                                         "fairness_violation": _ms(0.3, 0.01), "size_bytes": _ms(512),
-                                        "train_s": _ms(0.01)}},
+                                        "steps": _ms(0), "train_s": _ms(0.01), "w_bits": 4}},
                           "fairqat": {"4": {"accuracy": _ms(0.75, 0.01), "worst_group_accuracy": NO_DATA,
                                             "fairness_violation": _ms(0.2, 0.03), "size_bytes": _ms(700),
-                                            "train_s": _ms(12.34, 0.5)}}},
+                                            "steps": _ms(120), "train_s": _ms(12.34, 0.5), "w_bits": None}}},
               "best": {"4": {"accuracy": "fairqat", "worst_group_accuracy": "ptq", "fairness_violation": "fairqat",
-                             "size_bytes": "ptq", "train_s": "ptq"}}}
+                             "size_bytes": "ptq", "steps": "ptq", "train_s": "ptq"}}}
   claims = {"rules": "the rules", "fairness_violation_grows_as_bits_shrink": {"verdict": "holds", "why": ""},
             "fairqat_beats_ptq_and_qat": {"verdict": "not tested", "why": "the mitigate stage did not run"}}
   return {"seeds": [0, 1], "dataset": {"group_names": ["young", "older_adults"]},
@@ -46,9 +46,9 @@ PTQ_TABLE = "\n".join([
     "   4      0.5    0.800±0.100          0.600           empty     0.800    empty",
 ])
 ABLATION_TABLE = "\n".join([
-    "bits method              accuracy    worst group  fairness viol.  size KB  train s",
-    "   4 ptq             0.700±0.020    0.500±0.050*    0.300±0.010       0.5      0.0",
-    "   4 fairqat         0.750±0.010*         empty     0.200±0.030*      0.7     12.3",
+    "bits method              accuracy    worst group  fairness viol.  size KB  steps  train s",
+    "   4 ptq             0.700±0.020    0.500±0.050*    0.300±0.010       0.5      0      0.0",
+    "   4 fairqat         0.750±0.010*         empty     0.200±0.030*      0.7    120     12.3",
 ])
 
 
@@ -58,6 +58,33 @@ def test_ptq_table_exact():
 
 def test_ablation_table_exact_with_best_marks_and_an_empty_cell():
   assert tables.ablation_table(_results()["mitigate"]) == ABLATION_TABLE
+
+
+def test_ablation_table_names_the_weight_bits_used_where_not_the_target():
+  section = _results()["mitigate"]
+  section["methods"].append("qat_equal_size")
+  section["summary"]["qat_equal_size"] = {"4": {**section["summary"]["fairqat"]["4"], "w_bits": 5,
+                                                "steps": _ms(119.6)}}
+  lines = tables.ablation_table(section).splitlines()
+  assert lines[3] == "   4 qat_equal_size (5b)   0.750±0.010          empty     0.200±0.030       0.7    120     12.3"
+  assert lines[1].startswith("   4 " + "ptq".ljust(len("qat_equal_size (5b)")) + "   0.700±0.020 ")  # widened
+  assert len({len(line) for line in lines}) == 1  # every column still lines up
+
+
+def test_ablation_table_of_the_tiny_study(tiny_study):
+  """Steps are the stored summary's mean; a method run at other bits than the target names them."""
+  section = tiny_study["results"]["mitigate"]
+  lines = tables.ablation_table(section).splitlines()
+  header = lines[0]
+  end = header.index(" steps ") + len(" steps")  # the steps column is right-aligned under its header
+  rows = iter(lines[1:])
+  for b in section["bit_widths"]:
+    for method in section["methods"]:
+      s, line = section["summary"][method][str(b)], next(rows)
+      assert line[end - 6:end].strip() == f"{s['steps']['mean']:.0f}", line
+      w = s.get("w_bits")
+      used = f"{method} ({w}b)" if isinstance(w, int) and w != b else method
+      assert line[5:].startswith(used + " "), line  # e.g. 'qat_equal_size (5b)' where it needed 5 bits
 
 
 def test_tables_read_back_from_json_are_the_same():

@@ -8,6 +8,7 @@ Sources are imported on demand, so loading digits never imports TFDS.
 """
 from __future__ import annotations
 
+import copy
 import importlib
 
 from fqjax.data.arrays import from_arrays
@@ -16,7 +17,7 @@ from fqjax.data.config import (DATASET_NAMES, TFDS_NAMES, default_data_config,
 from fqjax.data.imbalance import apply_imbalance
 from fqjax.data.splits import DatasetInfo, Split, Splits, stratified_split
 
-__all__ = ["load", "from_arrays", "default_data_config", "validate_data_config",
+__all__ = ["load", "load_for_seed", "split_seed", "from_arrays", "default_data_config", "validate_data_config",
            "apply_imbalance", "stratified_split", "Split", "Splits", "DatasetInfo",
            "DATASET_NAMES"]
 
@@ -44,3 +45,21 @@ def load(config) -> Splits:
   cfg = validate_data_config(config)
   module, function = LOADERS[cfg.name]  # validated: one of DATASET_NAMES
   return getattr(importlib.import_module(module), function)(cfg)
+
+
+def split_seed(config, seed: int) -> int:
+  """The data seed training seed ``seed`` uses: data.seed + seed when config.data.resplit_per_seed and the
+  study has several seeds, else data.seed. ``config`` is a whole study config."""
+  seeds = [config.seeds] if isinstance(config.seeds, int) else list(config.seeds)
+  data = config.data
+  if data.get("resplit_per_seed", True) and len(seeds) > 1:
+    return int(data.seed) + int(seed)
+  return int(data.seed)
+
+
+def load_for_seed(config, seed: int) -> Splits:
+  """``load`` with config.data.seed replaced by ``split_seed(config, seed)``: each training seed's own split."""
+  data = copy.deepcopy(config.data)
+  with data.unlocked():
+    data.seed = split_seed(config, seed)
+  return load(data)

@@ -6,6 +6,10 @@ Fields of `default_data_config()`:
                    ($TFDS_DATA_DIR or ~/tensorflow_datasets).
   path:            .npz file for name='arrays'.
   seed:            NumPy seed for splits, subsets and imbalance.
+  resplit_per_seed: with several training seeds, seed s draws its own split, subsets and
+                   imbalance from data.seed + s (so the minority's few images vary across
+                   seeds and the spread over seeds includes the split's; synthetic data
+                   are drawn from it too); with one seed, or False, every seed uses data.seed.
   val_fraction:    fraction of the train pool (or of the whole dataset when it has
                    no test split) carved out as val, stratified by group.
   test_fraction:   fraction of the whole dataset carved out as test; only used
@@ -88,6 +92,7 @@ def default_data_config() -> ml_collections.ConfigDict:
       "data_dir": config_dict.placeholder(str),
       "path": config_dict.placeholder(str),
       "seed": 0,
+      "resplit_per_seed": True,
       "val_fraction": 0.15,
       "test_fraction": 0.2,
       "label_attribute": config_dict.placeholder(str),
@@ -156,6 +161,8 @@ def validate_data_config(config, *, check_path: bool = True) -> ml_collections.C
   _check(val + test < 1.0,
          f"config.data.val_fraction + test_fraction = {val + test} must be < 1 so train is not empty.")
   _check(isinstance(cfg.get("seed"), int), f"config.data.seed={cfg.get('seed')!r} must be an int.")
+  _check(isinstance(cfg.get("resplit_per_seed", True), bool),
+         f"config.data.resplit_per_seed={cfg.get('resplit_per_seed')!r} must be True or False.")
   for field in ("image_size", "max_examples"):
     value = cfg.get(field)
     _check(value is None or _is_positive_int(value),

@@ -336,6 +336,16 @@ def _theta(model, variables, x, bits_tree, activations):
   return params, variables.get("batch_stats", {})
 
 
+def quantized_params(model: nn.Module, variables: Mapping, bits_tree: Mapping, x) -> dict:
+  """``dequantized_params`` at ``bits_tree`` (activation bits ignored) through one jitted program per model.
+
+  Callers that then evaluate several quantities at these params can pass them, with bits_tree None, to
+  any clone of the model that differs only in its weight rule (at full precision they compute the same
+  function), so the compiled gradient / HVP programs are shared across PTQ variants.
+  """
+  return _theta(model, variables, x, bits_tree, "ignore")[0]
+
+
 @functools.lru_cache(maxsize=16)
 def _dequantize_program(model: nn.Module, sample: jax.ShapeDtypeStruct):
   """jitted (variables, bits_tree) -> dequantized params; bits traced, so one compile per model."""

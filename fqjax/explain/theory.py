@@ -104,7 +104,7 @@ def _group_terms(model: nn.Module, params, params_q, batch_stats, x, y, group, n
 
 
 def second_order_terms(model: nn.Module, variables: Mapping, bits_tree: Optional[Mapping], x, y, group,
-                       num_groups: int, *, batch_size: int = 256) -> dict:
+                       num_groups: int, *, batch_size: int = 256, params_q: Optional[Mapping] = None) -> dict:
   """Per group: observed excess loss, its first- and second-order Taylor estimates, ||g_a|| and ||d||.
 
   theta = variables' params (any "bits" collection dropped), theta + d = dequantized params at
@@ -118,6 +118,8 @@ def second_order_terms(model: nn.Module, variables: Mapping, bits_tree: Optional
     model, variables: a Flax model of fqjax layers and its {"params", "batch_stats", ...}.
     bits_tree: a "bits" collection (weights-only in effect).
     x: [N, ...] inputs; y: [N] int labels; group: [N] int ids in [0, G); batch_size: largest batch.
+    params_q: theta + d given directly (e.g. ``curvature.quantized_params`` of another clone of the model);
+      ``bits_tree`` is then not used.
   Returns (host NumPy, float64): [G] arrays "loss_fp" L_a(theta), "loss_quantized" L_a(theta + d),
     "excess_loss" E_a, "first_order" g_a . d, "curvature_term" d . H_a d, "second_order"
     g_a . d + d . H_a d / 2, "grad_norm" ||g_a||, "counts" [G] int; "d_norm" ||d|| (float).
@@ -125,7 +127,8 @@ def second_order_terms(model: nn.Module, variables: Mapping, bits_tree: Optional
   """
   _check_data(x, y, group, num_groups)
   params, batch_stats = _theta(model, variables, x, None, "ignore")
-  params_q, _ = _theta(model, variables, x, bits_tree, "ignore")
+  if params_q is None:
+    params_q, _ = _theta(model, variables, x, bits_tree, "ignore")
   return _group_terms(model, params, params_q, batch_stats, x, y, group, num_groups, batch_size)
 
 
@@ -140,7 +143,7 @@ def _loss_program(model: nn.Module):
 
 
 def excess_loss(model: nn.Module, variables: Mapping, bits_tree: Optional[Mapping], x, y, group,
-                num_groups: int, *, batch_size: int = 256) -> dict:
+                num_groups: int, *, batch_size: int = 256, params_q: Optional[Mapping] = None) -> dict:
   """Observed excess loss E_a = L_a(theta + d) - L_a(theta) per group, by forward passes only.
 
   For a split where derivatives are not needed (the test split). Same theta and d as
@@ -152,7 +155,8 @@ def excess_loss(model: nn.Module, variables: Mapping, bits_tree: Optional[Mappin
   counts = _check_data(x, y, group, num_groups)
   lanczos._check_positive("batch_size", batch_size)
   params, batch_stats = _theta(model, variables, x, None, "ignore")
-  params_q, _ = _theta(model, variables, x, bits_tree, "ignore")
+  if params_q is None:
+    params_q, _ = _theta(model, variables, x, bits_tree, "ignore")
   program = _loss_program(model)
   xd, yd = jnp.asarray(x), jnp.asarray(y, jnp.int32)
   chunks = [program(params, params_q, batch_stats, xd, yd, jnp.asarray(idx, jnp.int32))[:, :real]

@@ -5,12 +5,14 @@
 Writes into WORKDIR:
   report.md      Markdown (figures as relative links)
   report.html    one self-contained page (inline CSS, no scripts); figures are the same relative PNGs
-  figures/*.png  ptq_group_accuracy, ptq_fairness, explain_weights, explain_logits_softmax,
-                 explain_curvature, mitigate_ablation (each only when its data is in results.json)
+  figures/*.png  fqjax.report.common.FIGURE_NAMES: ptq_group_accuracy, ptq_fairness, ptq_variants,
+                 ptq_variant_groups, explain_weights, explain_logits_softmax, explain_curvature,
+                 explain_theory, mitigate_ablation, mitigate_pareto (each only when its data is in
+                 results.json)
 
 Every number comes from results.json (see fqjax.results): the PTQ and ablation tables and
-figures from the summaries the runner stored (ptq.summary, mitigate.summary and mitigate.best,
-formatted by fqjax.tables' cell rules), the explain section (no stored summary) as mean and
+figures from the summaries the runner stored (ptq.summary and intervals, explain theory tables,
+mitigate.summary and mitigate.best, formatted by fqjax.tables' cell rules), the explain section (no stored summary) as mean and
 standard deviation (ddof=1) over seeds, ignoring seeds or values that are missing or null.
 Sections whose stage did not run are listed with the command that adds them.
 Minority groups (fqjax.claims.minority_mask: train count below half the median) are

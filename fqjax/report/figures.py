@@ -316,3 +316,83 @@ def figure_mitigate_ablation(ctx: _Ctx, summary: Mapping) -> Optional[Figure]:
     ax.set_title(title.capitalize())
   axes[1].legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize="small", title="method")
   return fig
+
+
+_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">", "h", "p")
+
+
+def pareto_front(sizes, values, maximize: bool = True) -> list[int]:
+  """Indices of the Pareto front, smallest size first: the points better in ``values`` (higher when
+  ``maximize``, else lower) than every point of no larger size. Non-finite points are left out."""
+  sizes, values = np.asarray(sizes, np.float64), np.asarray(values, np.float64)
+  sign = 1.0 if maximize else -1.0
+  ok = [i for i in range(len(sizes)) if np.isfinite(sizes[i]) and np.isfinite(values[i])]
+  front, best = [], -np.inf
+  for i in sorted(ok, key=lambda i: (sizes[i], -sign * values[i])):  # at one size, its best point first
+    if sign * values[i] > best:
+      front.append(i)
+      best = sign * values[i]
+  return front
+
+
+def _pareto_points(ctx: _Ctx, summary: Mapping) -> list[tuple]:
+  """(method, target bits, label, size KB mean, std, {column: (mean, std)}) for each stored summary cell."""
+  m = ctx.results["mitigate"]
+  points = []
+  for method in m.get("methods", []):
+    for b in _sorted_bits(m.get("bit_widths", [])):
+      s = _dig(summary, method, b)
+      if not isinstance(s, Mapping):
+        continue
+      size, size_std = (v / 1024 for v in _ms(s.get("size_bytes")))
+      w = s.get("w_bits")  # the weight bits used, shown where they are not the target
+      label = f"{b}→{w}b" if isinstance(w, int) and not isinstance(w, bool) and w != b else f"{b}b"
+      points.append((method, b, label, size, size_std,
+                     {key: _ms(s.get(key)) for key in ("worst_group_accuracy", "fairness_violation")}))
+  return points
+
+
+def figure_mitigate_pareto(ctx: _Ctx, summary: Optional[Mapping]) -> Optional[Figure]:
+  """Worst-group accuracy and fairness violation against model size (KB) for every method and target
+  bit-width (mean ± std over seeds), one marker and colour per method, the bits next to each point; the
+  Pareto front (best value at no larger size) as a step line. Log x when the sizes span more than 4x.
+
+  summary: mitigate.summary as stored; None without one.
+  """
+  if not isinstance(summary, Mapping):
+    return None
+  points = _pareto_points(ctx, summary)
+  sizes = np.asarray([p[3] for p in points], np.float64)
+  if not np.isfinite(sizes).any():
+    return None
+  methods = list(dict.fromkeys(p[0] for p in points))
+  colors = _group_colors(len(methods))
+  style = {mth: (colors[i], _MARKERS[i % len(_MARKERS)]) for i, mth in enumerate(methods)}
+  fig, axes = _new_figure(12.5, 4.8, 2)
+  for ax, key, maximize, title in ((axes[0], "worst_group_accuracy", True, "Worst-group accuracy (higher is better)"),
+                                   (axes[1], "fairness_violation", False, "Fairness violation (lower is better)")):
+    drawn = set()
+    for method, _, label, size, size_std, cols in points:
+      (mean, std), (color, marker) = cols[key], style[method]
+      if not (np.isfinite(size) and np.isfinite(mean)):
+        continue
+      ax.errorbar([size], [mean], xerr=[size_std], yerr=[std], color=color, marker=marker, markersize=7,
+                  capsize=3, linestyle="none", label=None if method in drawn else method)
+      drawn.add(method)
+      ax.annotate(label, (size, mean), textcoords="offset points", xytext=(5, 4), fontsize="x-small")
+    values = np.asarray([p[5][key][0] for p in points], np.float64)
+    front = pareto_front(sizes, values, maximize)
+    if front:  # held flat out to the largest size: beyond its last point the front does not improve
+      xs = np.append(sizes[front], np.nanmax(sizes))
+      ax.step(xs, np.append(values[front], values[front[-1]]), where="post", color="black", linestyle="--",
+              linewidth=1.2, zorder=1, label="Pareto front")
+      ax.scatter(sizes[front], values[front], s=160, facecolors="none", edgecolors="black", linewidths=1.0,
+                 zorder=1)
+    finite = sizes[np.isfinite(sizes) & (sizes > 0)]
+    if finite.size and finite.max() > 4 * finite.min():  # sizes spanning more than 4x: log scale
+      _log_axis(ax.xaxis, ax.set_xscale, finite)
+    ax.set_xlabel("model size (KB, mean over seeds)")
+    ax.set_ylabel(title.split(" (")[0].lower() + " (mean ± std over seeds)")
+    ax.set_title(title)
+  axes[1].legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize="small", title="method")
+  return fig

@@ -16,8 +16,9 @@ from fqjax.report import verdicts
 from fqjax.report.document import _Doc
 from fqjax.tables import ptq_size_bytes
 from fqjax.report.figures import (_save_png, figure_explain_curvature, figure_explain_logits,
-                                  figure_explain_weights, figure_mitigate_ablation, figure_ptq_fairness,
-                                  figure_ptq_group_accuracy, figure_ptq_variants, ptq_variant_summaries)
+                                  figure_explain_weights, figure_mitigate_ablation, figure_mitigate_pareto,
+                                  figure_ptq_fairness, figure_ptq_group_accuracy, figure_ptq_variants,
+                                  ptq_variant_summaries)
 
 
 _REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -242,12 +243,31 @@ class _Report:
     if unfinished:
       self.doc.missing("the mitigate stage has not finished every (method, bit-width, seed); the table shows the "
                        "summary as last stored (rerun the mitigate stage to complete it).")
-    self.doc.p("Each method fine-tunes (or, for `ptq`, only quantizes) the same full-precision model. Mean ± std "
-               "over seeds as stored in `mitigate.summary`; **bold**: best per column and bit-width "
-               "(`mitigate.best`: highest accuracy / worst group, lowest fairness violation, size, training time).")
+    control = (" `fair_ft` fine-tunes without quantization: the full-precision control, at the full-precision size."
+               if "fair_ft" in m.get("methods", []) else "")
+    self.doc.p("Each method fine-tunes (or, for `ptq`, only quantizes) the same full-precision model." + control +
+               " Mean ± std over seeds as stored in `mitigate.summary`; **bold**: best per column and bit-width "
+               "(`mitigate.best`: highest accuracy / worst group, lowest fairness violation, size, optimizer steps, "
+               "training time). A method that ran at other weight bits than the target names them, e.g. "
+               "`qat_equal_size (5b)` (uniform bits matching mixed precision's size).")
     self.doc.table(["bits", "method"] + [c[1] for c in ABLATION_COLUMNS], _ablation_rows(m))
+    self.doc.p(_steps_sentence(m))
+    metric, rows, grid_size = _selection_rows(ctx, m)
+    if rows:
+      on = "validation worst-group accuracy" if metric == "val_worst_group_accuracy" else f"`{metric}`"
+      if grid_size > 1:
+        self.doc.p(f"Each training method's setting was chosen from `mitigate.grid` ({grid_size} settings) on {on}; "
+                   "test numbers are of the chosen setting only. **Chosen setting** (the most frequent over seeds):")
+        self.doc.table(["method"] + [f"{b} bits" for b in _sorted_bits(m.get("bit_widths", []))], rows)
+      else:
+        self.doc.p(f"Settings: one grid setting per method (no choice made on {on}).")
     self.fig("mitigate_ablation", figure_mitigate_ablation(ctx, summary),
              "Fairness violation and worst-group accuracy per method and target bit-width (mean ± std over seeds).")
+    self.fig("mitigate_pareto", figure_mitigate_pareto(ctx, summary),
+             "Worst-group accuracy (left) and fairness violation (right) against model size in KB (log scale when "
+             "the sizes span more than 4×) for every method and target bit-width (mean ± std over seeds; labels: "
+             "target bits, → the bits used where they differ). Circled, joined by dashed steps: the Pareto front, "
+             "the highest worst-group accuracy / lowest fairness violation at no larger size.")
 
   def claims(self) -> None:
     ctx = self.ctx
@@ -318,6 +338,12 @@ def _finished_entries(ctx: _Ctx, m: Mapping) -> dict:
           for b in [str(b) for b in _sorted_bits(m.get("bit_widths", []))] for method in m.get("methods", [])}
 
 
+def _method_label(method: str, b: str, s: Mapping) -> str:
+  """'qat_equal_size (5b)' where the summary's weight bits ("w_bits") are not the target ``b``; else the method."""
+  w = s.get("w_bits")  # None: mixed precision (or no uniform bits stored)
+  return f"{method} ({w}b)" if isinstance(w, int) and not isinstance(w, bool) and w != int(b) else method
+
+
 def _ablation_rows(m: Mapping) -> list:
   """The ablation table from mitigate.summary; the cell of mitigate.best's method per column in bold."""
   rows = []
@@ -325,12 +351,58 @@ def _ablation_rows(m: Mapping) -> list:
     best = _dig(m, "best", b) or {}
     for method in m.get("methods", []):
       s = _dig(m, "summary", method, b) or {}
-      row = [b, method]
+      row = [b, _method_label(method, b, s)]
       for key, _, scale, fmt in ABLATION_COLUMNS:
         cell = _cell(s.get(key), fmt, scale)
         row.append(f"**{cell}**" if best.get(key) == method and cell not in (EMPTY, "–") else cell)
       rows.append(row)
   return rows
+
+
+def _steps_text(x: float) -> str:
+  return f"{x:.0f}" if float(x).is_integer() else f"{x:.1f}"
+
+
+def _steps_sentence(m: Mapping) -> str:
+  """Whether every training method ran the same optimizer steps (mitigate.summary steps, mean over seeds);
+  else the (method, bit-width) entries that differ from the most common count."""
+  steps = {}
+  for b in [str(b) for b in _sorted_bits(m.get("bit_widths", []))]:
+    for method in m.get("methods", []):
+      mean = _ms(_dig(m, "summary", method, b, "steps"))[0]
+      if np.isfinite(mean) and mean > 0:  # 0 steps: a method that does not train (ptq)
+        steps[(method, b)] = float(mean)
+  if not steps:
+    return "No training method has a stored optimizer step count (`steps`)."
+  counts = list(steps.values())
+  common = max(counts, key=counts.count)
+  if all(v == common for v in counts):
+    names = ", ".join(f"`{x}`" for x in dict.fromkeys(method for method, _ in steps))
+    return f"Every training method ({names}) ran the same number of optimizer steps ({_steps_text(common)})."
+  odd = ", ".join(f"`{method}` {_steps_text(v)} at {b} bits" for (method, b), v in steps.items() if v != common)
+  return (f"The training methods did not all run the same number of optimizer steps (mean over seeds): most ran "
+          f"{_steps_text(common)}, but {odd}.")
+
+
+def _selection_rows(ctx: _Ctx, m: Mapping) -> tuple:
+  """(selection metric, rows, largest grid): per trained method, the grid setting chosen most often over the
+  seeds at each bit-width, e.g. 'learning_rate=0.03 (2/3 seeds)'; '–' where no seed has a selection."""
+  metric, rows, grid_size = None, [], 0
+  for method in m.get("methods", []):
+    cells = []
+    for b in [str(b) for b in _sorted_bits(m.get("bit_widths", []))]:
+      sels = [x for x in (_dig(m, "per_seed", s, method, b, "selection") for s in ctx.seeds) if isinstance(x, Mapping)]
+      if not sels:
+        cells.append("–")
+        continue
+      metric = metric or sels[0].get("metric")
+      grid_size = max([grid_size] + [len(x.get("grid") or []) for x in sels])
+      chosen = [", ".join(f"{k}={v}" for k, v in (x.get("chosen") or {}).items()) or "default" for x in sels]
+      top = max(dict.fromkeys(chosen), key=chosen.count)  # ties: the first seed's choice
+      cells.append(f"{top} ({chosen.count(top)}/{len(sels)} seeds)")
+    if any(c != "–" for c in cells):
+      rows.append([method] + cells)
+  return metric, rows, grid_size
 
 
 def _claim_numbers(c: Mapping) -> str:
