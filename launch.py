@@ -10,7 +10,8 @@ every stage this version implements runs. Finished stages are skipped unless --f
 Every field of the config can be set with --config.<path>=<value>, typed as in the
 config file: --config.data.path=my.npz, --config.seeds="(0,1)",
 --config.data.imbalance.keep_fractions="{3: 0.2}", --config.ptq.a_bits=same.
-model.kwargs is open: --config.model.kwargs.width=8 adds a key (a Python literal) to it.
+model.kwargs and mitigate.grid are open: --config.model.kwargs.width=8 or
+--config.mitigate.grid.hardness_floor="(0.1,0.3)" adds a key (a Python literal) to them.
 An unknown field is refused in one line with the closest existing names; an fqjax error
 prints its message alone (--traceback shows the full traceback).
 """
@@ -32,7 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "experiments", "digits.py")
 CONFIG_FLAG = "config"
 # Sections whose keys are not fixed by the config file: --config.<section>.<new key>=<literal> adds a key.
-OPEN_SECTIONS = ("model.kwargs",)
+OPEN_SECTIONS = ("model.kwargs", "mitigate.grid")
 
 _OVERRIDE_RE = re.compile(rf"^--?(?:no)?{CONFIG_FLAG}\.")
 _CONFIG_RE = re.compile(rf"^--?{CONFIG_FLAG}(=|$)")

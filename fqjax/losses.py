@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from fqjax import metrics
 from fqjax.choices import WEIGHT_SCHEMES  # the config's choice tuple; _WEIGHT_TABLES has the same keys
 
 Array = jax.Array
@@ -249,3 +250,32 @@ def gather_weights(table: Array, ids: Array) -> Array:
   # Under jit ids cannot be checked; "fill" makes an out-of-range id a NaN weight, so the
   # loss shows the bug instead of silently using another group's weight.
   return jnp.take(jnp.asarray(table, jnp.float32), ids, axis=0, mode="fill", fill_value=jnp.nan)
+
+
+# ----------------------------------------------------------------------------
+# What hardness weights follow (host side, once per epoch)
+# ----------------------------------------------------------------------------
+
+def hardness_signal(logits: np.ndarray, y: np.ndarray, ids: np.ndarray, num_ids: int, tcfg) -> np.ndarray:
+  """What hardness weights follow, per group or class id [num_ids] float64 (0 for an id without rows).
+
+  ``tcfg.hardness_source``: "capped_loss" = mean over the id's validation rows of min(cross-entropy,
+  hardness_cap) (a collapsed model's huge losses stay bounded), "error_rate" = 1 - accuracy, "loss" = the
+  uncapped mean cross-entropy.
+  """
+  source = tcfg.get("hardness_source", "loss")
+  if source == "error_rate":
+    per_sample = (np.asarray(logits).argmax(-1) != y).astype(np.float64)
+  else:
+    per_sample = metrics.per_sample_loss(logits, y)
+    if source == "capped_loss":
+      per_sample = np.minimum(per_sample, float(tcfg.hardness_cap))
+  return np.nan_to_num(metrics.group_mean(per_sample, ids, num_ids), nan=0.0)
+
+
+def smoothed_hardness(previous: Optional[np.ndarray], signal: np.ndarray, tcfg) -> np.ndarray:
+  """EMA across epochs: ema * signal + (1 - ema) * previous (the signal itself when there is no previous)."""
+  if previous is None:
+    return np.asarray(signal, np.float64)
+  ema = float(tcfg.get("hardness_ema", 1.0))
+  return ema * np.asarray(signal, np.float64) + (1.0 - ema) * np.asarray(previous, np.float64)

@@ -37,7 +37,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from fqjax import choices, layers, metrics, ptq, quant, stages, train
+from fqjax import choices, layers, losses, metrics, ptq, quant, stages, train
 from fqjax.layers import BitSpec
 
 METHODS, BN_MODES = choices.MITIGATE_METHODS, choices.BN_MODES
@@ -215,14 +215,14 @@ def _finite_or(x, default: float = -np.inf) -> float:
 
 
 def _start_hardness(model, variables: Mapping, bits_tree, splits, tcfg, ecfg, mesh) -> Optional[list]:
-  """The quantized starting point's validation hardness signal (train.hardness_signal), for the first epoch's
+  """The quantized starting point's validation hardness signal (losses.hardness_signal), for the first epoch's
   weights; None unless the method weights by hardness."""
   if tcfg.loss_weights != "hardness":
     return None
   val, info = splits.val, splits.info
   logits = train.predict(model, {**variables, layers.BITS: bits_tree}, val.x, ecfg.batch_size, mesh)
   ids, n = (val.group, info.num_groups) if tcfg.weight_target == "group" else (val.y, info.num_classes)
-  return train.hardness_signal(logits, val.y, ids, n, tcfg).tolist()
+  return losses.hardness_signal(logits, val.y, ids, n, tcfg).tolist()
 
 
 def _merge(init: Mapping, trained: Mapping) -> dict:

@@ -272,31 +272,6 @@ def _epoch_rows(train_split, num_ids: int, ids: np.ndarray, tcfg, seed: int, epo
   return np.concatenate([rows, rng.choice(rows, size=target - len(rows), replace=True)])
 
 
-def hardness_signal(logits: np.ndarray, y: np.ndarray, ids: np.ndarray, num_ids: int, tcfg) -> np.ndarray:
-  """What hardness weights follow, per group or class id [num_ids] float64 (0 for an id without rows).
-
-  ``tcfg.hardness_source``: "capped_loss" = mean over the id's validation rows of min(cross-entropy,
-  hardness_cap) (a collapsed model's huge losses stay bounded), "error_rate" = 1 - accuracy, "loss" = the
-  uncapped mean cross-entropy.
-  """
-  source = tcfg.get("hardness_source", "loss")
-  if source == "error_rate":
-    per_sample = (np.asarray(logits).argmax(-1) != y).astype(np.float64)
-  else:
-    per_sample = metrics.per_sample_loss(logits, y)
-    if source == "capped_loss":
-      per_sample = np.minimum(per_sample, float(tcfg.hardness_cap))
-  return np.nan_to_num(metrics.group_mean(per_sample, ids, num_ids), nan=0.0)
-
-
-def smoothed(previous: Optional[np.ndarray], signal: np.ndarray, tcfg) -> np.ndarray:
-  """EMA across epochs: ema * signal + (1 - ema) * previous (the signal itself when there is no previous)."""
-  if previous is None:
-    return np.asarray(signal, np.float64)
-  ema = float(tcfg.get("hardness_ema", 1.0))
-  return ema * np.asarray(signal, np.float64) + (1.0 - ema) * np.asarray(previous, np.float64)
-
-
 @dataclasses.dataclass(frozen=True)
 class _Plan:
   """What one ``fit`` call trains: fixed before the first epoch."""
@@ -390,7 +365,7 @@ def _fit_loop(plan: _Plan, mngr, state, extra, init_group_losses, on_epoch_end, 
     state, stacked = _epoch(plan, state, data, rows, table, extra, epoch, mngr)
     eval_vars = {**model_variables(state), **(extra or {})}
     entry, signal = _validate(plan, eval_vars, stacked, table, epoch)
-    group_losses = smoothed(group_losses, signal, tcfg)
+    group_losses = losses.smoothed_hardness(group_losses, signal, tcfg)
     history.append(entry)
     # A deep copy: orbax saves asynchronously, and the live history list grows in the next epoch.
     save_checkpoint(mngr, epoch, state, {"epoch": epoch, "history": copy.deepcopy(history),
@@ -440,8 +415,8 @@ def _validate(plan: _Plan, eval_vars, stacked, table, epoch: int) -> tuple[dict,
   logits = predict(plan.model, eval_vars, splits.val.x, tcfg.eval_batch_size, plan.mesh)
   val = metrics.group_metrics(logits, splits.val.y, splits.val.group, info.num_groups,
                               group_is_label=info.group_is_label)
-  signal = hardness_signal(logits, splits.val.y, splits.val.group if plan.by_group else splits.val.y, plan.num_ids,
-                           tcfg)
+  ids = splits.val.group if plan.by_group else splits.val.y
+  signal = losses.hardness_signal(logits, splits.val.y, ids, plan.num_ids, tcfg)
   entry = {"epoch": epoch, "steps": int(len(stacked["loss"])),
            "train_loss": float(np.sum(stacked["loss"] * stacked["count"]) / np.sum(stacked["count"])),
            "train_accuracy": float(np.sum(stacked["correct"]) / np.sum(stacked["count"])),

@@ -112,7 +112,7 @@ def test_hardness_signal_by_hand_for_each_source():
   ce = _ce(logits, y)
   cap = 2.5
   by_id = lambda v: np.array([v[:2].mean(), v[2:4].mean(), 0.0, v[4]])
-  out = {s: train.hardness_signal(logits, y, ids, 4, ml_collections.ConfigDict(
+  out = {s: losses.hardness_signal(logits, y, ids, 4, ml_collections.ConfigDict(
       {"hardness_source": s, "hardness_cap": cap})) for s in ("capped_loss", "error_rate", "loss")}
   np.testing.assert_allclose(out["loss"], by_id(ce), rtol=1e-10)
   np.testing.assert_allclose(out["capped_loss"], by_id(np.minimum(ce, cap)), rtol=1e-10)
@@ -136,7 +136,7 @@ def test_collapsed_model_gets_bounded_weights_only_from_the_capped_signal():
   assert (logits.argmax(-1) == 0).all() and logits.max() >= 1e6  # collapsed, with huge losses
   counts = np.array([200, 200, 20])  # training rows per group
   floor, power, cap = 0.1, 1.0, 3.0
-  signal = lambda source: train.hardness_signal(logits, y, ids, 3, ml_collections.ConfigDict(
+  signal = lambda source: losses.hardness_signal(logits, y, ids, 3, ml_collections.ConfigDict(
       {"hardness_source": source, "hardness_cap": cap}))
   table = lambda s: np.asarray(losses.weight_table("hardness", counts, group_losses=s, power=power, floor=floor))
   capped, raw = signal("capped_loss"), signal("loss")
@@ -156,16 +156,16 @@ def test_smoothed_is_an_ema_and_ema_1_is_the_identity():
   """smoothed = ema * signal + (1 - ema) * previous; no previous -> the signal; ema = 1 keeps no memory."""
   prev, sig = np.array([1.0, 2.0, 0.0]), np.array([3.0, 6.0, 1.0])
   cfg = lambda ema: ml_collections.ConfigDict({"hardness_ema": ema})
-  np.testing.assert_allclose(train.smoothed(prev, sig, cfg(0.5)), [2.0, 4.0, 0.5])
-  np.testing.assert_allclose(train.smoothed(prev, sig, cfg(0.25)), 0.25 * sig + 0.75 * prev)
-  np.testing.assert_array_equal(train.smoothed(None, sig, cfg(0.25)), sig)
-  np.testing.assert_array_equal(train.smoothed(prev, sig, cfg(1.0)), sig)
-  np.testing.assert_array_equal(train.smoothed(np.array([1e9, 0, 7]), sig, cfg(1.0)), sig)
-  np.testing.assert_array_equal(train.smoothed(prev, sig, ml_collections.ConfigDict()), sig)  # default ema 1
+  np.testing.assert_allclose(losses.smoothed_hardness(prev, sig, cfg(0.5)), [2.0, 4.0, 0.5])
+  np.testing.assert_allclose(losses.smoothed_hardness(prev, sig, cfg(0.25)), 0.25 * sig + 0.75 * prev)
+  np.testing.assert_array_equal(losses.smoothed_hardness(None, sig, cfg(0.25)), sig)
+  np.testing.assert_array_equal(losses.smoothed_hardness(prev, sig, cfg(1.0)), sig)
+  np.testing.assert_array_equal(losses.smoothed_hardness(np.array([1e9, 0, 7]), sig, cfg(1.0)), sig)
+  np.testing.assert_array_equal(losses.smoothed_hardness(prev, sig, ml_collections.ConfigDict()), sig)  # default ema 1
   # Two steps: the first signal's share decays by (1 - ema) per epoch.
-  s1 = train.smoothed(None, np.array([4.0]), cfg(0.5))
-  s2 = train.smoothed(s1, np.array([0.0]), cfg(0.5))
-  assert train.smoothed(s2, np.array([0.0]), cfg(0.5))[0] == pytest.approx(1.0)
+  s1 = losses.smoothed_hardness(None, np.array([4.0]), cfg(0.5))
+  s2 = losses.smoothed_hardness(s1, np.array([0.0]), cfg(0.5))
+  assert losses.smoothed_hardness(s2, np.array([0.0]), cfg(0.5))[0] == pytest.approx(1.0)
 
 
 # --- equal-size bits, the grid, checkpoint names ---

@@ -335,3 +335,11 @@ def test_main_prints_the_stage_times_of_last_run(monkeypatch, capsys, tmp_path):
   launch.main(rest, handles)
   out = capsys.readouterr().out
   assert "stage wall times: data 0.2s, train skipped; total 0.3s" in out.splitlines()
+
+
+def test_mitigate_grid_is_open_to_new_fields(monkeypatch):
+  """--config.mitigate.grid.<field>=<literal> adds a field to the selection grid (like model.kwargs)."""
+  monkeypatch.chdir(REPO)
+  config = _parse("--config.mitigate.grid.hardness_floor=(0.1, 0.3)")
+  assert tuple(config.mitigate.grid.hardness_floor) == (0.1, 0.3)
+  assert tuple(config.mitigate.grid.learning_rate) == (0.01, 0.03)
