@@ -101,6 +101,13 @@ RULES = {
         "t(0.975, S-1) * sd / sqrt(S); needs S >= 2). Per target bit-width: holds when the interval's lower end "
         "> 0, does not hold when its upper end <= 0, inconclusive otherwise; over bit-widths as for "
         "minority_loses_more_accuracy.",
+    "fair_allocation_beats_group_blind":
+        "Per-layer bits chosen from per-group second-order sensitivities (minimize the worst group's predicted "
+        "excess loss, fqjax.allocate) against the same allocation on the whole training loss (group-blind), at the "
+        "same byte budget (config.mitigate.alloc_budget). One judgement per pair run in the ablation: ptq "
+        "(fair_alloc vs blind_alloc) and qat (fair_alloc_qat vs blind_alloc_qat). Statistic: the per-seed paired "
+        "difference FV(group-blind) - FV(fairness-aware) on test, with a 95% t-interval over seeds; per target "
+        "bit-width and over bit-widths as for fairqat_beats_each_control.",
 }
 
 
