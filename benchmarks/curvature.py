@@ -16,6 +16,8 @@ to 0.1^(c/9) of each class, N = 735):
       per group, plus the forward pass at theta + d that measures the observed excess loss and the
       dequantization of the weights, which no HVP can replace); also against one HVP of the
       whole data, and the mean per-sample gradient norms / all group gradient norms       reported
+  (5) the allocation's sensitivity table (fqjax.allocate.sensitivity: every group x layer x candidate
+      bit-width's g.d + 1/2 d.H.d, candidates 2/3/4/8) / one HVP per group   goal <= layers x candidates
   plus the per-group numbers themselves and their Spearman correlation with group size.
 --size small: SmallCNN width 16, 3 seeds in (3) (run times and figures: benchmarks/README.md).
 --size full: SmallCNN width 32, all 1797 digits too and ResNet-18 (CIFAR stem, random 32x32
@@ -40,6 +42,7 @@ from benchmarks.common import device_description, median_times_interleaved, writ
 from fqjax import layers
 from fqjax.explain import (dequantized_params, group_gradient_norms, group_mean_sample_gradient_norms,
                            group_top_eigenvalues, lanczos_top_eigenvalues, make_hvp, power_iteration)
+from fqjax import allocate
 from fqjax.explain import theory
 from fqjax.layers import BitSpec
 from fqjax.metrics import spearman
@@ -51,7 +54,9 @@ RATIO_KEYS = [("all group gradient norms / one gradient", "group_grad_norms_over
               ("HVP / gradient", "hvp_over_gradient", "2-3"),
               ("Lanczos / power HVPs to 1e-3, top eigenvalue", "lanczos_over_power_hvps", "<= 0.5"),
               ("second-order terms, all groups / one HVP per group", "theory_over_hvp", "<= 1.5"),
-              ("mean per-sample grad norms / group grad norms", "per_sample_over_group_norms", "reported")]
+              ("mean per-sample grad norms / group grad norms", "per_sample_over_group_norms", "reported"),
+              ("allocation sensitivity table / one HVP per group", "sensitivity_over_group_hvps",
+               "<= layers x candidates")]
 
 
 def digits(long_tail: bool, seed: int = 0):
@@ -168,7 +173,8 @@ def theory_cost(model, variables, x, y, group, repeats, batch_size=256):
   """(4): second_order_terms at 4-bit weights and the mean per-sample gradient norms, against one HVP per group
   (make_hvp on the group's rows, batches of min(batch_size, next power of two >= n_g) as in
   group_top_eigenvalues), one HVP over all the data, and all group gradient norms."""
-  bits_tree = BitSpec.uniform(4).bits_tree(layers.quant_layer_names(model, x[:1]))
+  names = layers.quant_layer_names(model, x[:1])
+  bits_tree = BitSpec.uniform(4).bits_tree(names)
   hvp, flat = make_hvp(model, variables, x, y, batch_size=batch_size)
   v = jax.random.normal(jax.random.PRNGKey(0), flat.shape)
   group_hvps = []
@@ -184,8 +190,11 @@ def theory_cost(model, variables, x, y, group, repeats, batch_size=256):
                                                   batch_size=batch_size)["second_order"],
       "group_norms": lambda: group_gradient_norms(model, variables, xd, yd, group, 10, batch_size=batch_size)["norms"],
       "per_sample_norms": lambda: group_mean_sample_gradient_norms(model, variables, xd, yd, group, 10,
-                                                                   batch_size=batch_size)["mean_norms"]}, repeats)
+                                                                   batch_size=batch_size)["mean_norms"],
+      "sensitivity": lambda: allocate.sensitivity(model, variables, x, y, group, 10, names, (2, 3, 4, 8),
+                                                  batch_size=batch_size)["predicted"]}, repeats)
   return {"times_s": t, "theory_over_hvp": t["theory"] / t["group_hvps"], "theory_over_one_hvp": t["theory"] / t["hvp"],
+          "sensitivity_over_group_hvps": t["sensitivity"] / t["group_hvps"], "candidates": len(names) * 4,
           "per_sample_over_group_norms": t["per_sample_norms"] / t["group_norms"]}
 
 
@@ -307,7 +316,8 @@ def run(size: str = "small", repeats: int = 5) -> dict:
       "hvp_over_gradient": out["hvp_cost"]["ratio"],
       "lanczos_over_power_hvps": _median(eig_fp, "lanczos1_hvps_to_1e-3") / _median(eig_fp, "power_hvps_to_1e-3"),
       "theory_over_hvp": out["theory_cost"]["theory_over_hvp"],
-      "per_sample_over_group_norms": out["theory_cost"]["per_sample_over_group_norms"]}
+      "per_sample_over_group_norms": out["theory_cost"]["per_sample_over_group_norms"],
+      "sensitivity_over_group_hvps": out["theory_cost"]["sensitivity_over_group_hvps"]}
   out["wall_s"] = time.perf_counter() - t0
   return out
 
@@ -362,6 +372,8 @@ def report(out: dict) -> None:
         f"{tc['times_s']['group_hvps']:.4f} s = {tc['theory_over_hvp']:.2f}x (goal <= 1.5); / one HVP of all the "
         f"data: {tc['theory_over_one_hvp']:.2f}x; mean per-sample gradient norms / group gradient norms: "
         f"{tc['per_sample_over_group_norms']:.2f}x")
+  print(f"(5) allocation sensitivity table ({tc['candidates']} layer x bit candidates, every group) / one HVP per "
+        f"group: {tc['sensitivity_over_group_hvps']:.2f}x (goal <= {tc['candidates']})")
   g = out["groups"]
   print("\nper group (long-tailed train set):")
   print(f"{'group':>5s} {'n':>5s} {'|grad| FP':>10s} {'|grad| 3b':>10s} {'lambda_max':>10s}")

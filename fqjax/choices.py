@@ -14,7 +14,9 @@ WEIGHT_SCHEMES = ("uniform", "inverse_frequency", "effective_number", "hardness"
 CALIBRATIONS = ("minmax", "ema", "percentile")
 SWEEP_MODES = ("auto", "vmap", "map", "devices")
 MITIGATE_METHODS = ("ptq", "qat", "lsq_qat", "mp_qat", "qat_equal_size", "sampling_qat", "weighted_qat", "fairqat",
-                    "fair_ft")
+                    "fair_ft", "blind_alloc", "fair_alloc", "blind_alloc_qat", "fair_alloc_qat")
+ALLOC_OBJECTIVES = ("worst_group", "weighted", "mean_plus_worst")
+ALLOC_BUDGETS = ("mixed_precision", "uniform")
 BUDGETS = ("steps", "epochs")
 HARDNESS_SOURCES = ("capped_loss", "error_rate", "loss")
 GRID_FIELDS = ("learning_rate", "epochs", "hardness_floor", "hardness_power", "weight_decay")

@@ -22,7 +22,8 @@ from fqjax.judgements import (FULL, MINORITY_FRACTION, as_float, change_from_fp,
                               equivalence_margin, have_no_data, holders, judged, minority_mask, minority_threshold,
                               no_minority_why, join_reasons, not_tested, path_values, per_bits, seed_matrix,
                               too_few_groups_why, verdict_from_statuses, verdict_over_bits)
-from fqjax.claims_mitigate import fairqat_beats_each_control, fairqat_beats_ptq_and_qat
+from fqjax.claims_mitigate import (fair_allocation_beats_group_blind, fairqat_beats_each_control,
+                                    fairqat_beats_ptq_and_qat)
 from fqjax.metrics import finite_mean, pearson, spearman  # noqa: F401  (spearman kept at fqjax.claims.spearman)
 
 GENERAL_RULES = (
@@ -371,6 +372,7 @@ CLAIMS: dict[str, Callable[[Mapping], dict]] = {
     "second_order_estimate_orders_excess_loss": second_order_orders_excess_loss,
     "fairqat_beats_ptq_and_qat": fairqat_beats_ptq_and_qat,
     "fairqat_beats_each_control": fairqat_beats_each_control,
+    "fair_allocation_beats_group_blind": fair_allocation_beats_group_blind,
 }
 
 

@@ -55,22 +55,38 @@ CONTROL_STATISTIC = "FV(control) - FV(fairqat) per seed, 95% paired t-interval o
 
 def fairqat_beats_each_control(results: Mapping) -> dict:
   """RULES["fairqat_beats_each_control"]: one judgement per control method the ablation ran."""
+  pairs = {c: (c, "fairqat") for c in CONTROLS}
+  return _paired_claim(results, pairs, CONTROL_STATISTIC, "the ablation needs fairqat and at least one control method")
+
+
+ALLOCATION_PAIRS = {"ptq": ("blind_alloc", "fair_alloc"), "qat": ("blind_alloc_qat", "fair_alloc_qat")}
+ALLOCATION_STATISTIC = "FV(group-blind) - FV(fairness-aware allocation) per seed, 95% paired t-interval over seeds"
+
+
+def fair_allocation_beats_group_blind(results: Mapping) -> dict:
+  """RULES["fair_allocation_beats_group_blind"]: one judgement per (group-blind, fairness-aware) pair run."""
+  return _paired_claim(results, ALLOCATION_PAIRS, ALLOCATION_STATISTIC,
+                       "the ablation needs blind_alloc and fair_alloc (or their _qat versions)")
+
+
+def _paired_claim(results: Mapping, pairs: Mapping, statistic: str, missing_why: str) -> dict:
+  """One judgement per {name: (control, method)} pair whose two methods the ablation ran (``_paired_fv``)."""
   m = results.get("mitigate")
   if m is None:
     return not_tested("the mitigate stage did not run")
   if "summary" not in m:
     return not_tested("the mitigate stage has not finished")
-  controls = [c for c in CONTROLS if c in m["methods"]]
-  if "fairqat" not in m["methods"] or not controls:
-    return not_tested("the ablation needs fairqat and at least one control method")
+  pairs = {name: pair for name, pair in pairs.items() if set(pair) <= set(m["methods"])}
+  if not pairs:
+    return not_tested(missing_why)
   few = too_few_groups_why(results)
   if few:
     return not_tested(few)
-  return combine([judged("mitigate", control, CONTROL_STATISTIC, _paired_fv(results, m, control))
-                  for control in controls])
+  return combine([judged("mitigate", name, statistic, _paired_fv(results, m, *pair)) for name, pair in pairs.items()])
 
 
-def _paired_fv(results: Mapping, m: Mapping, control: str) -> dict:
+def _paired_fv(results: Mapping, m: Mapping, control: str, method: str) -> dict:
+  """Per target bit-width: the per-seed FV(control) - FV(method) and its 95% t-interval over seeds."""
   seeds = [str(s) for s in results["seeds"]]
   if len(seeds) < 2:
     return not_tested("a paired interval over seeds needs at least 2 seeds")
@@ -79,7 +95,7 @@ def _paired_fv(results: Mapping, m: Mapping, control: str) -> dict:
   for b in m["bit_widths"]:
     fv = lambda method: np.asarray([as_float(((m["per_seed"].get(s) or {}).get(method) or {}).get(str(b), {})
                                              .get("fairness_violation")) for s in seeds])
-    diff = fv(control) - fv("fairqat")
+    diff = fv(control) - fv(method)
     if not np.isfinite(diff).all():
       skipped[str(b)] = "a seed has no fairness violation for one of the two methods"
       continue

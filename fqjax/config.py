@@ -68,6 +68,11 @@ def base_config() -> ml_collections.ConfigDict:
       "trace_probes": 0,           # > 0: Hutchinson estimates of each group's Hessian trace
       "max_examples_per_group": placeholder(int),  # None: every example of the curvature split
       "size_matched_repeats": 3,   # > 0: curvature also with every group subsampled to the smallest one's size
+      # Per-group Hessian spectral density (stochastic Lanczos quadrature) at these bit-widths, primary PTQ variant
+      # only (empty: none): density_starts random starts of density_iters Lanczos steps per group.
+      "density_bits": (32, 3),
+      "density_iters": 20,
+      "density_starts": 3,
   })
   c.mitigate = _mitigate_defaults()
   c.eval = ml_collections.ConfigDict({"batch_size": 512, "bootstrap_resamples": 1000})
@@ -118,7 +123,8 @@ def _mitigate_defaults() -> ml_collections.ConfigDict:
   """QAT fine-tuning of the trained model (fqjax.mitigate): methods, their bit-widths and settings."""
   return ml_collections.ConfigDict({
       "bit_widths": (8, 4, 3, 2),
-      "methods": ("ptq", "qat", "mp_qat", "qat_equal_size", "sampling_qat", "weighted_qat", "fairqat", "fair_ft"),
+      "methods": ("ptq", "qat", "mp_qat", "qat_equal_size", "sampling_qat", "weighted_qat", "fairqat", "fair_ft",
+                  "blind_alloc", "fair_alloc", "blind_alloc_qat", "fair_alloc_qat"),
       "a_bits": placeholder(object),
       "edge_bits": 8,
       # The PTQ baseline's variant (fqjax.ptq.parse_variant): QAT's grid, with BatchNorm re-estimated as every QAT
@@ -146,6 +152,16 @@ def _mitigate_defaults() -> ml_collections.ConfigDict:
       "hardness_source": "capped_loss",
       "hardness_cap": 3.0,
       "hardness_ema": 0.5,
+      # Per-layer bit allocation (fqjax.allocate; methods *_alloc*): candidate bits per layer, the objective over the
+      # groups' predicted excess losses, the byte budget at each target bit-width ("mixed_precision": the size of
+      # the first/last-at-edge_bits model, i.e. equal size with mp_qat and fairqat; "uniform": the uniform model's),
+      # the split the sensitivities are measured on, and whether the *_alloc_qat methods use fairqat's sampling and
+      # weights.
+      "alloc_bits": (2, 3, 4, 8),
+      "alloc_objective": "worst_group",
+      "alloc_budget": "mixed_precision",
+      "alloc_split": "train",
+      "alloc_rebalance": False,
       # Settings tried per (method, bit-width, seed); the one with the best validation worst-group accuracy is
       # kept, and only it is evaluated on test. {field of this section: values}; empty: no selection.
       "grid": ml_collections.ConfigDict({"learning_rate": (0.01, 0.03)}),
@@ -266,6 +282,11 @@ def _validate_explain(e) -> None:
   for field in ("trace_probes", "size_matched_repeats"):
     if not _is_int(e[field]) or e[field] < 0:
       _fail(f"explain.{field}", e[field], "an int >= 0")
+  for field in ("density_iters", "density_starts"):
+    if not _is_int(e[field]) or e[field] < 1:
+      _fail(f"explain.{field}", e[field], "an int >= 1")
+  if not isinstance(e.density_bits, (list, tuple)) or any(not _is_int(b) or not 1 <= b <= 32 for b in e.density_bits):
+    _fail("explain.density_bits", e.density_bits, "a list of bit-widths in 1..32 (empty: no density), e.g. (32, 3)")
   if e.max_examples_per_group is not None and (not _is_int(e.max_examples_per_group) or e.max_examples_per_group < 1):
     _fail("explain.max_examples_per_group", e.max_examples_per_group, "None or an int >= 1")
   if not float(e.lanczos_tol) > 0:
@@ -292,6 +313,10 @@ def _validate_mitigate(m) -> None:
   if m.a_bits is not None and not (_is_int(m.a_bits) and 1 <= m.a_bits <= 32):
     _fail("mitigate.a_bits", m.a_bits, "None or an int in 1..32")
   _one_of("mitigate.budget", m.budget, choices.BUDGETS)
+  _bit_list("mitigate.alloc_bits", m.alloc_bits, 1, 32, "(2, 3, 4, 8)")
+  _one_of("mitigate.alloc_objective", m.alloc_objective, choices.ALLOC_OBJECTIVES)
+  _one_of("mitigate.alloc_budget", m.alloc_budget, choices.ALLOC_BUDGETS)
+  _one_of("mitigate.alloc_split", m.alloc_split, ("train", "val"))
   scale, _, bn = str(m.ptq_variant).partition("/")
   if scale not in choices.WEIGHT_SCALE_RULES or bn not in choices.PTQ_BN_MODES:
     _fail("mitigate.ptq_variant", m.ptq_variant, f"'<scale>/<bn>' with scale in {choices.WEIGHT_SCALE_RULES} and bn "

@@ -19,6 +19,10 @@ Methods (``config.mitigate.methods``):
   fair_ft        full-precision fine-tuning with fairqat's sampling and weights, no quantization (the control
                  that tells "rebalancing helps any model" from "repairing quantization"); the same model at
                  every target bit-width, trained once per seed
+  fair_alloc     PTQ with per-layer bits chosen by fqjax.allocate from per-group second-order sensitivities
+                 (minimize the worst group's predicted excess loss) within ``mitigate.alloc_budget`` bytes
+  blind_alloc    the same allocation on the whole training loss (group-blind, as HAWQ allocates)
+  *_alloc_qat    the same allocations, then QAT (with fairqat's sampling and weights if ``alloc_rebalance``)
 
 Budgets: with ``mitigate.budget`` "steps" every training method runs plain QAT's optimizer steps (each
 epoch is cut or padded to the training split's rows, whatever the sampler draws); entries record "steps"
@@ -52,6 +56,7 @@ class Method:
   lsq: bool = False
   trains: bool = True
   quantized: bool = True
+  allocation: Optional[str] = None  # "fair" / "blind": per-layer bits from fqjax.allocate
 
 
 METHOD_PARTS = {
@@ -64,6 +69,10 @@ METHOD_PARTS = {
     "weighted_qat": Method(weighting=True),
     "fairqat": Method(mixed_precision=True, sampling=True, weighting=True),
     "fair_ft": Method(sampling=True, weighting=True, quantized=False),
+    "blind_alloc": Method(trains=False, allocation="blind"),
+    "fair_alloc": Method(trains=False, allocation="fair"),
+    "blind_alloc_qat": Method(allocation="blind"),
+    "fair_alloc_qat": Method(allocation="fair"),
 }
 
 
@@ -116,6 +125,8 @@ def qat_train_config(method: str, m: ml_collections.ConfigDict, base_train: ml_c
   """config.train for fine-tuning with ``method``: QAT hyperparameters (with a grid ``setting`` applied) plus its
   sampling / weighting; with the "steps" budget, rows_per_epoch = ``num_train_rows`` (plain QAT's epoch)."""
   parts = METHOD_PARTS[method]
+  if parts.allocation and m.get("alloc_rebalance", False):
+    parts = dataclasses.replace(parts, sampling=True, weighting=True)
   t = ml_collections.ConfigDict(base_train.to_dict())
   for key in ("epochs", "batch_size", "optimizer", "learning_rate", "momentum", "weight_decay", "warmup_epochs",
               "weight_target", "effective_beta", "hardness_power", "hardness_floor", "hardness_source",
@@ -136,16 +147,24 @@ def qat_model(model, method: str, m: ml_collections.ConfigDict):
 
 
 def run_entry(model, fp_variables: Mapping, fp_test: Mapping, splits, mcfg, pcfg, ecfg, base_train,
-              layer_names: Sequence[str], method: str, bits: int, seed: int, ckpt_dir: str, *, mesh=None) -> dict:
+              layer_names: Sequence[str], method: str, bits: int, seed: int, ckpt_dir: str, *, mesh=None,
+              shared: Optional[dict] = None) -> dict:
   """One (method, bit-width, seed) entry of the ablation: fine-tune (unless PTQ) and evaluate on test.
 
   model: the trained architecture; fp_variables: its trained variables; fp_test: its test
   metrics (reference for accuracy drops); mcfg / pcfg / ecfg / base_train: config.mitigate,
   config.ptq (activation calibration), config.eval and config.train; ckpt_dir: where the
-  fine-tuning resumes from (one subfolder per grid setting). Returns group metrics + "size_bytes",
-  "w_bits" (uniform methods' weight bits), "steps", "train_s" and, for trained methods, "selection".
+  fine-tuning resumes from (one subfolder per grid setting); shared: a per-seed dict in which the
+  allocation methods keep their sensitivity tables (computed once per seed). Returns group metrics +
+  "size_bytes", "w_bits" (uniform methods' weight bits), "steps", "train_s", for trained methods
+  "selection", and for allocation methods "allocation" (per-layer bits, budget, predicted excess losses).
   """
-  spec = method_spec(method, bits, mcfg, fp_variables["params"], layer_names)
+  allocation = None
+  if METHOD_PARTS[method].allocation:
+    spec, allocation = _allocated_spec(model, fp_variables, splits, mcfg, layer_names, method, bits,
+                                       {} if shared is None else shared)
+  else:
+    spec = method_spec(method, bits, mcfg, fp_variables["params"], layer_names)
   resolved = spec.resolve(layer_names)
   bits_tree = layers.bits_tree_from(resolved)
   qmodel = qat_model(model, method, mcfg)
@@ -166,7 +185,39 @@ def run_entry(model, fp_variables: Mapping, fp_test: Mapping, splits, mcfg, pcfg
   result.update(train_s=train_s, steps=steps, w_bits=None if spec.layers else spec.w_bits)
   if selection is not None:
     result["selection"] = selection
+  if allocation is not None:
+    result["allocation"] = allocation
   return result
+
+
+def _allocated_spec(model, fp_variables, splits, mcfg, layer_names, method: str, bits: int,
+                    shared: dict) -> tuple[BitSpec, dict]:
+  """The per-layer bits of an allocation method at target ``bits``: fqjax.allocate on the sensitivity table of
+  ``mcfg.alloc_split`` (per group for "fair", one group of every row for "blind"; cached in ``shared``) within
+  the byte budget of ``mcfg.alloc_budget``; with the additivity check of the chosen allocation (the predicted
+  per-group sum against the measured excess loss of all layers quantized together, on the same split)."""
+  from fqjax import allocate  # scipy's MILP; only the allocation methods need it
+  kind = METHOD_PARTS[method].allocation
+  split, info = splits[mcfg.alloc_split], splits.info
+  group, num_groups = (split.group, info.num_groups) if kind == "fair" else (np.zeros_like(split.group), 1)
+  qmodel = layers.configured(model, fold_bn=(mcfg.bn == "fold"), scale=ptq.parse_variant(mcfg.ptq_variant)[0])
+  if kind not in shared:
+    shared[kind] = allocate.sensitivity(qmodel, fp_variables, split.x, split.y, group, num_groups, layer_names,
+                                        tuple(int(b) for b in mcfg.alloc_bits))
+  size = lambda spec: quant.storage_size(fp_variables["params"],
+                                         layers.weight_bits_by_layer(spec, layer_names))["bytes"]
+  budget = size(BitSpec.first_last(bits, edge_bits=mcfg.edge_bits) if mcfg.alloc_budget == "mixed_precision"
+                else BitSpec.uniform(bits))
+  chosen = allocate.allocate(shared[kind], budget, objective=mcfg.alloc_objective)
+  a = mcfg.a_bits if mcfg.a_bits is None or mcfg.a_bits < quant.FULL_PRECISION_BITS else None
+  spec = BitSpec(w_bits=None, a_bits=a, layers={name: (int(b), a) for name, b in chosen["bits"].items()})
+  # Additivity: the per-layer sum against the measured excess loss of all layers quantized together.
+  check = allocate.additivity(qmodel, fp_variables, split.x, split.y, group, num_groups, shared[kind],
+                              [chosen["bits"]])[0]
+  return spec, {"layer_bits": {k: int(v) for k, v in chosen["bits"].items()}, "budget_bytes": int(budget),
+                "predicted_excess_loss": np.asarray(chosen["predicted"], np.float64).tolist(), "kind": kind,
+                "measured_excess_loss": np.asarray(check["measured"], np.float64).tolist(),
+                "additivity_max_abs_error": float(check["vs_measured"]["max_abs"])}
 
 
 def _start_variables(model, qmodel, fp_variables, splits, pcfg, mcfg, method: str, resolved, seed: int) -> dict:

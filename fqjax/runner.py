@@ -316,7 +316,7 @@ def _mitigate(r: _Run) -> bool:
   r.load_trained([s for s in r.seeds if any(str(b) not in entries_of(s).get(mth, {})
                                             for mth in m.methods for b in m.bit_widths)])
   for seed in r.seeds:
-    entries, fp_test = entries_of(seed), None
+    entries, fp_test, shared = entries_of(seed), None, {}  # shared: the seed's allocation sensitivity tables
     for method in m.methods:
       for bits in m.bit_widths:
         if str(bits) in entries.get(method, {}):
@@ -328,7 +328,8 @@ def _mitigate(r: _Run) -> bool:
         folder = r.ckpt_dir(seed, "mitigate", mitigate.checkpoint_name(method, bits))
         workdir_lib.claim_checkpoints(folder, r.key("mitigate", seed), fresh=r.force)
         out = mitigate.run_entry(r.model, r.trained_variables(seed), fp_test, r.splits_of(seed), m, cfg.ptq, cfg.eval,
-                                 cfg.train, r.layer_names, method, int(bits), seed, folder, mesh=r.mesh)
+                                 cfg.train, r.layer_names, method, int(bits), seed, folder, mesh=r.mesh,
+                                 shared=shared)
         entries.setdefault(method, {})[str(bits)] = out
         log.info("mitigate seed %d %s %d-bit: acc %.3f worst %.3f fv %.3f (%.1f s)", seed, method, bits,
                  out["accuracy"], out["worst_group_accuracy"], out["fairness_violation"], out["train_s"])

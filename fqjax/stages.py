@@ -25,6 +25,7 @@ from flax import traverse_util
 
 from fqjax import layers, metrics, ptq, quant, stats, train
 from fqjax.explain import curvature as curvature_lib
+from fqjax.explain import density as density_lib
 from fqjax.explain import forward as forward_lib
 from fqjax.explain import theory as theory_lib
 from fqjax.models import get_model
@@ -173,7 +174,8 @@ def explain_entry(model: nn.Module, variables: Variables, splits, xcfg, pcfg, ec
 
   ``variables`` are the trained ones; the quantized start is built here (quantization_start), with the
   variant's weight grid and BatchNorm mode. Returns forward_lib.forward_chain's dict plus "curvature"
-  (when ``xcfg.curvature``), "theory" (quantized bit-widths; see ``theory``) and "wall_s".
+  (when ``xcfg.curvature``; with "density", fqjax.explain.density.group_densities, at ``xcfg.density_bits`` for
+  the primary variant), "theory" (quantized bit-widths; see ``theory``) and "wall_s".
   """
   t0 = time.perf_counter()
   spec = ptq.sweep_specs([bits], pcfg.a_bits)[0]
@@ -194,6 +196,10 @@ def explain_entry(model: nn.Module, variables: Variables, splits, xcfg, pcfg, ec
     entry["curvature"] = curvature(plain, {**qvars_bn, "params": params_q}, None, rows, info.num_groups,
                                    info.counts["train"], xcfg, seed, rng)
     entry["curvature"]["activation_bits_ignored"] = spec.a_bits is not None  # taken at the dequantized weights
+    if bits in xcfg.density_bits and (variant or pcfg.variants[0]) == pcfg.variants[0]:
+      entry["curvature"]["density"] = density_lib.group_densities(
+          plain, {**qvars_bn, "params": params_q}, rows.x, rows.y, rows.group, info.num_groups,
+          batch_size=xcfg.batch_size, num_iters=xcfg.density_iters, num_starts=xcfg.density_starts, seed=seed)
   if not is_full_precision(bits_tree):
     if qvars_bn.get("batch_stats") is not qvars.get("batch_stats"):  # folded BN: the grid follows the statistics
       params_q = curvature_lib.quantized_params(qmodel, qvars, bits_tree, rows.x[:1])

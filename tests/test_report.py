@@ -113,8 +113,8 @@ def _check_html(workdir):
 def test_full_report_figures_links_and_sections(workdirs):
   wd = workdirs["explained"]
   out = report.write_report(wd)
-  # One PTQ variant: no comparison; the constructed explain section has no second-order test.
-  assert set(out["figures"]) == set(report.FIGURE_NAMES) - {"ptq_variants", "explain_theory"}
+  # One PTQ variant: no comparison; the constructed explain section has no second-order test and no density.
+  assert set(out["figures"]) == set(report.FIGURE_NAMES) - {"ptq_variants", "explain_theory", "explain_density"}
   assert out["sections"] == {s: "ok" for s in ("train", "ptq", "explain", "curvature", "mitigate", "claims")}
   assert "mitigate_pareto" in out["figures"]  # the size / worst group / fairness trade-off of the ablation
   for path in out["figures"].values():

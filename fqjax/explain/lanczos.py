@@ -8,6 +8,7 @@ used, since on networks they are the whole cost.
     (orthonormal rows) and the tridiagonal T = Q H Q^T [m, m] (diagonal alpha, off-diagonal
     beta) give Ritz values theta_i = eig(T) with residual bounds r_i = |beta_m s_{m,i}|
     (s_i the Ritz vector of T): some eigenvalue of H lies within r_i of theta_i.
+    ``lanczos_tridiagonal`` returns T itself after a fixed number of products (for SLQ densities).
   Power iteration (PyHessian's rule): lambda_t = v_t . H v_t, v_{t+1} = H v_t / ||H v_t||,
     stop when |lambda_t - lambda_{t-1}| / (|lambda_{t-1}| + 1e-6) < tol.
   Hutchinson: tr(H) ~ mean_j z_j . H z_j over Rademacher probes z_j in {-1, +1}^P.
@@ -153,6 +154,36 @@ def lanczos_top_eigenvalues(matvec: Matvec, dim_or_params, k: int = 5, *, max_it
       break
   return {"eigenvalues": top, "residuals": res, "iterations": len(alphas), "num_hvps": len(alphas),
           "converged": converged, "history": history}
+
+
+def lanczos_tridiagonal(matvec: Matvec, dim_or_params, num_iters: int, seed: int = 0) -> dict:
+  """The Lanczos tridiagonal T [m, m] after m = min(num_iters, P) products (full reorthogonalization).
+
+  Runs exactly m steps of ``_lanczos_step`` from the unit start vector of ``seed`` (the same
+  one ``lanczos_top_eigenvalues`` uses), stopping early only on an invariant subspace
+  (beta_j <= 10 eps max(|alpha|, beta) so far: the Krylov space is exhausted and T is exact on it).
+  T = diag(alphas) + diag(betas, +-1) is what stochastic Lanczos quadrature needs: with
+  T = S diag(theta) S^T, the nodes theta_i and weights S_{0i}^2 are the Gauss quadrature of
+  the start vector's spectral measure (see ``fqjax.explain.density``).
+
+  Returns {"alphas": [m] float64, "betas": [m - 1] float64 (the last beta, coupling to the
+  unused next vector, is dropped), "num_hvps": m}. The basis holds (m + 1) x P values.
+  """
+  dim, dtype = _dim_dtype(dim_or_params)
+  _check_positive("num_iters", num_iters)
+  m = min(num_iters, dim)
+  basis = jnp.zeros((m + 1, dim), dtype).at[0].set(_start_vector(seed, dim, dtype))
+  eps, tiny = float(jnp.finfo(dtype).eps), np.finfo(np.float64).tiny
+  alphas, betas, scale = [], [], 0.0
+  for j in range(m):
+    basis, alpha, beta = _lanczos_step(basis, matvec(basis[j]), j, jnp.asarray(betas[-1] if betas else 0.0, dtype))
+    alpha, beta = (float(a) for a in jax.device_get((alpha, beta)))
+    alphas.append(alpha)
+    scale = max(scale, abs(alpha), beta)  # |T_ij| <= ||T||: a cheap norm scale without eig(T) per step
+    if j == m - 1 or beta <= 10 * eps * max(scale, tiny):
+      break
+    betas.append(beta)
+  return {"alphas": np.array(alphas, np.float64), "betas": np.array(betas, np.float64), "num_hvps": len(alphas)}
 
 
 def power_iteration(matvec: Matvec, dim_or_params, *, tol: float = 1e-3, max_iters: int = 100,

@@ -6,7 +6,7 @@ Writes into WORKDIR:
   report.md      Markdown (figures as relative links)
   report.html    one self-contained page (inline CSS, no scripts); figures are the same relative PNGs
   figures/*.png  fqjax.report.common.FIGURE_NAMES: ptq_group_accuracy, ptq_fairness, ptq_variants,
-                 ptq_variant_groups, explain_weights, explain_logits_softmax, explain_curvature,
+                 ptq_variant_groups, explain_weights, explain_logits_softmax, explain_curvature, explain_density,
                  explain_theory, mitigate_ablation, mitigate_pareto (each only when its data is in
                  results.json)
 

@@ -22,7 +22,7 @@ from fqjax.tables import dig as _dig
 FULL = 32
 FIGURES_DIR = "figures"
 FIGURE_NAMES = ("ptq_group_accuracy", "ptq_fairness", "ptq_variants", "ptq_variant_groups", "explain_weights",
-                "explain_logits_softmax", "explain_curvature", "explain_theory", "mitigate_ablation",
+                "explain_logits_softmax", "explain_curvature", "explain_density", "explain_theory", "mitigate_ablation",
                 "mitigate_pareto")
 
 

@@ -207,6 +207,9 @@ class _Report:
                "minority / majority means):")
     self.doc.table(["bits", "ρ(size, grad norm)", "ρ(size, top eigenvalue)", "grad norm", "top eigenvalue",
                     "Hessian trace"], rows)
+    self.fig("explain_density", verdicts.figure_density(ctx),
+             "Each group's Hessian spectral density by stochastic Lanczos quadrature (several random starts, "
+             "Gaussian-smoothed; first seed), at full precision and a low bit-width; minority groups dashed.")
     self.theory()
 
   def theory(self) -> None:
@@ -268,6 +271,13 @@ class _Report:
              "the sizes span more than 4×) for every method and target bit-width (mean ± std over seeds; labels: "
              "target bits, → the bits used where they differ). Circled, joined by dashed steps: the Pareto front, "
              "the highest worst-group accuracy / lowest fairness violation at no larger size.")
+    rows = verdicts.allocation_rows(ctx, m)
+    if rows:
+      self.doc.p("**Per-layer bits of the allocation methods** (fqjax.allocate; the most frequent over seeds; layers "
+                 "in forward order): `fair_alloc*` minimizes the worst group's predicted excess loss, `blind_alloc*` "
+                 "the whole training loss's, within the same byte budget.")
+      self.doc.table(["method", "bits", "per-layer bits", "budget KB", "size KB", "worst group's predicted excess loss",
+                      "its measured one", "additivity max |error|"], rows)
 
   def claims(self) -> None:
     ctx = self.ctx

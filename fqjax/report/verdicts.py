@@ -163,3 +163,56 @@ def judgement_rows(claim: Mapping) -> list:
     detail = " ".join(marks) if marks else str(j.get("why", ""))
     rows.append([name, f"**{j.get('verdict')}**", detail, str(j.get("statistic", ""))])
   return rows
+
+
+def allocation_rows(ctx: _Ctx, m: Mapping) -> list:
+  """Per allocation method and target bit-width: the per-layer bits chosen most often over seeds ('4/8/2/8',
+  layers in forward order, with how many seeds chose it), the budget and size in KB, the means over seeds of the
+  worst group's predicted and measured excess loss (allocation split), and the largest additivity error."""
+  from collections import Counter
+  rows = []
+  for method in m.get("methods", []):
+    for b in _sorted_bits(m.get("bit_widths", [])):
+      entries = [_dig(m, "per_seed", s, method, b) for s in ctx.seeds]
+      allocs = [e.get("allocation") for e in entries if isinstance(e, Mapping) and e.get("allocation")]
+      if not allocs:
+        continue
+      maps = Counter("/".join(str(v) for v in a["layer_bits"].values()) for a in allocs)
+      best, count = maps.most_common(1)[0]
+      worst = [max(a["predicted_excess_loss"]) for a in allocs if a.get("predicted_excess_loss")]
+      sizes = [e["size_bytes"] for e in entries if isinstance(e, Mapping) and "size_bytes" in e]
+      measured = [max(a["measured_excess_loss"]) for a in allocs if a.get("measured_excess_loss")]
+      errors = [a["additivity_max_abs_error"] for a in allocs if a.get("additivity_max_abs_error") is not None]
+      rows.append([method, _bits_label(b), f"{best} ({count}/{len(allocs)} seeds)",
+                   _num(allocs[0]["budget_bytes"] / 1024, "{:.1f}"), _num(np.mean(sizes) / 1024, "{:.1f}"),
+                   _num(np.mean(worst) if worst else None, "{:.3g}"),
+                   _num(np.mean(measured) if measured else None, "{:.3g}"),
+                   _num(np.max(errors) if errors else None, "{:.3g}")])
+  return rows
+
+
+def figure_density(ctx: _Ctx) -> Optional[Figure]:
+  """Per-group Hessian spectral density (stochastic Lanczos quadrature, fqjax.explain.density) of the first seed,
+  one panel per bit-width where explain computed it (primary PTQ variant), one line per group (minority dashed),
+  log density axis. None when no density was computed."""
+  e = ctx.results.get("explain") or {}
+  seed = ctx.seeds[0] if ctx.seeds else None
+  panels = {b: _dig(e, "per_seed", seed, b, "curvature", "density") for b in _sorted_bits(e.get("bit_widths", []))}
+  panels = {b: d for b, d in panels.items() if isinstance(d, Mapping) and d.get("density")}
+  if not panels:
+    return None
+  fig, axes = _new_figure(5.2 * len(panels), 4.2, len(panels))
+  colors = _group_colors(ctx.num_groups)
+  for ax, (b, d) in zip(np.atleast_1d(axes), panels.items()):
+    grid = np.asarray(d["grid"], np.float64)
+    for g in ctx.size_order():
+      dens = np.asarray(_floats(d["density"][g]), np.float64)
+      ax.plot(grid, np.maximum(dens, 1e-6), "--" if ctx.is_minority(g) else "-", color=colors[g], lw=1.2,
+              label=ctx.group_label(g))
+    ax.set_yscale("log")
+    ax.set_ylim(1e-5, None)
+    ax.set_title(f"Hessian spectral density, {_bits_label(b)} bits")
+    ax.set_xlabel("eigenvalue of the group's loss Hessian")
+  np.atleast_1d(axes)[0].set_ylabel(f"density (seed {seed}; Gaussian-smoothed SLQ)")
+  np.atleast_1d(axes)[-1].legend(fontsize="x-small", ncol=2)
+  return fig
