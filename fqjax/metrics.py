@@ -12,6 +12,13 @@ Definitions (G groups, acc_g = accuracy on group g):
   equalized_odds_gap = max_c max(range_g TPR_g(c), range_g FPR_g(c)),
       TPR_g(c) = P(pred=c | y=c, g), FPR_g(c) = P(pred=c | y!=c, g)
   (one-vs-rest per class; for a binary task this is the usual definition).
+  accuracy_ratio = min_g acc_g / max_g acc_g
+  ece = sum_b |B_b|/n |acc(B_b) - conf(B_b)|, 15 equal-width bins of the max softmax probability
+  flip rate = fraction of rows whose predicted class changes (Hooker et al. 2020, "Characterising Bias
+      in Compressed Models"); from paired correct/incorrect counts only the correctness flips, a lower bound.
+fairlearn's names are added as aliases (MetricFrame(metrics=accuracy_score, ...)): accuracy_score_difference
+(.difference() = max - min = fairness_violation), accuracy_score_group_min (.group_min() =
+worst_group_accuracy), accuracy_score_group_max (.group_max()), accuracy_score_ratio (.ratio() = min / max).
 Groups with no samples are left out of max/min (reported with count 0, NaN accuracy, which
 results.json stores as null); a statistic with no group to take it over is NaN. Nothing here
 emits a NumPy RuntimeWarning on empty groups: empty slices are masked, not averaged.
@@ -120,6 +127,50 @@ def _finite_max(values) -> float:
   return float(values.max()) if values.size else float("nan")
 
 
+def _finite_min(values) -> float:
+  """Min over the finite values; NaN (no warning) when there are none."""
+  values = np.asarray(values, np.float64)
+  values = values[np.isfinite(values)]
+  return float(values.min()) if values.size else float("nan")
+
+
+def max_softmax(logits: np.ndarray) -> np.ndarray:
+  """Confidence max_c softmax(logits)_c per row: logits [N, C] -> [N] float64 in [1/C, 1].
+
+  With z = logits - max(logits) the top entry is exp(0) = 1, so the max probability is 1 / sum_c exp(z_c).
+  """
+  logits = np.asarray(logits, np.float64)
+  shifted = logits - logits.max(axis=1, keepdims=True)
+  return 1.0 / np.exp(shifted).sum(axis=1)
+
+
+def calibration_error(confidence, correct, group, num_groups: int, num_bins: int = 15) -> np.ndarray:
+  """Expected calibration error (ECE, Guo et al. 2017) per group: [num_groups] float64, NaN for an empty group.
+
+  confidence: [N] float in [0, 1] (the max softmax probability); correct: [N] bool / 0-1; group: [N] int.
+  Bins are the equal-width intervals B_b = ((b-1)/num_bins, b/num_bins], b = 1..num_bins (a confidence of
+  exactly 0 goes to the first). Per group g over its n_g rows:
+    ECE_g = sum_b |B_b,g| / n_g * |acc(B_b,g) - conf(B_b,g)| = (1/n_g) sum_b |sum_{i in B_b,g} (correct_i - conf_i)|
+  (the two forms agree: a bin's weight times its mean gap is its summed gap; empty bins add 0).
+  """
+  confidence = np.asarray(confidence, np.float64)
+  gap = np.asarray(correct, np.float64) - confidence
+  group = np.asarray(group, np.int64)
+  bins = np.clip(np.ceil(confidence * num_bins).astype(np.int64) - 1, 0, num_bins - 1)
+  summed = np.bincount(group * num_bins + bins, weights=gap, minlength=num_groups * num_bins)
+  total = np.abs(summed.reshape(num_groups, num_bins)).sum(axis=1)
+  count = np.bincount(group, minlength=num_groups)
+  out = np.full(num_groups, np.nan)
+  np.divide(total, count, out=out, where=count > 0)
+  return out
+
+
+def _ratio(values) -> float:
+  """min / max over the finite values (fairlearn's MetricFrame.ratio()); NaN when none or max == 0."""
+  hi = _finite_max(values)
+  return _finite_min(values) / hi if hi > 0 else float("nan")  # NaN > 0 is False: no group -> NaN
+
+
 def _rates(pred, y, group, num_groups, num_classes):
   """P(pred=c | g), TPR_g(c) = P(pred=c | y=c, g), FPR_g(c) = P(pred=c | y!=c, g) as [G, C] float64 arrays.
 
@@ -146,9 +197,16 @@ def group_metrics(logits: np.ndarray, y: np.ndarray, group: np.ndarray, num_grou
     reference: the full-precision model's ``group_metrics`` output; adds
       per-group ``accuracy_drop`` = reference accuracy - this accuracy.
 
+  The DP / EO gaps are fqjax's own multiclass definition (one-vs-rest, worst class; module docstring).
+  fairlearn's demographic_parity_difference / equalized_odds_difference take binary predictions. For
+  C = 2 both classes give the same ranges (P(pred=0|g) = 1 - P(pred=1|g), TPR_g(0) = 1 - FPR_g(1)), so
+  the gaps reduce to range_g P(pred=1|g) and max(range_g TPR_g, range_g FPR_g) with class 1 positive:
+  fairlearn's values (its default agg="worst_case").
+
   Returns:
-    JSON-ready dict: accuracy, loss, worst_group_accuracy, fairness_violation,
-    groups: {"count", "accuracy", "loss", ["accuracy_drop"]} as [G] lists,
+    JSON-ready dict: accuracy, loss, worst_group_accuracy, fairness_violation, accuracy_ratio, ece,
+    the fairlearn aliases accuracy_score_{difference, group_min, group_max, ratio},
+    groups: {"count", "accuracy", "loss", "ece", ["accuracy_drop"]} as [G] lists,
     and optionally demographic_parity_gap, equalized_odds_gap.
   """
   logits, y, group = _check_inputs(logits, y, group, num_groups)
@@ -159,14 +217,24 @@ def group_metrics(logits: np.ndarray, y: np.ndarray, group: np.ndarray, num_grou
   count = np.bincount(group, minlength=num_groups)
   acc_g, loss_g = group_mean(correct, group, num_groups), group_mean(loss, group, num_groups)
   present = count > 0
+  conf = max_softmax(logits)
+  ece_g = calibration_error(conf, correct, group, num_groups)
   out = {
       "n": int(len(y)),
       "accuracy": float(correct.mean()) if len(y) else float("nan"),
       "loss": float(loss.mean()) if len(y) else float("nan"),
       "worst_group_accuracy": float(acc_g[present].min()) if present.any() else float("nan"),
       "fairness_violation": _range(acc_g),
-      "groups": {"count": count.tolist(), "accuracy": acc_g.tolist(), "loss": loss_g.tolist()},
+      "accuracy_ratio": _ratio(acc_g),
+      "ece": float(calibration_error(conf, correct, np.zeros_like(group), 1)[0]),
+      "groups": {"count": count.tolist(), "accuracy": acc_g.tolist(), "loss": loss_g.tolist(),
+                 "ece": ece_g.tolist()},
   }
+  # fairlearn's MetricFrame vocabulary, so auditors find the numbers under the names they know.
+  out["accuracy_score_difference"] = out["fairness_violation"]
+  out["accuracy_score_group_min"] = out["worst_group_accuracy"]
+  out["accuracy_score_group_max"] = _finite_max(acc_g)
+  out["accuracy_score_ratio"] = out["accuracy_ratio"]
   if reference is not None:
     ref_acc = np.asarray(reference["groups"]["accuracy"], np.float64)
     out["groups"]["accuracy_drop"] = (ref_acc - acc_g).tolist()
@@ -177,6 +245,46 @@ def group_metrics(logits: np.ndarray, y: np.ndarray, group: np.ndarray, num_grou
     out["demographic_parity_gap"] = _finite_max([_range(dp[:, c]) for c in cols])
     out["equalized_odds_gap"] = _finite_max([_finite_max([_range(tpr[:, c]), _range(fpr[:, c])]) for c in cols])
   return out
+
+
+def _flip_dict(flips: np.ndarray, count: np.ndarray) -> dict:
+  groups = np.full(count.shape, np.nan)
+  np.divide(flips, count, out=groups, where=count > 0)
+  total = int(count.sum())
+  return {"overall": float(flips.sum() / total) if total else float("nan"), "groups": groups.tolist()}
+
+
+def flip_rates(pred_fp, pred_q, group, num_groups: int) -> dict:
+  """Prediction flips (Hooker et al. 2020): the fraction of rows whose predicted class changes.
+
+  pred_fp, pred_q: [N] int predicted classes of the reference (full-precision) and compressed models;
+  group: [N] int in [0, num_groups). flip_g = #{i in g: pred_fp_i != pred_q_i} / n_g.
+  Returns {"overall": float, "groups": [G] floats}; NaN for an empty group (or N = 0), no warning.
+  """
+  pred_fp, pred_q, group = (np.asarray(a) for a in (pred_fp, pred_q, group))
+  if pred_fp.ndim != 1 or pred_q.shape != pred_fp.shape or group.shape != pred_fp.shape:
+    raise ValueError(f"pred_fp, pred_q and group must all be [N], got shapes {pred_fp.shape}, {pred_q.shape} "
+                     f"and {group.shape}.")
+  group = group.astype(np.int64)
+  if group.size and (group.min() < 0 or group.max() >= num_groups):
+    raise ValueError(f"group ids must be in [0, {num_groups}), got range [{group.min()}, {group.max()}].")
+  flips = np.bincount(group, weights=(pred_fp != pred_q).astype(np.float64), minlength=num_groups)
+  return _flip_dict(flips, np.bincount(group, minlength=num_groups).astype(np.float64))
+
+
+def flip_rates_from_paired_counts(counts) -> dict:
+  """Correctness flips per group from the PTQ stage's paired tables (groups.paired_counts).
+
+  counts: [G, 4] ints in the order of fqjax.stats.CELLS (both_right, fp_only, quantized_only, both_wrong).
+  flip_g = (fp_only + quantized_only) / n_g: the rows where exactly one model is right. These tables keep
+  only right / wrong, so a wrong prediction changing to another wrong class is not seen: this is a lower
+  bound on ``flip_rates`` (equal to it for 2 classes, where a changed prediction always changes correctness).
+  Returns {"overall": float, "groups": [G] floats}; NaN for an empty group, no warning.
+  """
+  counts = np.asarray(counts, np.float64)
+  if counts.ndim != 2 or counts.shape[1] != 4:
+    raise ValueError(f"counts must be [G, 4] (fqjax.stats.CELLS), got shape {counts.shape}.")
+  return _flip_dict(counts[:, 1] + counts[:, 2], counts.sum(axis=1))
 
 
 def bootstrap_fairness_violation(correct: np.ndarray, group: np.ndarray, num_groups: int, *,
@@ -229,16 +337,17 @@ def mean_std(values: Sequence[Optional[float]]) -> dict:
 
 
 SUMMARY_SCALARS = ("accuracy", "loss", "worst_group_accuracy", "fairness_violation", "accuracy_drop",
-                   "demographic_parity_gap", "equalized_odds_gap", "size_bytes")
+                   "demographic_parity_gap", "equalized_odds_gap", "size_bytes", "ece", "accuracy_ratio",
+                   "flip_rate")
 
 
 def summarize_over_seeds(per_seed: Sequence[Mapping]) -> dict:
   """Mean and std over seeds (``mean_std``) of every scalar metric and every per-group list of ``group_metrics``.
 
   per_seed: S metric dicts of one variant (one per seed). A key is summarized only when every seed
-  has it: SUMMARY_SCALARS (size_bytes too), "fairness_violation_ci" as {"low": mean_std, "high":
-  mean_std}, and groups.{accuracy, loss, accuracy_drop} as [G] lists of mean_std dicts (a group with
-  no samples in any seed gets n = 0, mean NaN).
+  has it: SUMMARY_SCALARS (size_bytes, ece, accuracy_ratio, flip_rate too), "fairness_violation_ci" as
+  {"low": mean_std, "high": mean_std}, and groups.{accuracy, loss, accuracy_drop, ece, flip_rate} as [G] lists
+  of mean_std dicts (a group with no samples in any seed gets n = 0, mean NaN).
   """
   out: dict = {}
   if not per_seed:
@@ -250,7 +359,7 @@ def summarize_over_seeds(per_seed: Sequence[Mapping]) -> dict:
     out["fairness_violation_ci"] = {side: mean_std([m["fairness_violation_ci"].get(side) for m in per_seed])
                                     for side in ("low", "high")}
   groups: dict = {}
-  for key in ("accuracy", "loss", "accuracy_drop"):
+  for key in ("accuracy", "loss", "accuracy_drop", "ece", "flip_rate"):
     if all(key in m["groups"] for m in per_seed):
       stacked = np.asarray([[np.nan if v is None else v for v in m["groups"][key]] for m in per_seed], np.float64)
       groups[key] = [mean_std(stacked[:, g].tolist()) for g in range(stacked.shape[1])]

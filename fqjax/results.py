@@ -30,7 +30,8 @@ results.json (schema_version 1), top level:
             or "skipped"}, "total_s"} of that invocation.
 where
   Metrics = fqjax.metrics.group_metrics output (accuracy, loss, worst_group_accuracy,
-            fairness_violation, groups{count, accuracy, loss, accuracy_drop}, ...)
+            fairness_violation, accuracy_ratio, ece, fairlearn aliases accuracy_score_{difference,
+            group_min, group_max, ratio}, groups{count, accuracy, loss, ece, accuracy_drop}, ...)
             plus "size_bytes" and, for test metrics, "fairness_violation_ci" {low, high}; PTQ entries also
             groups.paired_counts [G][4] (fqjax.stats.CELLS: each test example's full-precision and
             quantized outcome).
@@ -64,7 +65,10 @@ from typing import Any, Iterable, Mapping
 
 SCHEMA_VERSION = 1
 CSV_COLUMNS = ("variant", "bits", "seed", "split", "group", "group_name", "count", "accuracy", "loss",
-               "accuracy_drop", "fairness_violation", "worst_group_accuracy",
+               "accuracy_drop", "fairness_violation", "worst_group_accuracy", "ece", "flip_rate",
+               # fairlearn's MetricFrame names (accuracy_score): "all" rows only; empty for older results
+               "accuracy_score_difference", "accuracy_score_group_min", "accuracy_score_group_max",
+               "accuracy_score_ratio",
                # explain rows: the forward chain and curvature per group
                "logit_abs_shift", "logit_variance", "logit_variance_change", "true_prob", "true_prob_shift",
                "margin", "margin_shift", "mean_activation_rel_err", "grad_norm", "top_eigenvalue")
@@ -220,17 +224,24 @@ def validate(results: Mapping) -> None:
 
 def metric_rows(variant: str, bits: Any, seed: Any, split: str, m: Mapping,
                 group_names: Iterable[str]) -> list[dict]:
-  """One row for the whole model (group "all") and one per group."""
+  """One row for the whole model (group "all") and one per group.
+
+  Keys a results.json from before they were recorded lacks (ece, the fairlearn aliases) stay empty.
+  """
   rows = [{"variant": variant, "bits": bits, "seed": seed, "split": split, "group": "all", "group_name": "all",
            "count": m.get("n"), "accuracy": m["accuracy"], "loss": m["loss"],
            "accuracy_drop": m.get("accuracy_drop"), "fairness_violation": m["fairness_violation"],
-           "worst_group_accuracy": m["worst_group_accuracy"]}]
+           "worst_group_accuracy": m["worst_group_accuracy"], "ece": m.get("ece"), "flip_rate": m.get("flip_rate"),
+           **{k: m.get(k) for k in CSV_COLUMNS if k.startswith("accuracy_score_")}}]
   g = m["groups"]
   drops = g.get("accuracy_drop", [None] * len(g["count"]))
+  eces = g.get("ece", [None] * len(g["count"]))
+  flips = g.get("flip_rate", [None] * len(g["count"]))
   for i, name in enumerate(group_names):
     rows.append({"variant": variant, "bits": bits, "seed": seed, "split": split, "group": i, "group_name": name,
                  "count": g["count"][i], "accuracy": g["accuracy"][i], "loss": g["loss"][i],
-                 "accuracy_drop": drops[i], "fairness_violation": None, "worst_group_accuracy": None})
+                 "accuracy_drop": drops[i], "fairness_violation": None, "worst_group_accuracy": None,
+                 "ece": eces[i], "flip_rate": flips[i]})
   return rows
 
 

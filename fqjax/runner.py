@@ -6,7 +6,7 @@ workdir/
   fqjax.log       the log of every run; .fqjax.lock: the workdir lock (pid and start of its holder)
   checkpoints/seed_<s>/train/                     the training run (orbax), with KEY: its cache key
   checkpoints/seed_<s>/mitigate/<method>_w<bits>/<grid setting>/ fine-tuning runs (fair_ft: mitigate/fair_ft/), KEY
-  report.md, report.html, figures/
+  report.md, report.html, figures/, tensorboard/ (scalars, with config.tensorboard)
 
 One cache rule for every stage, per seed: an entry is reused only when its key (fqjax.cache:
 config sections, data identity, the upstream training entry) matches. Entries of
@@ -394,6 +394,9 @@ def _finalize(r: _Run) -> None:
   results.atomic_write_text(os.path.join(r.workdir, "config.json"), r.config.to_json_best_effort(indent=1) + "\n")
   results.write_json(os.path.join(r.workdir, "results.json"), r.results)
   results.write_csv(os.path.join(r.workdir, "results.csv"), results.csv_rows(r.results))
+  if r.config.get("tensorboard", True):  # scalars for TensorBoard under workdir/tensorboard (fqjax.tensorboard)
+    from fqjax import tensorboard
+    tensorboard.write_scalars(r.workdir, r.results)
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, stages: Optional[Sequence[str]] = None, *,
