@@ -14,6 +14,7 @@ A study config has these sections (each experiment file overrides a few fields):
   mitigate: QAT / mixed precision / FairQAT ablation (fqjax.mitigate).
   eval:   batch size and bootstrap settings.
   claims: the collapse level and the practical-equivalence margin of the verdicts (fqjax.claims).
+  tensorboard: write TensorBoard scalars under workdir/tensorboard.
   distributed: jax.distributed settings for multi-host runs.
 """
 from __future__ import annotations
@@ -76,6 +77,7 @@ def base_config() -> ml_collections.ConfigDict:
   })
   c.mitigate = _mitigate_defaults()
   c.eval = ml_collections.ConfigDict({"batch_size": 512, "bootstrap_resamples": 1000})
+  c.tensorboard = True  # scalars under workdir/tensorboard (fqjax.tensorboard; needs tensorboardX)
   # How verdicts treat noise and collapse (fqjax.claims.GENERAL_RULES); they change no computed entry.
   c.claims = ml_collections.ConfigDict({
       "collapse_fraction": 0.5,  # collapsed: accuracy below chance + fraction * (full precision - chance)
@@ -214,6 +216,8 @@ def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
   if not _is_int(config.eval.bootstrap_resamples) or config.eval.bootstrap_resamples < 0:
     _fail("eval.bootstrap_resamples", config.eval.bootstrap_resamples, "an int >= 0 (0 = no interval)")
   _validate_claims(config.claims)
+  if not isinstance(config.get("tensorboard", True), bool):
+    _fail("tensorboard", config.tensorboard, "True or False")
   return config
 
 
@@ -223,11 +227,16 @@ def _one_of(field: str, value, allowed: Sequence) -> None:
 
 
 def _validate_model(m) -> None:
-  _one_of("model.name", m.name, choices.MODEL_NAMES + ("auto",))
+  """A zoo name, "auto", or "package.module:factory" (a custom Linen model), built once with its kwargs."""
+  custom = isinstance(m.name, str) and ":" in m.name
+  if not custom:
+    _one_of("model.name", m.name, choices.MODEL_NAMES + ("auto",))
   kwargs = m.kwargs.to_dict() if hasattr(m.kwargs, "to_dict") else dict(m.kwargs)
   if m.name != "auto":  # "auto" picks the model from the data, so its kwargs are checked then
     try:
       get_model(m.name, 2, **kwargs)
+    except InputError as e:  # a custom factory's own message says what to fix
+      raise InputError(f"config.model.name is invalid: {e}") from e
     except (TypeError, ValueError) as e:
       _fail("model.kwargs", kwargs, f"fields of the {m.name} module ({e})")
   _one_of("model.compute_dtype", m.compute_dtype, choices.COMPUTE_DTYPES)

@@ -34,14 +34,17 @@ Variables = Mapping[str, Mapping]
 
 
 def resolved_model_name(config, info) -> str:
-  """config.model.name, or for "auto" the MLP for [N, D] inputs and small_cnn for images."""
+  """config.model.name (a zoo name or "package.module:factory", as given), or for "auto" the MLP for
+  [N, D] inputs and small_cnn for images."""
   if config.model.name != "auto":
     return config.model.name
   return "mlp" if len(info.input_shape) == 1 else "small_cnn"
 
 
 def build_model(config, info) -> nn.Module:
-  """The zoo model of config.model for the data described by ``info`` (classes, input shape)."""
+  """The model of config.model for the data described by ``info`` (classes, input shape): a zoo model, or
+  the Linen model of a "package.module:factory" name (plain nn.Dense / nn.Conv layers quantized by
+  interception, fqjax.intercept), built with model.kwargs (and dtype=bfloat16 for compute_dtype "bfloat16")."""
   kwargs = dict(config.model.kwargs.to_dict()) if hasattr(config.model.kwargs, "to_dict") else dict(
       config.model.kwargs or {})
   if config.model.get("compute_dtype", "float32") == "bfloat16":
@@ -117,8 +120,9 @@ def ptq_seed(model: nn.Module, variables: Variables, splits, pcfg, ecfg, layer_n
   variant, "variants": {other variant: its by_bits}, "sweep_s": seconds of all sweeps, "sweep_mode"}.
   Reference for accuracy drops: the model as trained (no folding, no quantizer in the graph), evaluated
   once; groups.paired_counts [G, 4] (fqjax.stats.CELLS) pair each test example's reference and quantized
-  outcome, the sufficient statistic of the paired bootstrap. Activation ranges are calibrated once (at full
-  precision, so the weight rule does not matter).
+  outcome, the sufficient statistic of the paired bootstrap; flip_rate (overall and per group) is the fraction
+  of test rows whose predicted class differs from the reference's (Hooker et al. 2020). Activation ranges
+  are calibrated once (at full precision, so the weight rule does not matter).
   With BatchNorm recalibration each bit-width has its own statistics, so that sweep runs one
   bit-width at a time through the same compiled function (K = 1).
   """
@@ -146,6 +150,8 @@ def ptq_seed(model: nn.Module, variables: Variables, splits, pcfg, ecfg, layer_n
                                 group_is_label=info.group_is_label, reference=ref)
       m["groups"]["paired_counts"] = stats.paired_counts(ref_correct, variant_logits[i].argmax(-1) == test.y,
                                                          test.group, info.num_groups).tolist()
+      flips = metrics.flip_rates(ref_logits.argmax(-1), variant_logits[i].argmax(-1), test.group, info.num_groups)
+      m["flip_rate"], m["groups"]["flip_rate"] = flips["overall"], flips["groups"]
       m["size_bytes"] = quant.storage_size(qvars["params"], layers.weight_bits_by_layer(spec, layer_names),
                                            per_channel=pcfg.per_channel)["bytes"]
       if ecfg.bootstrap_resamples:

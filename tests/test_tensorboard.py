@@ -4,12 +4,13 @@ foreign folders under tensorboard/ survive, and a missing tensorboardX gives an 
 import copy
 import math
 import os
+import shutil
 import struct
 import sys
 
 import pytest
 
-pytest.importorskip("tensorboardX")
+pytest.importorskip("tensorboardX")  # a requirement; skipped only in an environment without it
 
 from fqjax import tensorboard as tb  # noqa: E402
 
@@ -176,3 +177,20 @@ def test_missing_tensorboardx_says_how_to_install_or_disable(tmp_path, monkeypat
   assert "pip install tensorboardX" in str(info.value)
   assert "--config.tensorboard=False" in str(info.value)
   assert not (tmp_path / "tensorboard").exists()
+
+
+def test_the_runner_writes_scalars_and_the_config_turns_them_off(tiny_study, tiny_study_copy, tiny_config):
+  """A study run leaves TensorBoard event files whose PTQ points are the stored results; with
+  config.tensorboard False a run that changes the results writes none."""
+  from fqjax import runner
+  ptq_run = os.path.join(tiny_study["workdir"], "tensorboard", "ptq", "max_keep", "seed_0")
+  points = dict(tb.read_scalars(ptq_run)["ptq/accuracy"])
+  stored = tiny_study["results"]["ptq"]["per_seed"]["0"]
+  for bits, value in points.items():
+    assert abs(value - stored[str(bits)]["accuracy"]) < 1e-6
+  shutil.rmtree(os.path.join(tiny_study_copy, "tensorboard"))
+  c = tiny_config()
+  c.tensorboard = False
+  c.claims.collapse_fraction = 0.4  # changes the claims, so the results are rewritten
+  runner.run(c, tiny_study_copy, None, progress=False)
+  assert not os.path.exists(os.path.join(tiny_study_copy, "tensorboard"))

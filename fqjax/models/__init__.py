@@ -1,13 +1,22 @@
 """Model zoo: every model is built from fqjax.layers and reads its bits from a BitSpec's bits tree.
 
 All models share one call signature: ``model.apply(variables, x, train=False)``.
+
+Besides the zoo names (MODEL_NAMES), ``get_model`` takes "package.module:factory": any Linen model
+``factory(num_classes=..., **kwargs)`` returns. A model with a ``quant`` rule (built from fqjax.layers)
+is used as it is; any other (plain nn.Dense / nn.Conv) is made quantizable by interception
+(fqjax.intercept.quantize_module, params unchanged). Its ``__call__`` should take ``train=`` like the
+zoo models (BatchNorm / dropout follow it); one without it works too: the wrapper drops ``train``.
 """
+import dataclasses
+import importlib
 from functools import partial
 from typing import Any, Callable
 
 import flax.linen as nn
 
-from fqjax import layers
+from fqjax import intercept, layers
+from fqjax.errors import InputError
 from fqjax.models.cnn import SmallCNN
 from fqjax.models.mlp import MLP
 from fqjax.models.resnet import ResNet, resnet
@@ -27,18 +36,56 @@ MODEL_NAMES = tuple(MODELS)
 
 
 def get_model(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
-  """Builds a model by name (one of MODEL_NAMES).
+  """Builds a model by name: one of MODEL_NAMES, or "package.module:factory" (see the module docstring).
 
-  kwargs go to the module (e.g. stem, width, fold_bn, dtype, quant); the QuantRule's field
-  names (per_channel, narrow_range, ste, lsq) are folded into its ``quant`` rule, so a config's
-  ``model.kwargs.per_channel=False`` works.
+  kwargs go to the module (e.g. stem, width, fold_bn, dtype, quant) or to the factory; the QuantRule's
+  field names (per_channel, narrow_range, ste, lsq, scale) are folded into its ``quant`` rule, so a
+  config's ``model.kwargs.per_channel=False`` works.
   """
   if not isinstance(num_classes, int) or num_classes < 2:
     raise ValueError(f"num_classes must be an int >= 2, got {num_classes!r}.")
-  if name not in MODELS:
-    raise ValueError(f"unknown model {name!r}; allowed: {MODEL_NAMES}.")
   rule = {k: kwargs.pop(k) for k in layers.RULE_OPTIONS if k in kwargs}
+  if isinstance(name, str) and ":" in name:
+    model = _from_factory(name, num_classes, kwargs)
+    if "quant" not in {f.name for f in dataclasses.fields(model)}:
+      model = intercept.quantize_module(model)  # plain layers: quantized by interception
+    return layers.configured(model, **rule)
+  if name not in MODELS:
+    raise ValueError(f"unknown model {name!r}; allowed: {MODEL_NAMES} or 'package.module:factory'.")
   return layers.configured(MODELS[name](num_classes=num_classes, **kwargs), **rule)
+
+
+def _from_factory(name: str, num_classes: int, kwargs: dict) -> nn.Module:
+  """The unbound Linen module that the factory "package.module:factory" builds; InputError saying how to fix
+  a module that does not import, a missing factory, a factory that fails or one that returns no Module."""
+  module_name, _, attr = name.partition(":")
+  if not module_name or not attr or ":" in attr:
+    raise InputError(f"model {name!r}: a custom model is named 'package.module:factory' (one ':'), e.g. "
+                     "'mypkg.models:make_model'.")
+  try:
+    module = importlib.import_module(module_name)
+  except ImportError as e:
+    raise InputError(f"model {name!r}: cannot import module {module_name!r} ({type(e).__name__}: {e}). Make it "
+                     "importable (install its package, or run from the folder that holds it / add that folder "
+                     "to PYTHONPATH).") from e
+  factory = getattr(module, attr, None)
+  if not callable(factory):
+    found = "is not callable" if hasattr(module, attr) else "does not exist"
+    public = sorted(k for k, v in vars(module).items() if callable(v) and not k.startswith("_"))
+    raise InputError(f"model {name!r}: {module_name}.{attr} {found}; the part after ':' must name a function "
+                     f"or class of {module_name} (callables there: {public}).")
+  try:
+    model = factory(num_classes=num_classes, **kwargs)
+  except Exception as e:  # noqa: BLE001 (any failure of user code becomes one actionable message)
+    raise InputError(f"model {name!r}: {attr}(num_classes={num_classes}, **{kwargs}) failed "
+                     f"({type(e).__name__}: {e}). The factory must take num_classes and the config's "
+                     "model.kwargs as keyword arguments.") from e
+  if not isinstance(model, nn.Module):
+    raise InputError(f"model {name!r}: {attr}(...) returned {type(model).__name__}, not a flax.linen.Module; "
+                     "return the unbound module (e.g. MyNet(num_classes=num_classes)), not its variables.")
+  if model.scope is not None:
+    raise InputError(f"model {name!r}: {attr}(...) returned a bound module; return it unbound (no .bind()).")
+  return model
 
 
 __all__ = ["MLP", "SmallCNN", "ResNet", "VGG", "resnet", "vgg", "get_model", "MODELS", "MODEL_NAMES"]
