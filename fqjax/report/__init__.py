@@ -12,8 +12,8 @@ Writes into WORKDIR:
 
 Every number comes from results.json (see fqjax.results): the PTQ and ablation tables and
 figures from the summaries the runner stored (ptq.summary and intervals, explain theory tables,
-mitigate.summary and mitigate.best, formatted by fqjax.tables' cell rules), the explain section (no stored summary) as mean and
-standard deviation (ddof=1) over seeds, ignoring seeds or values that are missing or null.
+mitigate.summary and mitigate.best, formatted by fqjax.tables' cell rules), the explain section (no
+stored summary) as mean and standard deviation (ddof=1) over seeds, ignoring seeds or values that are missing or null.
 Sections whose stage did not run are listed with the command that adds them.
 Minority groups (fqjax.claims.minority_mask: train count below half the median) are
 drawn dashed / shaded in every figure. Figures use matplotlib's Agg canvas
