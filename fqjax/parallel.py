@@ -72,3 +72,21 @@ def put_tree(tree: Any, sharding: NamedSharding) -> Any:
 def describe() -> str:
   return (f"backend {jax.default_backend()}, {jax.device_count()} device(s) ({jax.local_device_count()} local, "
           f"process {jax.process_index()} of {jax.process_count()}): {[str(d) for d in jax.local_devices()]}")
+
+
+def to_host(tree: Any) -> Any:
+  """jax.device_get that also works on global arrays spanning other processes' devices (gathers them)."""
+  from jax.experimental import multihost_utils
+
+  def one(a):
+    if isinstance(a, jax.Array) and not a.is_fully_addressable and not a.is_fully_replicated:
+      return np.asarray(multihost_utils.process_allgather(a, tiled=True))
+    return jax.device_get(a)
+  return jax.tree_util.tree_map(one, tree)
+
+
+def sync_processes(name: str) -> None:
+  """A barrier across all processes (nothing with one process)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)

@@ -130,7 +130,7 @@ def sweep_logits(model: nn.Module, variables: Mapping, x: np.ndarray, bits_trees
     if x_sharding is not None:
       chunk = parallel.global_array(chunk, x_sharding)
     out.append(fn(variables, stacked, chunk)[:k, :real])  # on device: one transfer at the end
-  return np.asarray(jax.device_get(jnp.concatenate(out, axis=1)), np.float32)
+  return np.asarray(parallel.to_host(jnp.concatenate(out, axis=1)), np.float32)
 
 
 def calibration_batches(x: np.ndarray, batch_size: int, num_batches: int, seed: int) -> list[np.ndarray]:

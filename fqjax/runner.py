@@ -216,7 +216,9 @@ def _train(r: _Run) -> bool:
     if entry is not None and not r.force:
       log.warning("train seed %d: results.json has it but its finished checkpoint in %s is missing; retraining "
                   "this seed (resuming from an earlier epoch's checkpoint if one is left)", seed, folder)
-    workdir_lib.claim_checkpoints(folder, key, fresh=r.force)
+    if r.writer:  # multi-host: one process claims (maybe deletes) the shared folder, the others wait
+      workdir_lib.claim_checkpoints(folder, key, fresh=r.force)
+    parallel.sync_processes(f"claim {folder}")
     log.info("train seed %d: %d epochs of %s on %s", seed, cfg.train.epochs, r.results["model"]["name"],
              r.splits.info.name)
     record, r.trained[seed] = stages.train_seed(r.model, r.splits_of(seed), cfg.train, cfg.eval, seed, folder,
@@ -326,7 +328,9 @@ def _mitigate(r: _Run) -> bool:
                                    group_is_label=r.splits.info.group_is_label, batch_size=cfg.eval.batch_size,
                                    mesh=r.mesh)
         folder = r.ckpt_dir(seed, "mitigate", mitigate.checkpoint_name(method, bits))
-        workdir_lib.claim_checkpoints(folder, r.key("mitigate", seed), fresh=r.force)
+        if r.writer:
+          workdir_lib.claim_checkpoints(folder, r.key("mitigate", seed), fresh=r.force)
+        parallel.sync_processes(f"claim {folder}")
         out = mitigate.run_entry(r.model, r.trained_variables(seed), fp_test, r.splits_of(seed), m, cfg.ptq, cfg.eval,
                                  cfg.train, r.layer_names, method, int(bits), seed, folder, mesh=r.mesh,
                                  shared=shared)

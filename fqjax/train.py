@@ -151,7 +151,7 @@ def predict(model: nn.Module, variables: Mapping, x: np.ndarray, batch_size: int
     if mesh is not None:
       chunk = parallel.global_array(chunk, parallel.batch_sharding(mesh))
     out.append(fn(variables, chunk)[:real])  # stays on device: one transfer at the end, no sync per batch
-  return np.asarray(jax.device_get(jnp.concatenate(out)), np.float32)
+  return np.asarray(parallel.to_host(jnp.concatenate(out)), np.float32)
 
 
 def evaluate(model: nn.Module, variables: Mapping, split, num_groups: int, *, group_is_label: bool = True,
