@@ -7,9 +7,10 @@ batch's min / max) and "percentile" (the lower / upper percentiles of all values
 """
 from __future__ import annotations
 
-from typing import Callable, Iterable, NamedTuple, Optional, Sequence
+from typing import Callable, Iterable, Mapping, NamedTuple, Optional, Sequence
 
 import jax.numpy as jnp
+from flax import traverse_util
 
 from fqjax.quant import Array, _normalize_axis, tensor_range
 
@@ -104,3 +105,15 @@ def calibrate(batches: Iterable[Array], method: str = "minmax", *, axis: Optiona
   if not batches:
     raise ValueError("calibrate() got no batches; pass at least one calibration batch.")
   return CALIBRATORS[method](batches, axis, decay=decay, lower=lower, upper=upper)
+
+
+def ranges_tree(inputs: Mapping[str, list], method: str = "minmax", **kwargs) -> dict:
+  """{layer path: its inputs, batch after batch} -> the nested "quant_stats" tree {path...: {"lo", "hi"}}, each
+  layer's range from ``calibrate``. ValueError when there are no inputs (no batches, or no quantized layer)."""
+  if not inputs:
+    raise ValueError("calibrate_activations got no batches (or the model has no quantized layers).")
+  flat = {}
+  for path, values in inputs.items():
+    rng = calibrate(values, method, **kwargs)
+    flat[f"{path}/lo"], flat[f"{path}/hi"] = rng.lo, rng.hi
+  return traverse_util.unflatten_dict(flat, sep="/")

@@ -108,17 +108,18 @@ def _train_defaults() -> ml_collections.ConfigDict:
       "sampling_target": placeholder(object),
       "loss_weights": "uniform",
       "weight_target": "group",
-      "effective_beta": 0.999,
-      "hardness_power": 1.0,
-      "hardness_floor": 0.1,
-      # Hardness weights: from the validation loss capped at hardness_cap ("capped_loss"), the validation error
-      # rate ("error_rate") or the raw loss ("loss"), smoothed across epochs by an EMA (weight of the new value).
-      "hardness_source": "capped_loss",
-      "hardness_cap": 3.0,
-      "hardness_ema": 0.5,
+      **_hardness_defaults(),
       "rows_per_epoch": placeholder(int),  # None: every row (or the sampler's draw); set by mitigate's step budget
       "eval_batch_size": 512,
   })
+
+
+def _hardness_defaults() -> dict:
+  """The loss-weight fields config.train and config.mitigate share. Hardness weights follow the validation loss
+  capped at hardness_cap ("capped_loss"), the validation error rate ("error_rate") or the raw loss ("loss"),
+  smoothed across epochs by an EMA (hardness_ema: the weight of the new value)."""
+  return {"effective_beta": 0.999, "hardness_power": 1.0, "hardness_floor": 0.1, "hardness_source": "capped_loss",
+          "hardness_cap": 3.0, "hardness_ema": 0.5}
 
 
 def _mitigate_defaults() -> ml_collections.ConfigDict:
@@ -148,12 +149,7 @@ def _mitigate_defaults() -> ml_collections.ConfigDict:
       "sampling_target": ml_collections.FieldReference("median", field_type=object),
       "loss_weights": "hardness",
       "weight_target": "group",
-      "effective_beta": 0.999,
-      "hardness_power": 1.0,
-      "hardness_floor": 0.1,
-      "hardness_source": "capped_loss",
-      "hardness_cap": 3.0,
-      "hardness_ema": 0.5,
+      **_hardness_defaults(),
       # Per-layer bit allocation (fqjax.allocate; methods *_alloc*): candidate bits per layer, the objective over the
       # groups' predicted excess losses, the byte budget at each target bit-width ("mixed_precision": the size of
       # the first/last-at-edge_bits model, i.e. equal size with mp_qat and fairqat; "uniform": the uniform model's),

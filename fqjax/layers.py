@@ -403,10 +403,4 @@ def calibrate_activations(model: nn.Module, variables: Mapping, batches: Iterabl
   for batch in batches:
     for key, sown in traverse_util.flatten_dict(capture(batch), sep="/").items():
       inputs.setdefault(key.rpartition("/")[0], []).extend(sown)  # key "path/x"; sown: one per call
-  if not inputs:
-    raise ValueError("calibrate_activations got no batches (or the model has no quantized layers).")
-  stats = {}
-  for layer, values in inputs.items():
-    rng = calibration.calibrate(values, method, **calib_kwargs)
-    stats[f"{layer}/lo"], stats[f"{layer}/hi"] = rng.lo, rng.hi
-  return traverse_util.unflatten_dict(stats, sep="/")
+  return calibration.ranges_tree(inputs, method, **calib_kwargs)

@@ -76,19 +76,29 @@ def finite_mean(values, axis: Optional[int] = None):
   return np.where(n > 0, total / np.maximum(n, 1), np.nan)
 
 
+def _finite_pairs(a, b, name: str):
+  """(a, b) as float64 with the pairs holding a non-finite value left out; None when fewer than 2 pairs remain
+  or a side is constant. ValueError unless both are 1-D of equal length."""
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  if a.ndim != 1 or a.shape != b.shape:
+    raise ValueError(f"{name} needs two 1-D arrays of equal length, got shapes {a.shape} and {b.shape}.")
+  keep = np.isfinite(a) & np.isfinite(b)
+  a, b = a[keep], b[keep]
+  if a.size < 2 or np.all(a == a[0]) or np.all(b == b[0]):
+    return None
+  return a, b
+
+
 def spearman(a, b) -> float:
   """Spearman rank correlation (scipy.stats.spearmanr, average ranks for ties) of two 1-D sequences.
 
   Pairs with a non-finite value are left out; NaN (no warning) when fewer than 2 pairs remain
   or a side is constant. ValueError on mismatched shapes.
   """
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  if a.ndim != 1 or a.shape != b.shape:
-    raise ValueError(f"spearman needs two 1-D arrays of equal length, got shapes {a.shape} and {b.shape}.")
-  keep = np.isfinite(a) & np.isfinite(b)
-  a, b = a[keep], b[keep]
-  if a.size < 2 or np.all(a == a[0]) or np.all(b == b[0]):
+  pairs = _finite_pairs(a, b, "spearman")
+  if pairs is None:
     return float("nan")
+  a, b = pairs
   from scipy import stats  # scipy comes with scikit-learn; imported here to keep `import fqjax.metrics` light
   return float(stats.spearmanr(a, b).statistic)
 
@@ -96,14 +106,10 @@ def spearman(a, b) -> float:
 def pearson(a, b) -> float:
   """Pearson correlation of two 1-D sequences over the pairs with finite values; NaN (no warning) for fewer
   than 2 pairs or a constant side. ValueError on mismatched shapes."""
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  if a.ndim != 1 or a.shape != b.shape:
-    raise ValueError(f"pearson needs two 1-D arrays of equal length, got shapes {a.shape} and {b.shape}.")
-  keep = np.isfinite(a) & np.isfinite(b)
-  a, b = a[keep], b[keep]
-  if a.size < 2 or np.all(a == a[0]) or np.all(b == b[0]):
+  pairs = _finite_pairs(a, b, "pearson")
+  if pairs is None:
     return float("nan")
-  a, b = a - a.mean(), b - b.mean()
+  a, b = (v - v.mean() for v in pairs)
   return float(np.clip(np.dot(a, b) / np.sqrt(np.dot(a, a) * np.dot(b, b)), -1.0, 1.0))
 
 

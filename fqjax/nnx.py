@@ -416,13 +416,7 @@ def calibrate_activations(model: nnx.Module, batches: Iterable[jax.Array], metho
     xs = capture(state, batch)  # fills ``order`` when it traces
     for path, x in zip(order, xs):
       inputs.setdefault(path, []).append(x)
-  if not inputs:
-    raise ValueError("calibrate_activations got no batches (or the model has no quantized layers).")
-  flat = {}
-  for path, values in inputs.items():
-    rng = calibration.calibrate(values, method, **calib_kwargs)
-    flat[f"{path}/lo"], flat[f"{path}/hi"] = rng.lo, rng.hi
-  return traverse_util.unflatten_dict(flat, sep="/")
+  return calibration.ranges_tree(inputs, method, **calib_kwargs)
 
 
 def load_linen_variables(model: nnx.Module, variables: Mapping) -> None:

@@ -354,3 +354,43 @@ def test_report_cli_names_a_damaged_results_file(tmp_path, finished, capsys):
   assert code.value.code == 1
   err = capsys.readouterr().err
   assert err.startswith(f"fqjax: error: {wd}/results.json: not valid JSON") and "Traceback" not in err
+
+
+def test_launch_with_this_sessions_flags_from_a_clean_then_a_stale_workdir(tmp_path):
+  """As a user types it: their own plain Flax model by name, a widened selection grid, an allocation method,
+  TensorBoard off, on an .npz the test writes; then the same workdir with only a claims setting changed (nothing
+  recomputed, the verdicts rewritten) and with one shared split instead of one per seed (everything recomputed)."""
+  x, y, g = _arrays(dim=64)
+  _write_npz(tmp_path / "imgs.npz", x=x.reshape(-1, 8, 8, 1), y=y, group=g)
+  base = ["--config", os.path.join(REPO, "experiments", "arrays.py"), "--config.data.path=imgs.npz",
+          "--workdir", "runs/own", "--config.seeds=(0,1)", "--config.train.epochs=1",
+          "--config.model.name=tests.own_model_fixture:make_model", "--config.ptq.bit_widths=(32,4)",
+          "--config.eval.bootstrap_resamples=50", "--config.mitigate.methods=('qat','fair_alloc')",
+          "--config.mitigate.bit_widths=(4,)", "--config.mitigate.epochs=1",
+          "--config.mitigate.grid.hardness_floor=(0.1,)", "--config.tensorboard=False",
+          "--stages=train,ptq,mitigate", "--no_progress"]
+  env_path = {"PYTHONPATH": REPO}
+  run = lambda args: subprocess.run([sys.executable, LAUNCH, *args], cwd=tmp_path, capture_output=True, text=True,
+                                    timeout=300, env={**{k: v for k, v in os.environ.items() if k != "XLA_FLAGS"},
+                                                      **env_path})
+  first = run(base)
+  assert first.returncode == 0, first.stderr[-3000:]
+  wd = tmp_path / "runs" / "own"
+  res = json.loads((wd / "results.json").read_text())
+  assert res["model"]["layer_names"] == ["conv", "hidden", "head"]  # the plain model's own layers, intercepted
+  assert res["dataset"]["split_seeds"] == {"0": 0, "1": 1}
+  entry = res["mitigate"]["per_seed"]["0"]
+  assert {s["setting"]["hardness_floor"] for s in entry["qat"]["4"]["selection"]["grid"]} == {0.1}
+  assert set(entry["fair_alloc"]["4"]["allocation"]["layer_bits"]) == {"conv", "hidden", "head"}
+  assert not (wd / "tensorboard").exists()
+  stale = run(base + ["--config.claims.equivalence_margin=0.9"])
+  assert stale.returncode == 0, stale.stderr[-3000:]
+  timing = next(l for l in stale.stdout.splitlines() if l.startswith("stage wall times:"))
+  assert all(f"{s} skipped" in timing for s in ("train", "ptq", "mitigate")), timing
+  judged = json.loads((wd / "results.json").read_text())["claims"]["minority_loses_more_accuracy"]
+  assert judged["equivalence_margin"] == 0.9
+  shared = run(base + ["--config.data.resplit_per_seed=False"])
+  assert shared.returncode == 0, shared.stderr[-3000:]
+  res = json.loads((wd / "results.json").read_text())
+  assert res["dataset"]["split_seeds"] == {"0": 0, "1": 0}
+  assert "train seed 1: dropped from the results (its inputs changed)" in shared.stderr
