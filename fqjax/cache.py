@@ -24,7 +24,7 @@ from fqjax import results
 # entries computed by older code are recomputed instead of reused (ptq / explain 2: issue 12's paired
 # counts, link definitions, per-sample gradient norms, the second-order test; mitigate 2: issue 13's step
 # budget, grid selection, hardness signal and controls).
-STAGE_VERSIONS = {"ptq": 2, "explain": 2, "mitigate": 2}
+STAGE_VERSIONS = {"ptq": 2, "explain": 3, "mitigate": 2}
 
 # Fields left out of a stage's key: their entries are kept one by one (per bit-width, per method).
 ENTRY_LISTS = {"ptq": (), "explain": ("bit_widths",), "mitigate": ("bit_widths", "methods")}

@@ -279,12 +279,11 @@ def curvature(model: nn.Module, variables: Variables, bits_tree, split, num_grou
 
 def _curvature_of(model, variables, bits_tree, split, num_groups: int, xcfg, seed: int, *, k: int,
                   trace_probes: int) -> dict:
-  kw = dict(bits_tree=bits_tree, batch_size=xcfg.batch_size, activations="ignore")
-  grads = curvature_lib.group_gradient_norms(model, variables, split.x, split.y, split.group, num_groups, **kw)
   eig = curvature_lib.group_top_eigenvalues(model, variables, split.x, split.y, split.group, num_groups,
                                             k=k, max_iters=xcfg.lanczos_max_iters, tol=xcfg.lanczos_tol,
-                                            seed=seed, trace_probes=trace_probes, **kw)
-  out = {"grad_norm": grads["norms"].tolist(), "loss": grads["loss"].tolist(),
+                                            seed=seed, trace_probes=trace_probes, bits_tree=bits_tree,
+                                            batch_size=xcfg.batch_size, activations="ignore")
+  out = {"grad_norm": eig["grad_norm"].tolist(), "loss": eig["loss"].tolist(),
          "top_eigenvalue": eig["eigenvalues"][:, 0].tolist(), "top_k_eigenvalues": eig["eigenvalues"].tolist(),
          "num_hvps": eig["num_hvps"].tolist(), "converged": eig["converged"].tolist()}
   if trace_probes:

@@ -293,17 +293,39 @@ def group_mean_sample_gradient_norms(model: nn.Module, variables: Mapping, x, y,
 
 @functools.lru_cache(maxsize=16)
 def _hvp_program(model: nn.Module):
-  """jitted (params, batch_stats, v [P], x [b, ...], y [b], w [b]) -> H v [P] of sum_i w_i l_i."""
+  """jitted (params, batch_stats, v [P], x [b, ...], y [b], w [b]) -> (H v [P], grad [P], value []) of
+  f = sum_i w_i l_i: one forward-over-reverse pass gives the gradient and value as its primal outputs."""
 
   def hvp(params, batch_stats, v, x, y, w):
-    _, unravel = ravel_pytree(params)
-    grad = jax.grad(lambda p: jnp.sum(w * _per_sample_loss(model, p, batch_stats, x, y)))
-    return ravel_pytree(jax.jvp(grad, (params,), (unravel(v),))[1])[0]
+    flat, unravel = ravel_pytree(params)
+    loss_fn = lambda p: jnp.sum(w * _per_sample_loss(model, p, batch_stats, x, y))
+    (value, grad), (_, hv) = jax.jvp(jax.value_and_grad(loss_fn), (params,), (unravel(v),))
+    return ravel_pytree(hv)[0], ravel_pytree(grad)[0], value.astype(flat.dtype)
 
   return jax.jit(hvp)
 
 
-def _weighted_hvp(model: nn.Module, params, batch_stats, x: np.ndarray, y: np.ndarray, w: np.ndarray, b: int):
+class _BatchedHvp:
+  """v [P] -> H v [P] of f = sum_i w_i l_i over fixed batches (one program per batch shape; the loop only
+  dispatches, no host sync). The first product (outside a trace) also keeps f's gradient [P] and value []
+  at theta on device, as ``gradient`` and ``value``: the group gradient norms cost no extra pass."""
+
+  def __init__(self, program, params, batch_stats, batches):
+    self.program, self.params, self.batch_stats, self.batches = program, params, batch_stats, batches
+    self.gradient = self.value = None
+
+  def __call__(self, v: jax.Array) -> jax.Array:
+    hv = grad = value = None
+    for xb, yb, wb in self.batches:
+      h, g, f = self.program(self.params, self.batch_stats, v, xb, yb, wb)
+      hv, grad, value = (h, g, f) if hv is None else (hv + h, grad + g, value + f)
+    if self.gradient is None and not isinstance(hv, jax.core.Tracer):
+      self.gradient, self.value = grad, value
+    return hv
+
+
+def _weighted_hvp(model: nn.Module, params, batch_stats, x: np.ndarray, y: np.ndarray, w: np.ndarray,
+                  b: int) -> _BatchedHvp:
   """H v of sum_i w_i l_i over x [n, ...], y [n], w [n], in batches of b rows (padding weight 0)."""
   dtype = jnp.result_type(*jax.tree_util.tree_leaves(params))  # float64 params keep float64 weights
   n = len(x)
@@ -313,16 +335,16 @@ def _weighted_hvp(model: nn.Module, params, batch_stats, x: np.ndarray, y: np.nd
     rows = pos % n  # padding repeats real rows, at weight 0
     wb = np.where(np.arange(b) < real, w[pos], 0.0).astype(dtype)
     batches.append((jnp.asarray(x[rows]), jnp.asarray(y[rows], jnp.int32), jnp.asarray(wb)))
-  program = _hvp_program(model)
+  return _BatchedHvp(_hvp_program(model), params, batch_stats, batches)
 
-  def hvp(v: jax.Array) -> jax.Array:
-    out = None
-    for xb, yb, wb in batches:
-      hv = program(params, batch_stats, v, xb, yb, wb)
-      out = hv if out is None else out + hv
-    return out
 
-  return hvp
+def group_hvp(model: nn.Module, params, batch_stats, x: np.ndarray, y: np.ndarray, batch_size: int) -> _BatchedHvp:
+  """The HVP of one group's mean loss (1/n) sum_i l_i over its own rows x [n, ...], y [n], in batches of
+  min(batch_size, next power of two >= n, >= 8) rows: groups of every size share a few batch shapes, so all
+  of curvature, density and theory compile a few programs."""
+  n = len(x)
+  b = min(batch_size, max(8, 1 << int(np.ceil(np.log2(n)))))
+  return _weighted_hvp(model, params, batch_stats, x, y, np.full(n, 1.0 / n), b)
 
 
 def _theta(model, variables, x, bits_tree, activations):
@@ -377,15 +399,19 @@ def group_top_eigenvalues(model: nn.Module, variables: Mapping, x, y, group, num
                           k: int = 5, bits_tree: Optional[Mapping] = None, batch_size: int = 256,
                           max_iters: int = 100, tol: float = 1e-4, seed: int = 0,
                           trace_probes: int = 0, activations: str = "error") -> dict:
-  """Top-k Hessian eigenvalues of each group's mean loss L_g, by Lanczos (and optionally tr H_g).
+  """Top-k Hessian eigenvalues of each group's mean loss L_g by Lanczos, with ||grad L_g|| and L_g (and
+  optionally tr H_g) from the same products.
 
-  For each group, ``lanczos.lanczos_top_eigenvalues`` (stop="residual", same seed) runs on
-  the HVP of L_g over that group's samples, in batches of min(batch_size, next power of
-  two >= n_g, >= 8) rows: a few batch shapes, so a few compilations for all groups.
+  Each group's HVP runs over its own samples in batches of min(batch_size, next power of two
+  >= n_g, >= 8) rows (a few batch shapes, so a few compilations for all groups); all groups'
+  Lanczos runs (``lanczos.lanczos_top_eigenvalues_many``: stop="residual", the same seed) advance in
+  lock step with one host sync per round. The first product of each group's forward-over-reverse
+  pass also yields grad L_g and L_g (its primal outputs), so the gradient norms need no extra pass
+  (they equal ``group_gradient_norms``' up to float summation order).
   ``trace_probes`` > 0 adds Hutchinson trace estimates of H_g.
   Returns (host NumPy): {"eigenvalues": [G, k] descending, "residuals": [G, k],
-    "num_hvps": [G], "converged": [G] bool, "counts": [G], and with trace_probes:
-    "trace": [G], "trace_std": [G] (standard errors)}.
+    "num_hvps": [G], "converged": [G] bool, "counts": [G], "grad_norm": [G] float64,
+    "loss": [G] float64, and with trace_probes: "trace": [G], "trace_std": [G] (standard errors)}.
   """
   counts = _check_data(x, y, group, num_groups)
   lanczos._check_positive("k", k)
@@ -395,19 +421,16 @@ def group_top_eigenvalues(model: nn.Module, variables: Mapping, x, y, group, num
   params, batch_stats = _theta(model, variables, x, bits_tree, activations)
   flat = ravel_pytree(params)[0]
   x, y, group = np.asarray(x), np.asarray(y), np.asarray(group)
-  out = {"eigenvalues": np.zeros((num_groups, k)), "residuals": np.zeros((num_groups, k)),
-         "num_hvps": np.zeros(num_groups, np.int64), "converged": np.zeros(num_groups, bool), "counts": counts}
-  if trace_probes:
-    out["trace"], out["trace_std"] = np.zeros(num_groups), np.zeros(num_groups)
+  hvps = []
   for g in range(num_groups):
     rows = np.flatnonzero(group == g)
-    b = min(batch_size, max(8, 1 << int(np.ceil(np.log2(len(rows))))))
-    hvp = _weighted_hvp(model, params, batch_stats, x[rows], y[rows], np.full(len(rows), 1.0 / len(rows)), b)
-    res = lanczos.lanczos_top_eigenvalues(hvp, flat, k, max_iters=max_iters, tol=tol, seed=seed)
-    for key in ("eigenvalues", "residuals", "num_hvps", "converged"):
-      out[key][g] = res[key]
-    if trace_probes:
-      tr = lanczos.hutchinson_trace(hvp, flat, num_probes=trace_probes, seed=seed)
-      out["trace"][g], out["trace_std"][g] = tr["trace"], tr["std"]
+    hvps.append(group_hvp(model, params, batch_stats, x[rows], y[rows], batch_size))
+  runs = lanczos.lanczos_top_eigenvalues_many(hvps, flat, k, max_iters=max_iters, tol=tol, seed=seed)
+  out = {key: np.array([r[key] for r in runs]) for key in ("eigenvalues", "residuals", "num_hvps", "converged")}
+  grad_norm, loss = jax.device_get((jnp.stack([jnp.linalg.norm(h.gradient) for h in hvps]),
+                                    jnp.stack([h.value for h in hvps])))
+  out.update(counts=counts, grad_norm=np.asarray(grad_norm, np.float64), loss=np.asarray(loss, np.float64))
+  if trace_probes:
+    traces = [lanczos.hutchinson_trace(h, flat, num_probes=trace_probes, seed=seed) for h in hvps]
+    out["trace"], out["trace_std"] = np.array([t["trace"] for t in traces]), np.array([t["std"] for t in traces])
   return out
-

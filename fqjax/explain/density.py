@@ -57,18 +57,28 @@ def slq_nodes(matvec: lanczos.Matvec, dim_or_params, *, num_iters: int = 30, num
      padding; each row sums to 1), "iterations": [R] int products per start,
      "num_hvps": their sum}.
   """
+  return slq_nodes_many([matvec], dim_or_params, num_iters=num_iters, num_starts=num_starts, seed=seed)[0]
+
+
+def slq_nodes_many(matvecs, dim_or_params, *, num_iters: int = 30, num_starts: int = 4, seed: int = 0) -> list:
+  """``slq_nodes`` of each operator in ``matvecs`` (same P and starts), all runs in lock step (one host
+  sync per Lanczos round for every operator and start). Returns one dict per operator, in order."""
   dim, _ = lanczos._dim_dtype(dim_or_params)
   lanczos._check_positive("num_iters", num_iters)
   lanczos._check_positive("num_starts", num_starts)
   m = min(num_iters, dim)
-  nodes, weights = np.full((num_starts, m), np.nan), np.zeros((num_starts, m))
-  iterations = np.zeros(num_starts, np.int64)
-  for r in range(num_starts):
-    tri = lanczos.lanczos_tridiagonal(matvec, dim_or_params, num_iters, seed + r)
-    theta, w = _quadrature(tri["alphas"], tri["betas"])
-    nodes[r, :len(theta)], weights[r, :len(theta)] = theta, w
-    iterations[r] = tri["num_hvps"]
-  return {"nodes": nodes, "weights": weights, "iterations": iterations, "num_hvps": int(iterations.sum())}
+  tris = lanczos.lanczos_tridiagonal_many([(mv, seed + r) for mv in matvecs for r in range(num_starts)],
+                                          dim_or_params, num_iters)
+  out = []
+  for i in range(len(matvecs)):
+    nodes, weights = np.full((num_starts, m), np.nan), np.zeros((num_starts, m))
+    iterations = np.zeros(num_starts, np.int64)
+    for r, tri in enumerate(tris[i * num_starts:(i + 1) * num_starts]):
+      theta, w = _quadrature(tri["alphas"], tri["betas"])
+      nodes[r, :len(theta)], weights[r, :len(theta)] = theta, w
+      iterations[r] = tri["num_hvps"]
+    out.append({"nodes": nodes, "weights": weights, "iterations": iterations, "num_hvps": int(iterations.sum())})
+  return out
 
 
 def density_on_grid(nodes, weights, grid, sigma: float) -> np.ndarray:
@@ -148,13 +158,11 @@ def group_densities(model: nn.Module, variables: Mapping, x, y, group, num_group
   params, batch_stats = curvature._theta(model, variables, x, bits_tree, activations)
   flat = ravel_pytree(params)[0]
   x, y, group = np.asarray(x), np.asarray(y), np.asarray(group)
-  runs = []
+  hvps = []
   for g in range(num_groups):
     rows = np.flatnonzero(group == g)
-    b = min(batch_size, max(8, 1 << int(np.ceil(np.log2(len(rows))))))  # curvature's rule
-    hvp = curvature._weighted_hvp(model, params, batch_stats, x[rows], y[rows],
-                                  np.full(len(rows), 1.0 / len(rows)), b)
-    runs.append(slq_nodes(hvp, flat, num_iters=num_iters, num_starts=num_starts, seed=seed))
+    hvps.append(curvature.group_hvp(model, params, batch_stats, x[rows], y[rows], batch_size))
+  runs = slq_nodes_many(hvps, flat, num_iters=num_iters, num_starts=num_starts, seed=seed)
   grid, sigma = default_grid(np.concatenate([r["nodes"].ravel() for r in runs]), num_grid)
   return {"grid": grid.tolist(), "sigma": float(sigma),
           "density": [density_on_grid(r["nodes"], r["weights"], grid, sigma).tolist() for r in runs],

@@ -171,8 +171,15 @@ def effective_kernels(model: nn.Module, variables: Mapping, bits_tree, sample_x,
   v = {k: val for k, val in variables.items() if k != layers.BITS}
   if bits_tree is not None:
     v[layers.BITS] = bits_tree
-  _, state = jax.jit(functools.partial(model.apply, train=False, mutable=[layers.KERNELS]))(v, sample_x)
+  state = _kernels_program(model)(v, sample_x)
   return {k: np.asarray(v) for k, v in _per_layer(state[layers.KERNELS], layer_names, "kernel").items()}
+
+
+@functools.lru_cache(maxsize=16)
+def _kernels_program(model: nn.Module):
+  """jitted (variables, x) -> the sown collections: one compilation per model and variables structure (bits
+  are traced), not one per call."""
+  return jax.jit(lambda v, x: model.apply(v, x, train=False, mutable=[layers.KERNELS])[1])
 
 
 @functools.lru_cache(maxsize=16)

@@ -23,7 +23,7 @@ avoid both the dependency and the wasted products.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Union
+from typing import Any, Callable, Sequence, Union
 
 import jax
 import jax.numpy as jnp
@@ -63,11 +63,12 @@ def _start_vector(seed: int, dim: int, dtype) -> jax.Array:
 
 @functools.partial(jax.jit, donate_argnums=(0,))
 def _lanczos_step(basis, w, j, beta_prev):
-  """One Lanczos step on the product w = H q_j; basis [m+1, P] with rows > j still zero.
+  """One Lanczos step on the product w = H q_j; basis [c, P] (c > j + 1) with rows > j still zero.
 
   alpha_j = q_j . w;  w <- w - alpha_j q_j - beta_{j-1} q_{j-1}, then twice
   w <- w - Q^T (Q w) (full reorthogonalization; zero rows drop out);  beta_j = ||w||,
-  q_{j+1} = w / beta_j written into row j + 1.
+  q_{j+1} = w / beta_j written into row j + 1 and returned, so the next product needs no slice.
+  Returns (basis, q_{j+1} [P], alpha_j [], beta_j []), all on device.
   """
   q = basis[j]
   q_prev = jnp.where(j > 0, basis[jnp.maximum(j - 1, 0)], jnp.zeros_like(q))
@@ -76,8 +77,71 @@ def _lanczos_step(basis, w, j, beta_prev):
   for _ in range(2):
     w = w - basis.T @ (basis @ w)
   beta = jnp.linalg.norm(w)
-  basis = basis.at[j + 1].set(w / jnp.where(beta > 0, beta, 1.0))
-  return basis, alpha, beta
+  q_next = w / jnp.where(beta > 0, beta, 1.0)
+  return basis.at[j + 1].set(q_next), q_next, alpha, beta
+
+
+@functools.partial(jax.jit, static_argnums=(1,))
+def _grow(basis, rows: int):
+  """The basis with zero rows appended up to ``rows``."""
+  return jnp.pad(basis, ((0, rows - basis.shape[0]), (0, 0)))
+
+
+# Bases held at once in lock-step runs: their rows x P floats (2**28 float32 = 1 GiB). A model whose single
+# basis is larger runs one operator at a time, as a plain loop would.
+_MAX_BASIS_FLOATS = 2 ** 28
+_FIRST_ROWS = 32  # a basis starts with this many rows and doubles when full: cheap steps while j is small
+
+
+class _Krylov:
+  """One Lanczos run's state: its operator, basis (device), current vector and the host tridiagonal."""
+
+  def __init__(self, matvec: Matvec, dim: int, dtype, seed: int, rows: int):
+    self.matvec, self.rows = matvec, rows
+    start = _start_vector(seed, dim, dtype)
+    self.basis = jnp.zeros((min(rows, _FIRST_ROWS), dim), dtype).at[0].set(start)
+    self.q, self.beta_dev = start, jnp.zeros((), dtype)
+    self.alphas: list[float] = []
+    self.betas: list[float] = []
+    self.done = False
+    self.info: dict = {}  # what the caller's stopping rule keeps between steps
+
+  def dispatch(self):
+    """Queues one product and step (no host sync); returns the device scalars (alpha_j, beta_j)."""
+    j = len(self.alphas)
+    if j + 1 >= self.basis.shape[0]:
+      self.basis = _grow(self.basis, min(2 * self.basis.shape[0], self.rows))
+    self.basis, self.q, alpha, self.beta_dev = _lanczos_step(self.basis, self.matvec(self.q), j, self.beta_dev)
+    return alpha, self.beta_dev
+
+
+def _lock_step(runs: list, dim: int, on_step: Callable[[_Krylov, float, float], None]) -> None:
+  """Advances every run until it is done, all unfinished runs by one product per round and one host sync
+  per round for all of them (not one per product), at most as many runs at once as _MAX_BASIS_FLOATS allows;
+  ``on_step(run, alpha, beta)`` appends the scalars and sets ``run.done``."""
+  wave = max(1, _MAX_BASIS_FLOATS // max(runs[0].rows * dim, 1)) if runs else 1
+  for first in range(0, len(runs), wave):
+    live = runs[first:first + wave]
+    while live:
+      scalars = jax.device_get([run.dispatch() for run in live])
+      for run, (alpha, beta) in zip(live, scalars):
+        on_step(run, float(alpha), float(beta))
+      live = [run for run in live if not run.done]
+      for run in runs[first:first + wave]:
+        if run.done:
+          run.basis = run.q = None  # free the device memory as soon as a run ends
+
+
+def _check_top_options(dim: int, k, max_iters, tol, which: str, stop: str) -> None:
+  _check_positive("k", k)
+  _check_positive("max_iters", max_iters)
+  _check_positive("tol", tol, integer=False)
+  if k > dim:
+    raise ValueError(f"k={k} eigenvalues requested but the operator has dimension {dim}.")
+  if which not in WHICH:
+    raise ValueError(f"which must be one of {WHICH}, got {which!r}.")
+  if stop not in STOP_RULES:
+    raise ValueError(f"stop must be one of {STOP_RULES}, got {stop!r}.")
 
 
 def _ritz(alphas, betas):
@@ -101,7 +165,8 @@ def lanczos_top_eigenvalues(matvec: Matvec, dim_or_params, k: int = 5, *, max_it
     matvec: v [P] -> H v [P] (jitted, e.g. a Hessian-vector product).
     dim_or_params: P, or a params pytree / flat vector whose size and dtype the basis takes.
     k: how many eigenvalues (>= 1, <= P).
-    max_iters: at most this many products; the basis holds (max_iters + 1) x P values.
+    max_iters: at most this many products; the basis holds up to (max_iters + 1) x P values
+      (it starts at 32 rows and doubles when full).
     tol: relative tolerance. stop="residual": every top-k Ritz value has
       r_i <= tol * max(|theta_i|, 1e-3 max_j |theta_j|) (a guaranteed bound; the floor lets
       eigenvalues near 0 converge). stop="ritz_change": the top-k Ritz values moved by
@@ -113,47 +178,59 @@ def lanczos_top_eigenvalues(matvec: Matvec, dim_or_params, k: int = 5, *, max_it
     {"eigenvalues": [k] float64 ordered by ``which`` (NaN where the Krylov space had fewer
      than k dimensions), "residuals": [k], "iterations", "num_hvps" (= iterations),
      "converged": bool, "history": [iterations] list of the top-k Ritz values after each product}.
-  One host sync per product (the two scalars alpha, beta) for the convergence test.
+  One host sync per product (the two scalars alpha, beta) for the convergence test; see
+  ``lanczos_top_eigenvalues_many`` for several operators with one sync per round.
+  """
+  return lanczos_top_eigenvalues_many([matvec], dim_or_params, k, max_iters=max_iters, tol=tol, seed=seed,
+                                      which=which, stop=stop)[0]
+
+
+def lanczos_top_eigenvalues_many(matvecs: Sequence[Matvec], dim_or_params, k: int = 5, *, max_iters: int = 100,
+                                 tol: float = 1e-4, seed: int = 0, which: str = "largest",
+                                 stop: str = "residual") -> list:
+  """``lanczos_top_eigenvalues`` of each operator in ``matvecs`` (same P, dtype and start vector), in lock step.
+
+  Every unfinished run does one product per round, and one host transfer per round brings all
+  their alpha_j, beta_j: the device never waits on the host between operators, and the numbers
+  are those of separate calls. Returns one result dict per operator, in order.
   """
   dim, dtype = _dim_dtype(dim_or_params)
-  _check_positive("k", k)
-  _check_positive("max_iters", max_iters)
-  _check_positive("tol", tol, integer=False)
-  if k > dim:
-    raise ValueError(f"k={k} eigenvalues requested but the operator has dimension {dim}.")
-  if which not in WHICH:
-    raise ValueError(f"which must be one of {WHICH}, got {which!r}.")
-  if stop not in STOP_RULES:
-    raise ValueError(f"stop must be one of {STOP_RULES}, got {stop!r}.")
-  max_iters = min(max_iters, dim)
-  basis = jnp.zeros((max_iters + 1, dim), dtype).at[0].set(_start_vector(seed, dim, dtype))
-  alphas, betas, history = [], [], []
+  _check_top_options(dim, k, max_iters, tol, which, stop)
+  rows = min(max_iters, dim) + 1
+  runs = [_Krylov(mv, dim, dtype, seed, rows) for mv in matvecs]
   eps = float(jnp.finfo(dtype).eps)
-  converged, prev, top, res = False, None, np.full(k, np.nan), np.full(k, np.nan)
-  for j in range(max_iters):
-    basis, alpha, beta = _lanczos_step(basis, matvec(basis[j]), j, jnp.asarray(betas[-1] if betas else 0.0, dtype))
-    alpha, beta = (float(a) for a in jax.device_get((alpha, beta)))
-    alphas.append(alpha)
-    betas.append(beta)
-    theta, last = _ritz(np.array(alphas), np.array(betas))
+  for run in runs:
+    run.info.update(eigenvalues=np.full(k, np.nan), residuals=np.full(k, np.nan), converged=False, history=[],
+                    prev=None)
+
+  def on_step(run: _Krylov, alpha: float, beta: float) -> None:
+    run.alphas.append(alpha)
+    run.betas.append(beta)
+    out = run.info
+    theta, last = _ritz(np.array(run.alphas), np.array(run.betas))
     idx = _select(theta, k, which)
-    top = np.full(k, np.nan)
-    res = np.full(k, np.nan)
+    top, res = np.full(k, np.nan), np.full(k, np.nan)
     top[:len(idx)], res[:len(idx)] = theta[idx], np.abs(beta * last[idx])
-    history.append(top.copy())
+    out.update(eigenvalues=top, residuals=res)
+    out["history"].append(top.copy())
     scale = np.max(np.abs(theta))
     breakdown = beta <= 10 * eps * max(scale, np.finfo(np.float64).tiny)  # invariant subspace: exact
+    converged = False
     if len(idx) == k:
       if stop == "residual":
         converged = bool(np.all(res <= tol * np.maximum(np.abs(top), 1e-3 * scale)))
-      elif prev is not None:
-        converged = bool(np.all(np.abs(top - prev) <= tol * np.abs(top)))
-      prev = top
-    if converged or breakdown:
-      converged = converged or (breakdown and len(idx) == k)
-      break
-  return {"eigenvalues": top, "residuals": res, "iterations": len(alphas), "num_hvps": len(alphas),
-          "converged": converged, "history": history}
+      elif out["prev"] is not None:
+        converged = bool(np.all(np.abs(top - out["prev"]) <= tol * np.abs(top)))
+      out["prev"] = top
+    out["converged"] = converged or (breakdown and len(idx) == k)
+    run.done = converged or breakdown or len(run.alphas) == rows - 1
+
+  _lock_step(runs, dim, on_step)
+  results = []
+  for run in runs:
+    out = {key: run.info[key] for key in ("eigenvalues", "residuals", "converged", "history")}
+    results.append({**out, "iterations": len(run.alphas), "num_hvps": len(run.alphas)})
+  return results
 
 
 def lanczos_tridiagonal(matvec: Matvec, dim_or_params, num_iters: int, seed: int = 0) -> dict:
@@ -169,21 +246,27 @@ def lanczos_tridiagonal(matvec: Matvec, dim_or_params, num_iters: int, seed: int
   Returns {"alphas": [m] float64, "betas": [m - 1] float64 (the last beta, coupling to the
   unused next vector, is dropped), "num_hvps": m}. The basis holds (m + 1) x P values.
   """
+  return lanczos_tridiagonal_many([(matvec, seed)], dim_or_params, num_iters)[0]
+
+
+def lanczos_tridiagonal_many(runs: Sequence[tuple], dim_or_params, num_iters: int) -> list:
+  """``lanczos_tridiagonal`` of each (matvec, seed) in ``runs``, in lock step (one host sync per round)."""
   dim, dtype = _dim_dtype(dim_or_params)
   _check_positive("num_iters", num_iters)
   m = min(num_iters, dim)
-  basis = jnp.zeros((m + 1, dim), dtype).at[0].set(_start_vector(seed, dim, dtype))
+  krylov = [_Krylov(mv, dim, dtype, seed, m + 1) for mv, seed in runs]
   eps, tiny = float(jnp.finfo(dtype).eps), np.finfo(np.float64).tiny
-  alphas, betas, scale = [], [], 0.0
-  for j in range(m):
-    basis, alpha, beta = _lanczos_step(basis, matvec(basis[j]), j, jnp.asarray(betas[-1] if betas else 0.0, dtype))
-    alpha, beta = (float(a) for a in jax.device_get((alpha, beta)))
-    alphas.append(alpha)
-    scale = max(scale, abs(alpha), beta)  # |T_ij| <= ||T||: a cheap norm scale without eig(T) per step
-    if j == m - 1 or beta <= 10 * eps * max(scale, tiny):
-      break
-    betas.append(beta)
-  return {"alphas": np.array(alphas, np.float64), "betas": np.array(betas, np.float64), "num_hvps": len(alphas)}
+
+  def on_step(run: _Krylov, alpha: float, beta: float) -> None:
+    run.alphas.append(alpha)
+    scale = run.info["scale"] = max(run.info.get("scale", 0.0), abs(alpha), beta)  # |T_ij| <= ||T||: no eig(T)
+    run.done = len(run.alphas) == m or beta <= 10 * eps * max(scale, tiny)
+    if not run.done:
+      run.betas.append(beta)
+
+  _lock_step(krylov, dim, on_step)
+  return [{"alphas": np.array(r.alphas, np.float64), "betas": np.array(r.betas, np.float64),
+           "num_hvps": len(r.alphas)} for r in krylov]
 
 
 def power_iteration(matvec: Matvec, dim_or_params, *, tol: float = 1e-3, max_iters: int = 100,

@@ -16,10 +16,10 @@ and mean loss L_a(theta) = (1 / n_a) sum_{i in a} l_i(theta):
 
 Theorem 1 says the group with the larger gradient norm and curvature (at a given ||d||) loses
 more; ``correlations`` tests whether the bound or the estimate ranks the groups as E_a does.
-Costs: per group-homogeneous batch one jitted forward-over-reverse program,
-jvp(grad(sum_i w_i l_i), (theta,), (d,)) with w_i = 1/n_a, gives g, g . d and H d at once,
-plus one forward pass at theta + d: about 2.4x the CPU time of ``curvature.group_gradient_norms``
-on the same data (SmallCNN width 16, 1000 inputs, 10 groups).
+Costs: per group one Hessian-vector product at v = d by the same compiled forward-over-reverse
+programs as the group's Lanczos run (``curvature.group_hvp``): jvp(value_and_grad(sum_i w_i l_i),
+(theta,), (d,)) with w_i = 1/n_a gives g and H d at once; plus forward passes at theta and
+theta + d for the losses (``excess_loss``).
 """
 from __future__ import annotations
 
@@ -30,53 +30,18 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.flatten_util import ravel_pytree
 
 from fqjax.data.pipeline import padded_batches
 from fqjax.explain import lanczos
-from fqjax.explain.curvature import _check_data, _group_plan, _per_sample_loss, _theta
+from fqjax.explain.curvature import _check_data, _per_sample_loss, _theta, group_hvp
 from fqjax.metrics import group_mean, spearman
 
-# Order of the per-group scalars that the device reduces to (see _reduce_terms).
-_SCALARS = ("loss_fp", "loss_quantized", "first_order", "curvature_term")
-
-
-def _vdot(a, b):
-  """sum over leaves of <a, b> for two params-shaped pytrees -> [] scalar."""
-  return sum(jnp.vdot(x, y) for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)))
-
-
-@functools.lru_cache(maxsize=16)
-def _terms_step(model: nn.Module):
-  """jitted (acc, params, params_q, batch_stats, x [N, ...], y [N], idx [s], w [s]) -> acc + terms.
-
-  Over rows idx with f(p) = sum_i w_i l_i(p) and d = params_q - params:
-  acc = (g tree, [4] = [f(theta), f(theta + d), g . d, d . H d]) is donated. All four scalars
-  are linear in w, so summing them over a group's batches gives the group's exact values.
-  """
-
-  def step(acc, params, params_q, batch_stats, x, y, idx, w):
-    xb, yb = x[idx], y[idx]
-    f = lambda p: jnp.sum(w * _per_sample_loss(model, p, batch_stats, xb, yb))
-    d = jax.tree_util.tree_map(jnp.subtract, params_q, params)
-    # Forward-over-reverse: the loss tangent is g . d, the gradient tangent is H d.
-    (loss, g), (gd, hd) = jax.jvp(jax.value_and_grad(f), (params,), (d,))
-    scalars = jnp.stack([loss, f(params_q), gd, _vdot(d, hd)]).astype(acc[1].dtype)
-    return jax.tree_util.tree_map(jnp.add, acc[0], g), acc[1] + scalars
-
-  return jax.jit(step, donate_argnums=(0,))
-
 
 @jax.jit
-def _zeros_terms(params):
-  dtype = jnp.result_type(*jax.tree_util.tree_leaves(params))
-  return jax.tree_util.tree_map(jnp.zeros_like, params), jnp.zeros((len(_SCALARS),), dtype)
-
-
-@jax.jit
-def _reduce_terms(acc, params, params_q):
-  """[6]: the 4 accumulated scalars (``_SCALARS`` order), ||g||^2, ||d||^2 (one program, fewer compiles)."""
-  d = jax.tree_util.tree_map(jnp.subtract, params_q, params)
-  return jnp.concatenate([acc[1], jnp.stack([_vdot(acc[0], acc[0]), _vdot(d, d)]).astype(acc[1].dtype)])
+def _reduce_terms(grad, hd, d):
+  """[4] = [g . d, d . H d, ||g||^2, ||d||^2] from one group's HVP at v = d (flat [P] vectors)."""
+  return jnp.stack([jnp.vdot(grad, d), jnp.vdot(d, hd), jnp.vdot(grad, grad), jnp.vdot(d, d)])
 
 
 def _group_terms(model: nn.Module, params, params_q, batch_stats, x, y, group, num_groups: int,
@@ -84,21 +49,21 @@ def _group_terms(model: nn.Module, params, params_q, batch_stats, x, y, group, n
   """``second_order_terms`` at given theta (params) and theta + d (params_q) pytrees."""
   counts = _check_data(x, y, group, num_groups)
   lanczos._check_positive("batch_size", batch_size)
-  wdtype = np.dtype(jnp.result_type(*jax.tree_util.tree_leaves(params)))  # float64 params: float64 weights
-  step = _terms_step(model)
-  xd, yd = jnp.asarray(x), jnp.asarray(y, jnp.int32)
+  flat = ravel_pytree(params)[0]
+  d = ravel_pytree(params_q)[0] - flat
+  x, y, group = np.asarray(x), np.asarray(y), np.asarray(group)
   rows = []
-  for batches in _group_plan(np.asarray(group), counts, batch_size):
-    acc = _zeros_terms(params)  # one params-sized accumulator alive at a time, not G
-    for idx, w in batches:
-      acc = step(acc, params, params_q, batch_stats, xd, yd, idx, w.astype(wdtype))
-    rows.append(_reduce_terms(acc, params, params_q))
-  host = np.asarray(jax.device_get(jnp.stack(rows)), np.float64)  # [G, 6], one transfer
-  out = {k: host[:, i] for i, k in enumerate(_SCALARS)}
-  out["excess_loss"] = out["loss_quantized"] - out["loss_fp"]
+  for g in range(num_groups):  # one product per group, by the programs the curvature's Lanczos runs compiled
+    hvp = group_hvp(model, params, batch_stats, x[group == g], y[group == g], batch_size)
+    hd = hvp(d)
+    rows.append(_reduce_terms(hvp.gradient, hd, d))
+  host = np.asarray(jax.device_get(jnp.stack(rows)), np.float64)  # [G, 4], one transfer
+  losses = excess_loss(model, {"params": params, "batch_stats": batch_stats}, None, x, y, group, num_groups,
+                       batch_size=batch_size, params_q=params_q)
+  out = {key: losses[key] for key in ("loss_fp", "loss_quantized", "excess_loss")}
+  out.update(first_order=host[:, 0], curvature_term=host[:, 1], grad_norm=np.sqrt(host[:, 2]),
+             d_norm=float(np.sqrt(host[0, 3])))
   out["second_order"] = out["first_order"] + 0.5 * out["curvature_term"]
-  out["grad_norm"] = np.sqrt(host[:, 4])
-  out["d_norm"] = float(np.sqrt(host[0, 5]))
   out["counts"] = counts
   return out
 
@@ -108,11 +73,11 @@ def second_order_terms(model: nn.Module, variables: Mapping, bits_tree: Optional
   """Per group: observed excess loss, its first- and second-order Taylor estimates, ||g_a|| and ||d||.
 
   theta = variables' params (any "bits" collection dropped), theta + d = dequantized params at
-  the weights of ``bits_tree`` (its activation bits are ignored; None: d = 0). The data are
-  cut into group-homogeneous batches (``curvature._group_plan``); one compiled program per
-  batch shape adds a batch's (g, f(theta), f(theta + d), g . d, d . H d) of
-  f = sum_i w_i l_i, w_i = 1/n_a, to its group's donated accumulator; no host sync until the
-  one transfer at the end. The bits tree is traced, so another bit-width does not recompile.
+  the weights of ``bits_tree`` (its activation bits are ignored; None: d = 0). Per group one
+  Hessian-vector product of f = sum_{i in a} w_i l_i, w_i = 1/n_a, at v = d (``curvature.group_hvp``:
+  the programs the curvature's Lanczos runs use) gives g_a and H_a d, reduced on device to
+  g . d, d . H d, ||g||^2 and ||d||^2; the losses at theta and theta + d come from ``excess_loss``
+  (forward passes); one host transfer each. theta is traced, so another bit-width does not recompile.
 
   Args:
     model, variables: a Flax model of fqjax layers and its {"params", "batch_stats", ...}.
