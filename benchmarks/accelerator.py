@@ -9,7 +9,8 @@ Sections (each caught and recorded on failure, never fatal):
                   fqjax.train.make_train_step in float32 and bfloat16 (model kwarg dtype), images/s
   ptq_sweep       one-function sweep vs per-bit-width loop (ptq_sweep.run)
   curvature       group norms / gradient, HVP / gradient, second-order terms / HVP per group
-  study           fqjax.runner.run per stage (last_run["stages"])
+  study           fqjax.runner.run per stage (last_run["stages"]); its explain stage against the compute
+                  in its model programs (benchmarks/explain_overhead.py)
 Then versions, device, a "goals" list (goal, measured value, pass/fail/not measured) and a table.
 A section starts only while the wall-clock budget (--budget_s) is not spent; later ones are recorded
 as skipped.
@@ -203,16 +204,28 @@ def study_config(kind: str):
 
 
 def section_study(cfg: dict) -> dict:
+  """The whole study timed per stage, its explain stage measured against its model programs
+  (benchmarks/explain_overhead.py: every HVP, gradient and forward program call re-timed warm afterwards)."""
+  from benchmarks import explain_overhead
   from fqjax import runner  # lazy: needs ml_collections
   config = study_config(cfg["study"])
+  stages, total = {}, 0.0
   with tempfile.TemporaryDirectory() as workdir:
     t0 = time.perf_counter()
-    res = runner.run(config, workdir, None, progress=False)
+    for part in (["train", "ptq"], ["explain"], ["mitigate", "report"]):
+      if part == ["explain"]:
+        with explain_overhead.recording() as (recorder, compile_s):
+          res = runner.run(config, workdir, part, progress=False)
+      else:
+        res = runner.run(config, workdir, part, progress=False)
+      stages.update({k: v for k, v in res["last_run"]["stages"].items() if k in part})
+      total += res["last_run"]["total_s"]
     wall = time.perf_counter() - t0
-  last = res["last_run"]
+    explain = explain_overhead.summarize(recorder, compile_s, stages["explain"])
   return {"config": config.name, "seeds": list(config.seeds), "model": config.model.name,
-          "group_sizes": list(config.data.synthetic.group_sizes), "stages": last["stages"],
-          "total_s": last["total_s"], "wall_s": wall}
+          "group_sizes": list(config.data.synthetic.group_sizes), "stages": stages, "total_s": total,
+          "wall_s": wall, "explain_overhead": {k: v for k, v in explain.items() if k != "calls"},
+          "ratios": explain["ratios"]}
 
 
 SECTIONS = [("quant_overhead", section_quant), ("ptq_sweep", section_ptq), ("curvature", section_curvature),
@@ -247,7 +260,8 @@ GOALS = [("QAT / FP train step, float32", "quant_overhead", "qat_over_fp_float32
          ("PTQ sweep speed-up, SmallCNN", "ptq_sweep", "sweep_speedup_small_cnn", ">=", 2.0, None),
          ("PTQ sweep speed-up, ResNet-18", "ptq_sweep", "sweep_speedup_resnet18", ">=", 1.0, None),
          ("group norms / gradient", "curvature", "group_grad_norms_over_gradient", "<=", 1.5, None),
-         ("HVP / gradient", "curvature", "hvp_over_gradient", "<=", 2.5, None)]
+         ("HVP / gradient", "curvature", "hvp_over_gradient", "<=", 2.5, None),
+         ("explain wall / its HVP + gradient compute", "study", "wall_over_hvp_and_gradient", "<=", 1.5, None)]
 
 
 def goals(sections: dict, size: str) -> list:

@@ -18,6 +18,9 @@ to 0.1^(c/9) of each class, N = 735):
       whole data, and the mean per-sample gradient norms / all group gradient norms       reported
   (5) the allocation's sensitivity table (fqjax.allocate.sensitivity: every group x layer x candidate
       bit-width's g.d + 1/2 d.H.d, candidates 2/3/4/8) / one HVP per group   goal <= layers x candidates
+  (6) the explain stage of the default digits study (seed 0 with --size small, 3 seeds with full): its wall
+      time / the compute in its HVP and gradient programs, each call re-timed warm (benchmarks/explain_overhead.py;
+      also against all its model programs, and without compilation)                   goal <= 1.5x
   plus the per-group numbers themselves and their Spearman correlation with group size.
 --size small: SmallCNN width 16, 3 seeds in (3) (run times and figures: benchmarks/README.md).
 --size full: SmallCNN width 32, all 1797 digits too and ResNet-18 (CIFAR stem, random 32x32
@@ -38,6 +41,7 @@ import optax
 from jax.flatten_util import ravel_pytree
 from sklearn.datasets import load_digits
 
+from benchmarks import explain_overhead
 from benchmarks.common import device_description, median_times_interleaved, write_json_atomic
 from fqjax import layers
 from fqjax.explain import (dequantized_params, group_gradient_norms, group_mean_sample_gradient_norms,
@@ -56,7 +60,10 @@ RATIO_KEYS = [("all group gradient norms / one gradient", "group_grad_norms_over
               ("second-order terms, all groups / one HVP per group", "theory_over_hvp", "<= 1.5"),
               ("mean per-sample grad norms / group grad norms", "per_sample_over_group_norms", "reported"),
               ("allocation sensitivity table / one HVP per group", "sensitivity_over_group_hvps",
-               "<= layers x candidates")]
+               "<= layers x candidates"),
+              ("explain stage wall / its HVP + gradient compute", "explain_wall_over_hvp_and_gradient", "<= 1.5"),
+              ("explain stage (wall - compilation) / its model programs", "explain_wall_less_compile_over_compute",
+               "reported")]
 
 
 def digits(long_tail: bool, seed: int = 0):
@@ -308,6 +315,8 @@ def run(size: str = "small", repeats: int = 5) -> dict:
                    "spearman_size_gradnorm_3bit": spearman(fp["counts"], q3["norms"]),
                    "spearman_size_top_eigenvalue": spearman(fp["counts"], eig["eigenvalues"][:, 0])}
   sections["groups"] = time.perf_counter() - t0 - sum(sections.values())
+  out["explain_stage"] = explain_overhead.run(size)
+  sections["explain_stage"] = time.perf_counter() - t0 - sum(sections.values())
   out["section_s"] = sections
   eig_fp = out["eigen"]["fp"]["seeds"]
   out["setting"] = f"small_cnn w{width} digits N {len(x)}"
@@ -317,7 +326,10 @@ def run(size: str = "small", repeats: int = 5) -> dict:
       "lanczos_over_power_hvps": _median(eig_fp, "lanczos1_hvps_to_1e-3") / _median(eig_fp, "power_hvps_to_1e-3"),
       "theory_over_hvp": out["theory_cost"]["theory_over_hvp"],
       "per_sample_over_group_norms": out["theory_cost"]["per_sample_over_group_norms"],
-      "sensitivity_over_group_hvps": out["theory_cost"]["sensitivity_over_group_hvps"]}
+      "sensitivity_over_group_hvps": out["theory_cost"]["sensitivity_over_group_hvps"],
+      "explain_wall_over_hvp_and_gradient": out["explain_stage"]["ratios"]["wall_over_hvp_and_gradient"],
+      "explain_wall_less_compile_over_compute":
+          out["explain_stage"]["ratios"]["wall_less_compile_over_model_programs"]}
   out["wall_s"] = time.perf_counter() - t0
   return out
 
@@ -374,6 +386,8 @@ def report(out: dict) -> None:
         f"{tc['per_sample_over_group_norms']:.2f}x")
   print(f"(5) allocation sensitivity table ({tc['candidates']} layer x bit candidates, every group) / one HVP per "
         f"group: {tc['sensitivity_over_group_hvps']:.2f}x (goal <= {tc['candidates']})")
+  print("\n(6) ", end="")
+  explain_overhead.report(out["explain_stage"])
   g = out["groups"]
   print("\nper group (long-tailed train set):")
   print(f"{'group':>5s} {'n':>5s} {'|grad| FP':>10s} {'|grad| 3b':>10s} {'lambda_max':>10s}")

@@ -24,7 +24,7 @@ def test_accelerator_cpu_small(tmp_path):
   assert d["device"]["backend"] and d["device"]["kind"]
   keys = {g["key"] for g in d["goals"]}
   assert {"qat_over_fp_float32", "qat_img_s_bfloat16", "sweep_speedup_small_cnn", "sweep_speedup_resnet18",
-          "group_grad_norms_over_gradient", "hvp_over_gradient"} <= keys
+          "group_grad_norms_over_gradient", "hvp_over_gradient", "wall_over_hvp_and_gradient"} <= keys
   for g in d["goals"]:
     assert g["status"] in ("pass", "fail", "not measured", "not applicable at this size"), g
   assert all(g["status"] in ("pass", "fail") for g in d["goals"] if g["key"] == "hvp_over_gradient")
@@ -32,6 +32,8 @@ def test_accelerator_cpu_small(tmp_path):
   for stage in ("train", "ptq", "explain", "mitigate"):
     assert isinstance(stages[stage], float), (stage, stages)
   assert [r["dtype"] for r in d["sections"]["quant_overhead"]["train_step"]] == ["float32", "bfloat16"]
+  explain = d["sections"]["study"]["explain_overhead"]  # the study's explain stage against its model programs
+  assert explain["num_hvps"] > 0 and 0 < explain["compile_s"] < explain["wall_s"] == stages["explain"]
   assert "study stages" in proc.stdout
 
 

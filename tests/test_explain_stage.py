@@ -94,3 +94,28 @@ def test_explain_drops_a_bit_width_no_longer_configured_and_keeps_the_rest(run, 
   for seed in ("0", "1"):
     assert sorted(fewer["explain"]["per_seed"][seed]) == ["2"]
     assert fewer["explain"]["per_seed"][seed]["2"] == res["explain"]["per_seed"][seed]["2"]
+
+
+def test_another_bit_width_traces_and_compiles_nothing_new(tiny_study):
+  """After one quantized entry, an entry at another bit-width reuses every program: bits and weights are traced
+  arguments, group batch shapes repeat, and the Lanczos basis stays at its first size (20 products, 21 rows)."""
+  import jax
+
+  from conftest import tiny_study_config
+  from fqjax import stages
+  config = tiny_study_config()
+  config.explain.lanczos_max_iters = 20
+  config.explain.density_bits = (32,)
+  r = runner._open(config, tiny_study["workdir"], False, False)
+  args = (r.model, r.trained_variables(0), r.splits_of(0), config.explain, config.ptq, config.eval, r.layer_names)
+  stages.explain_entry(*args, 4, 0)
+  events = []
+  listener = lambda event, duration, **kw: events.append(event)
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    entry = stages.explain_entry(*args, 3, 0)
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+  assert entry["curvature"]["num_hvps"] and "theory" in entry
+  new = [e for e in events if e.startswith("/jax/core/compile/")]
+  assert new == [], f"the 3-bit entry traced or compiled again: {new}"

@@ -1,0 +1,33 @@
+"""benchmarks/explain_overhead.py counts what the explain stage computes: its recorded HVP calls are exactly the
+products the results report (Lanczos runs plus the theory's one product per group), and its ratios are finite."""
+import json
+
+import numpy as np
+
+from benchmarks import explain_overhead
+from conftest import tiny_study_config
+
+
+def test_recorded_products_are_the_ones_the_results_report(tmp_path):
+  config = tiny_study_config()
+  config.seeds = (0,)
+  config.explain.bit_widths = (32, 4, 2)
+  config.explain.density_bits = ()
+  config.explain.size_matched_repeats = 0
+  config.explain.trace_probes = 0
+  config.tensorboard = False
+  out = explain_overhead.measure(config, str(tmp_path / "study"))
+  res = json.loads((tmp_path / "study" / "results.json").read_text())
+  entries = res["explain"]["per_seed"]["0"]
+  lanczos = sum(sum(e["curvature"]["num_hvps"]) for e in entries.values())
+  groups = len(res["dataset"]["counts"]["train"])
+  theory = groups * sum(1 for e in entries.values() if "theory" in e)  # each group's train rows fit one batch
+  assert max(res["dataset"]["counts"]["train"]) <= config.explain.batch_size
+  assert out["num_hvps"] == lanczos + theory
+  kinds = {row["program"] for row in out["calls"]}
+  assert {"_hvp_program", "_sample_norm_step", "_chain_fn", "_loss_program"} <= kinds
+  assert 0 < out["compile_s"] < out["wall_s"]
+  ratios = out["ratios"]
+  assert all(np.isfinite(v) and v > 0 for v in ratios.values())
+  assert ratios["wall_over_hvp_and_gradient"] >= ratios["wall_over_model_programs"]
+  assert ratios["wall_less_compile_over_model_programs"] < ratios["wall_over_model_programs"]
