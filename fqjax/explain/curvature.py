@@ -293,35 +293,54 @@ def group_mean_sample_gradient_norms(model: nn.Module, variables: Mapping, x, y,
 
 @functools.lru_cache(maxsize=16)
 def _hvp_program(model: nn.Module):
-  """jitted (params, batch_stats, v [P], x [b, ...], y [b], w [b]) -> (H v [P], grad [P], value []) of
-  f = sum_i w_i l_i: one forward-over-reverse pass gives the gradient and value as its primal outputs."""
+  """jitted (params, batch_stats, v [P], x [b, ...], y [b], w [b]) -> H v [P] of f = sum_i w_i l_i.
+
+  Only the tangent is returned, so XLA drops the primal weight gradients (asking for them too, as
+  ``jvp(value_and_grad(f))`` does, made every product 10-29% slower on CPU for SmallCNN: see
+  benchmarks/README.md); the gradient has its own program, ``_grad_program``."""
 
   def hvp(params, batch_stats, v, x, y, w):
-    flat, unravel = ravel_pytree(params)
-    loss_fn = lambda p: jnp.sum(w * _per_sample_loss(model, p, batch_stats, x, y))
-    (value, grad), (_, hv) = jax.jvp(jax.value_and_grad(loss_fn), (params,), (unravel(v),))
-    return ravel_pytree(hv)[0], ravel_pytree(grad)[0], value.astype(flat.dtype)
+    _, unravel = ravel_pytree(params)
+    grad = jax.grad(lambda p: jnp.sum(w * _per_sample_loss(model, p, batch_stats, x, y)))
+    return ravel_pytree(jax.jvp(grad, (params,), (unravel(v),))[1])[0]
 
   return jax.jit(hvp)
 
 
+@functools.lru_cache(maxsize=16)
+def _grad_program(model: nn.Module):
+  """jitted (params, batch_stats, x [b, ...], y [b], w [b]) -> (grad [P], value []) of f = sum_i w_i l_i."""
+
+  def grad(params, batch_stats, x, y, w):
+    flat, _ = ravel_pytree(params)
+    value, g = jax.value_and_grad(lambda p: jnp.sum(w * _per_sample_loss(model, p, batch_stats, x, y)))(params)
+    return ravel_pytree(g)[0], value.astype(flat.dtype)
+
+  return jax.jit(grad)
+
+
 class _BatchedHvp:
   """v [P] -> H v [P] of f = sum_i w_i l_i over fixed batches (one program per batch shape; the loop only
-  dispatches, no host sync). The first product (outside a trace) also keeps f's gradient [P] and value []
-  at theta on device, as ``gradient`` and ``value``: the group gradient norms cost no extra pass."""
+  dispatches, no host sync). ``gradient_and_value()`` gives f's gradient [P] and value [] at theta over the
+  same batches (device arrays), so a group's gradient norm and its Hessian share their batch shapes."""
 
-  def __init__(self, program, params, batch_stats, batches):
-    self.program, self.params, self.batch_stats, self.batches = program, params, batch_stats, batches
-    self.gradient = self.value = None
+  def __init__(self, model: nn.Module, params, batch_stats, batches):
+    self.params, self.batch_stats, self.batches = params, batch_stats, batches
+    self.hvp_program, self.grad_program = _hvp_program(model), _grad_program(model)  # jitted, compiled on use
 
   def __call__(self, v: jax.Array) -> jax.Array:
-    hv = grad = value = None
+    out = None
     for xb, yb, wb in self.batches:
-      h, g, f = self.program(self.params, self.batch_stats, v, xb, yb, wb)
-      hv, grad, value = (h, g, f) if hv is None else (hv + h, grad + g, value + f)
-    if self.gradient is None and not isinstance(hv, jax.core.Tracer):
-      self.gradient, self.value = grad, value
-    return hv
+      hv = self.hvp_program(self.params, self.batch_stats, v, xb, yb, wb)
+      out = hv if out is None else out + hv
+    return out
+
+  def gradient_and_value(self) -> tuple:
+    grad = value = None
+    for xb, yb, wb in self.batches:
+      g, f = self.grad_program(self.params, self.batch_stats, xb, yb, wb)
+      grad, value = (g, f) if grad is None else (grad + g, value + f)
+    return grad, value
 
 
 def _weighted_hvp(model: nn.Module, params, batch_stats, x: np.ndarray, y: np.ndarray, w: np.ndarray,
@@ -335,7 +354,7 @@ def _weighted_hvp(model: nn.Module, params, batch_stats, x: np.ndarray, y: np.nd
     rows = pos % n  # padding repeats real rows, at weight 0
     wb = np.where(np.arange(b) < real, w[pos], 0.0).astype(dtype)
     batches.append((jnp.asarray(x[rows]), jnp.asarray(y[rows], jnp.int32), jnp.asarray(wb)))
-  return _BatchedHvp(_hvp_program(model), params, batch_stats, batches)
+  return _BatchedHvp(model, params, batch_stats, batches)
 
 
 def group_hvp(model: nn.Module, params, batch_stats, x: np.ndarray, y: np.ndarray, batch_size: int) -> _BatchedHvp:
@@ -405,9 +424,10 @@ def group_top_eigenvalues(model: nn.Module, variables: Mapping, x, y, group, num
   Each group's HVP runs over its own samples in batches of min(batch_size, next power of two
   >= n_g, >= 8) rows (a few batch shapes, so a few compilations for all groups); all groups'
   Lanczos runs (``lanczos.lanczos_top_eigenvalues_many``: stop="residual", the same seed) advance in
-  lock step with one host sync per round. The first product of each group's forward-over-reverse
-  pass also yields grad L_g and L_g (its primal outputs), so the gradient norms need no extra pass
-  (they equal ``group_gradient_norms``' up to float summation order).
+  lock step with one host sync per round. grad L_g and L_g come from one gradient pass over the
+  same batches (``_BatchedHvp.gradient_and_value``: the same batch shapes, so no extra shapes to
+  compile beyond one gradient program each; equal to ``group_gradient_norms``' up to float
+  summation order).
   ``trace_probes`` > 0 adds Hutchinson trace estimates of H_g.
   Returns (host NumPy): {"eigenvalues": [G, k] descending, "residuals": [G, k],
     "num_hvps": [G], "converged": [G] bool, "counts": [G], "grad_norm": [G] float64,
@@ -425,10 +445,12 @@ def group_top_eigenvalues(model: nn.Module, variables: Mapping, x, y, group, num
   for g in range(num_groups):
     rows = np.flatnonzero(group == g)
     hvps.append(group_hvp(model, params, batch_stats, x[rows], y[rows], batch_size))
+  grads = [h.gradient_and_value() for h in hvps]  # dispatched now, fetched after the Lanczos runs
+  grad_norm = jnp.stack([jnp.linalg.norm(g) for g, _ in grads])
+  loss = jnp.stack([f for _, f in grads])
   runs = lanczos.lanczos_top_eigenvalues_many(hvps, flat, k, max_iters=max_iters, tol=tol, seed=seed)
   out = {key: np.array([r[key] for r in runs]) for key in ("eigenvalues", "residuals", "num_hvps", "converged")}
-  grad_norm, loss = jax.device_get((jnp.stack([jnp.linalg.norm(h.gradient) for h in hvps]),
-                                    jnp.stack([h.value for h in hvps])))
+  grad_norm, loss = jax.device_get((grad_norm, loss))
   out.update(counts=counts, grad_norm=np.asarray(grad_norm, np.float64), loss=np.asarray(loss, np.float64))
   if trace_probes:
     traces = [lanczos.hutchinson_trace(h, flat, num_probes=trace_probes, seed=seed) for h in hvps]

@@ -16,10 +16,9 @@ and mean loss L_a(theta) = (1 / n_a) sum_{i in a} l_i(theta):
 
 Theorem 1 says the group with the larger gradient norm and curvature (at a given ||d||) loses
 more; ``correlations`` tests whether the bound or the estimate ranks the groups as E_a does.
-Costs: per group one Hessian-vector product at v = d by the same compiled forward-over-reverse
-programs as the group's Lanczos run (``curvature.group_hvp``): jvp(value_and_grad(sum_i w_i l_i),
-(theta,), (d,)) with w_i = 1/n_a gives g and H d at once; plus forward passes at theta and
-theta + d for the losses (``excess_loss``).
+Costs: per group one Hessian-vector product at v = d and one gradient, by the same compiled programs
+as the group's Lanczos run and gradient norm (``curvature.group_hvp``, f = sum_i w_i l_i with
+w_i = 1/n_a); plus forward passes at theta and theta + d for the losses (``excess_loss``).
 """
 from __future__ import annotations
 
@@ -55,8 +54,7 @@ def _group_terms(model: nn.Module, params, params_q, batch_stats, x, y, group, n
   rows = []
   for g in range(num_groups):  # one product per group, by the programs the curvature's Lanczos runs compiled
     hvp = group_hvp(model, params, batch_stats, x[group == g], y[group == g], batch_size)
-    hd = hvp(d)
-    rows.append(_reduce_terms(hvp.gradient, hd, d))
+    rows.append(_reduce_terms(hvp.gradient_and_value()[0], hvp(d), d))
   host = np.asarray(jax.device_get(jnp.stack(rows)), np.float64)  # [G, 4], one transfer
   losses = excess_loss(model, {"params": params, "batch_stats": batch_stats}, None, x, y, group, num_groups,
                        batch_size=batch_size, params_q=params_q)
@@ -74,8 +72,8 @@ def second_order_terms(model: nn.Module, variables: Mapping, bits_tree: Optional
 
   theta = variables' params (any "bits" collection dropped), theta + d = dequantized params at
   the weights of ``bits_tree`` (its activation bits are ignored; None: d = 0). Per group one
-  Hessian-vector product of f = sum_{i in a} w_i l_i, w_i = 1/n_a, at v = d (``curvature.group_hvp``:
-  the programs the curvature's Lanczos runs use) gives g_a and H_a d, reduced on device to
+  Hessian-vector product of f = sum_{i in a} w_i l_i, w_i = 1/n_a, at v = d and one gradient
+  (``curvature.group_hvp``: the programs the curvature stage uses) give H_a d and g_a, reduced on device to
   g . d, d . H d, ||g||^2 and ||d||^2; the losses at theta and theta + d come from ``excess_loss``
   (forward passes); one host transfer each. theta is traced, so another bit-width does not recompile.
 
