@@ -7,8 +7,8 @@ Also reported as section (6) of benchmarks/curvature.py and by benchmarks/accele
 
 How: the study's training runs first (its own stage, not timed here); then fqjax.runner runs the explain stage
 alone while every jitted model program the stage calls is counted by the exact shapes of its arguments:
-  hvp      curvature._hvp_program: Lanczos products, density, the theory's product
-  grad     curvature._grad_program (group gradients for the norms and the theory), curvature._sample_norm_step
+  hvp      hvp._hvp_program: Lanczos products, density, the theory's product
+  grad     hvp._grad_program (group gradients for the norms and the theory), curvature._sample_norm_step
            (per-sample gradient norms, vmap of grad)
   forward  forward._chain_fn, forward._kernels_program, theory._loss_program, curvature._dequantize_program
 After the stage each distinct call is re-run warm (7 times, each blocked on, median) with the arguments of its
@@ -35,8 +35,8 @@ import numpy as np
 from benchmarks.common import device_description, write_json_atomic
 
 # (module path, factory name, kind) of every jitted model program the explain stage calls.
-PROGRAMS = [("fqjax.explain.curvature", "_hvp_program", "hvp"),
-            ("fqjax.explain.curvature", "_grad_program", "grad"),
+PROGRAMS = [("fqjax.explain.hvp", "_hvp_program", "hvp"),
+            ("fqjax.explain.hvp", "_grad_program", "grad"),
             ("fqjax.explain.curvature", "_sample_norm_step", "grad"),
             ("fqjax.explain.curvature", "_dequantize_program", "forward"),
             ("fqjax.explain.forward", "_chain_fn", "forward"),

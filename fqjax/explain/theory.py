@@ -17,7 +17,7 @@ and mean loss L_a(theta) = (1 / n_a) sum_{i in a} l_i(theta):
 Theorem 1 says the group with the larger gradient norm and curvature (at a given ||d||) loses
 more; ``correlations`` tests whether the bound or the estimate ranks the groups as E_a does.
 Costs: per group one Hessian-vector product at v = d and one gradient, by the same compiled programs
-as the group's Lanczos run and gradient norm (``curvature.group_hvp``, f = sum_i w_i l_i with
+as the group's Lanczos run and gradient norm (``hvp.group_hvp``, f = sum_i w_i l_i with
 w_i = 1/n_a); plus forward passes at theta and theta + d for the losses (``excess_loss``).
 """
 from __future__ import annotations
@@ -73,7 +73,7 @@ def second_order_terms(model: nn.Module, variables: Mapping, bits_tree: Optional
   theta = variables' params (any "bits" collection dropped), theta + d = dequantized params at
   the weights of ``bits_tree`` (its activation bits are ignored; None: d = 0). Per group one
   Hessian-vector product of f = sum_{i in a} w_i l_i, w_i = 1/n_a, at v = d and one gradient
-  (``curvature.group_hvp``: the programs the curvature stage uses) give H_a d and g_a, reduced on device to
+  (``hvp.group_hvp``: the programs the curvature stage uses) give H_a d and g_a, reduced on device to
   g . d, d . H d, ||g||^2 and ||d||^2; the losses at theta and theta + d come from ``excess_loss``
   (forward passes); one host transfer each. theta is traced, so another bit-width does not recompile.
 
