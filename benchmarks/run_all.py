@@ -10,6 +10,7 @@ Ratios (medians; each measured within one run of its script):
   all group gradient norms / one gradient  (curvature; goal <= 1.5x)
   HVP / gradient                           (curvature; expected 2-3x)
   Lanczos / power-iteration HVPs at tol 1e-3 on the top eigenvalue (curvature; goal <= 0.5)
+  explain stage wall / its HVP + gradient compute (curvature section 6, explain_overhead; goal <= 1.5)
 """
 import argparse
 import datetime
