@@ -43,7 +43,8 @@ def _rows(size: str) -> tuple[list, dict]:
                  ">= 1"))
   c = raw["curvature"] = curvature.run(size)
   for label, key, goal in curvature.RATIO_KEYS:
-    rows.append((label, c.get("setting", ""), c["ratios"][key], goal))
+    setting = c["explain_stage"]["setting"] if key.startswith("explain_") else c.get("setting", "")
+    rows.append((label, setting, c["ratios"][key], goal))
   raw["wall_s"] = time.perf_counter() - t0
   return rows, raw
 
