@@ -18,10 +18,11 @@ as skipped.
 Output: --out, else $OUT/accelerator_<device kind>_<date>.json when $OUT is set, else
 benchmarks/results/accelerator_<device kind>_<date>.json (written atomically).
 
-The GPU image lacks ml-collections (and tensorflow-datasets, array-record); fqjax.train / fqjax.runner
-import ml_collections, so carry it as a wheel:
-  here:  pip download ml-collections --no-deps -d wheels/
-  there: pip install --no-deps wheels/*.whl && python benchmarks/accelerator.py --size gpu
+The GPU image lacks ml-collections and the PyYAML it imports (and tensorflow-datasets, array-record, tensorboardX);
+fqjax.train / fqjax.runner import ml_collections, so carry them as wheels (benchmarks/gpu_run.sh does both steps):
+  here:  bash benchmarks/gpu_run.sh --download     (Python 3.12 wheels into wheels/)
+  there: bash benchmarks/gpu_run.sh                (run tool with carry ["wheels"])
+The study runs with config.tensorboard off (no tensorboardX there).
 This module imports only the standard library and jax at import time; fqjax and the other benchmark
 scripts are imported inside the sections.
 """
@@ -174,6 +175,7 @@ def study_config(kind: str):
   from fqjax.config import base_config  # lazy: needs ml_collections
   c = base_config()
   c.data.name = "synthetic"
+  c.tensorboard = False  # tensorboardX is not in the accelerator image; the benchmark needs no scalars
   if kind == "tiny":
     c.name, c.seeds = "tiny", (0,)
     c.data.synthetic.group_sizes = (160, 80, 30)
