@@ -11,11 +11,12 @@ to 0.1^(c/9) of each class, N = 735):
       goal: Lanczos <= half as many, and its top-5 are within 1e-3 in the same budget
   (4) the second-order test of the theory (fqjax.explain.theory.second_order_terms: every group's g.d,
       d.H.d, ||g|| and excess loss at 4-bit weights) / one HVP of every group's loss (each over its
-      own rows, as a Lanczos step does)                                                  goal <= 1.5x
-      (the explain stage's "at most one HVP per group and bit-width": one forward-over-reverse pass
-      per group, plus the forward pass at theta + d that measures the observed excess loss and the
-      dequantization of the weights, which no HVP can replace); also against one HVP of the
-      whole data, and the mean per-sample gradient norms / all group gradient norms       reported
+      own rows, as a Lanczos step does)                                                      reported
+      (one HVP and one gradient per group through the Lanczos runs' programs, plus the forward passes
+      for the observed excess loss and the dequantization of the weights; its goal was <= 1.5x with its
+      own fused program per batch shape, dropped in issue 16 to save that program's compilations:
+      benchmarks/README.md); also against one HVP of the whole data, and the mean per-sample gradient
+      norms / all group gradient norms                                                    reported
   (5) the allocation's sensitivity table (fqjax.allocate.sensitivity: every group x layer x candidate
       bit-width's g.d + 1/2 d.H.d, candidates 2/3/4/8) / one HVP per group   goal <= layers x candidates
   (6) the explain stage of the default digits study (seed 0 with --size small, 3 seeds with full): its wall
@@ -57,7 +58,7 @@ TOL = 1e-3
 RATIO_KEYS = [("all group gradient norms / one gradient", "group_grad_norms_over_gradient", "<= 1.5"),
               ("HVP / gradient", "hvp_over_gradient", "2-3"),
               ("Lanczos / power HVPs to 1e-3, top eigenvalue", "lanczos_over_power_hvps", "<= 0.5"),
-              ("second-order terms, all groups / one HVP per group", "theory_over_hvp", "<= 1.5"),
+              ("second-order terms, all groups / one HVP per group", "theory_over_hvp", "reported"),
               ("mean per-sample grad norms / group grad norms", "per_sample_over_group_norms", "reported"),
               ("allocation sensitivity table / one HVP per group", "sensitivity_over_group_hvps",
                "<= layers x candidates"),
@@ -381,8 +382,9 @@ def report(out: dict) -> None:
     _report_eigen(op, e, out["tol"])
   tc = out["theory_cost"]
   print(f"\n(4) second-order terms of all groups at 4 bits / one HVP per group: {tc['times_s']['theory']:.4f} s / "
-        f"{tc['times_s']['group_hvps']:.4f} s = {tc['theory_over_hvp']:.2f}x (goal <= 1.5); / one HVP of all the "
-        f"data: {tc['theory_over_one_hvp']:.2f}x; mean per-sample gradient norms / group gradient norms: "
+        f"{tc['times_s']['group_hvps']:.4f} s = {tc['theory_over_hvp']:.2f}x (reported; goal 1.5 before issue 16); "
+        f"/ one HVP of all the data: {tc['theory_over_one_hvp']:.2f}x; mean per-sample gradient norms / group "
+        "gradient norms: "
         f"{tc['per_sample_over_group_norms']:.2f}x")
   print(f"(5) allocation sensitivity table ({tc['candidates']} layer x bit candidates, every group) / one HVP per "
         f"group: {tc['sensitivity_over_group_hvps']:.2f}x (goal <= {tc['candidates']})")

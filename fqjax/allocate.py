@@ -23,7 +23,7 @@ it alone, a nested jvp along d_lb (forward-over-forward, vmapped over b) yields 
 Tangents start at layer l and no backward pass is taken, so each candidate costs less than one HVP
 (< groups x layers x candidates HVP-equivalents in all); one compile per batch shape, none per (l, b).
 Measured (CPU, SmallCNN width 16, 1000 digits in 10 groups, 4 layers x 4 candidates): 0.10 s after warm-up,
-1.0x one ``theory.second_order_terms`` call (one forward-over-reverse pass per batch) on the same data.
+1.0x one ``theory.second_order_terms`` call (then one forward-over-reverse pass per batch) on the same data.
 """
 from __future__ import annotations
 
@@ -328,7 +328,7 @@ def additivity(model: nn.Module, variables: Mapping, x, y, group, num_groups: in
 
   table: ``sensitivity`` on the same (x, y, group). For each allocation: "predicted" S_g [G], "measured"
   L_g(theta + d) - L_g(theta) [G] and "joint" g.d + 1/2 d.H.d [G] with d of all layers at once
-  (``theory.second_order_terms``, one forward-over-reverse pass per batch), and "vs_measured" /
+  (``theory.second_order_terms``: one HVP and one gradient per group), and "vs_measured" /
   "vs_joint": {"error": S - reference [G], "max_abs", "mean_abs", "max_rel", "mean_rel"} (relative to
   |reference|, floored at 1e-12).
   """

@@ -221,7 +221,7 @@ def theory(model: nn.Module, qvars: Variables, params_q, bits_tree, rows, fwd, n
   bits tree, weights only (``model``: a clone of the quantized model; its weight rule is not used).
 
   On the curvature rows: per group [G] the observed excess loss, g.d, d.H.d, the second-order estimate
-  and ||g|| (one forward-over-reverse pass per batch), and ||d||; on the forward split the observed
+  and ||g|| (one HVP and one gradient per group), and ||d||; on the forward split the observed
   excess loss. BatchNorm statistics are the trained ones (``qvars`` before recalibration), so d, the
   change of the weights, is the only change. Keys: the theory_lib names, "observed_excess_loss":
   {split name: [G]}, "batchnorm": "trained statistics", "activation_bits_ignored".

@@ -33,7 +33,7 @@ def test_accelerator_cpu_small(tmp_path):
     assert isinstance(stages[stage], float), (stage, stages)
   assert [r["dtype"] for r in d["sections"]["quant_overhead"]["train_step"]] == ["float32", "bfloat16"]
   explain = d["sections"]["study"]["explain_overhead"]  # the study's explain stage against its model programs
-  assert explain["num_hvps"] > 0 and 0 < explain["compile_s"] < explain["wall_s"] == stages["explain"]
+  assert explain["hvp_program_calls"] > 0 and 0 < explain["compile_s"] < explain["wall_s"] == stages["explain"]
   assert "study stages" in proc.stdout
 
 

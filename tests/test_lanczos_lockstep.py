@@ -110,3 +110,18 @@ def test_many_rejects_bad_options(bad):
     lanczos.lanczos_top_eigenvalues_many(mvs, 80, 2, max_iters=bad)
   with pytest.raises(ValueError, match="num_iters"):
     lanczos.lanczos_tridiagonal_many([(mvs[0], 0)], 80, bad)
+
+
+def test_bases_are_allocated_per_wave_and_a_large_one_is_presized(monkeypatch):
+  mvs, _ = _operators()
+  shapes = []
+  real_step = lanczos._lanczos_step
+  monkeypatch.setattr(lanczos, "_lanczos_step", lambda basis, *a: shapes.append(basis.shape[0]) or real_step(basis, *a))
+  run = lanczos._Krylov(mvs[0], 80, jnp.float32, 0, 71)
+  assert run.basis is None and run.q is None  # a run waiting for its wave holds no device memory
+  lanczos.lanczos_top_eigenvalues_many(mvs, 80, k=3, tol=1e-30, max_iters=70)
+  assert shapes[0] == 32 and max(shapes) == 71  # grown: 32, 64, then the 71 rows max_iters + 1 needs
+  shapes.clear()
+  monkeypatch.setattr(lanczos, "_MAX_BASIS_FLOATS", 71 * 80)  # one 71-row basis is over half the budget
+  lanczos.lanczos_top_eigenvalues_many(mvs, 80, k=3, tol=1e-30, max_iters=70)
+  assert set(shapes) == {71}  # allocated at its final size: growth would hold two bases at once

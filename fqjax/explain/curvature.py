@@ -364,9 +364,12 @@ def group_top_eigenvalues(model: nn.Module, variables: Mapping, x, y, group, num
   for g in range(num_groups):
     rows = np.flatnonzero(group == g)
     hvps.append(group_hvp(model, params, batch_stats, x[rows], y[rows], batch_size))
-  grads = [h.gradient_and_value() for h in hvps]  # dispatched now, fetched after the Lanczos runs
-  grad_norm = jnp.stack([jnp.linalg.norm(g) for g, _ in grads])
-  loss = jnp.stack([f for _, f in grads])
+  norms, losses = [], []
+  for h in hvps:  # dispatched now, fetched after the Lanczos runs; each gradient [P] is dropped once reduced
+    grad, value = h.gradient_and_value()
+    norms.append(jnp.linalg.norm(grad))
+    losses.append(value)
+  grad_norm, loss = jnp.stack(norms), jnp.stack(losses)
   runs = lanczos.lanczos_top_eigenvalues_many(hvps, flat, k, max_iters=max_iters, tol=tol, seed=seed)
   out = {key: np.array([r[key] for r in runs]) for key in ("eigenvalues", "residuals", "num_hvps", "converged")}
   grad_norm, loss = jax.device_get((grad_norm, loss))

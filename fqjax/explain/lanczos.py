@@ -87,20 +87,21 @@ def _grow(basis, rows: int):
   return jnp.pad(basis, ((0, rows - basis.shape[0]), (0, 0)))
 
 
-# Bases held at once in lock-step runs: their rows x P floats (2**28 float32 = 1 GiB). A model whose single
-# basis is larger runs one operator at a time, as a plain loop would.
+# Bases held at once in lock-step runs: rows x P floats each (2**28 floats: 1 GiB in float32, 2 GiB in float64).
+# A run is counted at twice its final rows (growth briefly holds the old and the new basis), and a basis whose
+# final size alone is over half the budget is allocated at that size from the start (no growth, so no doubled
+# peak); such a model runs one operator at a time, as a plain loop would.
 _MAX_BASIS_FLOATS = 2 ** 28
 _FIRST_ROWS = 32  # a basis starts with this many rows and doubles when full: cheap steps while j is small
 
 
 class _Krylov:
-  """One Lanczos run's state: its operator, basis (device), current vector and the host tridiagonal."""
+  """One Lanczos run's state: its operator, basis (device, allocated on the first product, so runs waiting for
+  their wave hold no memory), current vector and the host tridiagonal."""
 
   def __init__(self, matvec: Matvec, dim: int, dtype, seed: int, rows: int):
-    self.matvec, self.rows = matvec, rows
-    start = _start_vector(seed, dim, dtype)
-    self.basis = jnp.zeros((min(rows, _FIRST_ROWS), dim), dtype).at[0].set(start)
-    self.q, self.beta_dev = start, jnp.zeros((), dtype)
+    self.matvec, self.dim, self.dtype, self.seed, self.rows = matvec, dim, dtype, seed, rows
+    self.basis = self.q = self.beta_dev = None
     self.alphas: list[float] = []
     self.betas: list[float] = []
     self.done = False
@@ -109,7 +110,12 @@ class _Krylov:
   def dispatch(self):
     """Queues one product and step (no host sync); returns the device scalars (alpha_j, beta_j)."""
     j = len(self.alphas)
-    if j + 1 >= self.basis.shape[0]:
+    if j == 0:
+      first = self.rows if 2 * self.rows * self.dim > _MAX_BASIS_FLOATS else min(self.rows, _FIRST_ROWS)
+      self.q = _start_vector(self.seed, self.dim, self.dtype)
+      self.basis = jnp.zeros((first, self.dim), self.dtype).at[0].set(self.q)
+      self.beta_dev = jnp.zeros((), self.dtype)
+    elif j + 1 >= self.basis.shape[0]:
       self.basis = _grow(self.basis, min(2 * self.basis.shape[0], self.rows))
     self.basis, self.q, alpha, self.beta_dev = _lanczos_step(self.basis, self.matvec(self.q), j, self.beta_dev)
     return alpha, self.beta_dev
@@ -117,9 +123,9 @@ class _Krylov:
 
 def _lock_step(runs: list, dim: int, on_step: Callable[[_Krylov, float, float], None]) -> None:
   """Advances every run until it is done, all unfinished runs by one product per round and one host sync
-  per round for all of them (not one per product), at most as many runs at once as _MAX_BASIS_FLOATS allows;
-  ``on_step(run, alpha, beta)`` appends the scalars and sets ``run.done``."""
-  wave = max(1, _MAX_BASIS_FLOATS // max(runs[0].rows * dim, 1)) if runs else 1
+  per round for all of them (not one per product), at most as many runs at once as _MAX_BASIS_FLOATS allows
+  (each counted at twice its final basis); ``on_step(run, alpha, beta)`` appends the scalars and sets ``run.done``."""
+  wave = max(1, _MAX_BASIS_FLOATS // max(2 * runs[0].rows * dim, 1)) if runs else 1
   for first in range(0, len(runs), wave):
     live = runs[first:first + wave]
     while live:
@@ -244,7 +250,7 @@ def lanczos_tridiagonal(matvec: Matvec, dim_or_params, num_iters: int, seed: int
   the start vector's spectral measure (see ``fqjax.explain.density``).
 
   Returns {"alphas": [m] float64, "betas": [m - 1] float64 (the last beta, coupling to the
-  unused next vector, is dropped), "num_hvps": m}. The basis holds (m + 1) x P values.
+  unused next vector, is dropped), "num_hvps": m}. The basis holds up to (m + 1) x P values.
   """
   return lanczos_tridiagonal_many([(matvec, seed)], dim_or_params, num_iters)[0]
 
