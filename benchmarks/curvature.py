@@ -45,7 +45,7 @@ from sklearn.datasets import load_digits
 from benchmarks import explain_overhead
 from benchmarks.common import device_description, median_times_interleaved, write_json_atomic
 from fqjax import layers
-from fqjax.explain import (dequantized_params, group_gradient_norms, group_mean_sample_gradient_norms,
+from fqjax.explain import (dequantized_params, group_gradient_norms, group_hvp, group_mean_sample_gradient_norms,
                            group_top_eigenvalues, lanczos_top_eigenvalues, make_hvp, power_iteration)
 from fqjax import allocate
 from fqjax.explain import theory
@@ -179,17 +179,17 @@ def hvp_cost(model, variables, x, y, repeats, batch_size=256):
 
 def theory_cost(model, variables, x, y, group, repeats, batch_size=256):
   """(4): second_order_terms at 4-bit weights and the mean per-sample gradient norms, against one HVP per group
-  (make_hvp on the group's rows, batches of min(batch_size, next power of two >= n_g) as in
+  (group_hvp on the group's rows, batches of min(batch_size, next power of two >= n_g, >= 8) as in
   group_top_eigenvalues), one HVP over all the data, and all group gradient norms."""
   names = layers.quant_layer_names(model, x[:1])
   bits_tree = BitSpec.uniform(4).bits_tree(names)
   hvp, flat = make_hvp(model, variables, x, y, batch_size=batch_size)
   v = jax.random.normal(jax.random.PRNGKey(0), flat.shape)
   group_hvps = []
-  for g in range(10):
+  for g in range(10):  # each group's rows in group_top_eigenvalues' batches (padded to a power of two >= 8)
     rows = np.flatnonzero(group == g)
-    b = min(batch_size, max(8, 1 << int(np.ceil(np.log2(len(rows))))))
-    group_hvps.append(make_hvp(model, variables, x[rows], y[rows], batch_size=b)[0])
+    group_hvps.append(group_hvp(model, variables["params"], variables["batch_stats"], np.asarray(x[rows]),
+                                np.asarray(y[rows]), batch_size))
   xd, yd = jnp.asarray(x), jnp.asarray(y)
   t = median_times_interleaved({
       "hvp": lambda: hvp(v),

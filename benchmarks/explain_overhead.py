@@ -67,8 +67,7 @@ class _Recorder:
       def call(*args):
         key = (name, id(program), _signature(args))
         if key not in self.calls:
-          kept = jax.tree_util.tree_map(lambda a: a.copy() if isinstance(a, jax.Array) else a, args)
-          self.calls[key] = {"name": name, "kind": kind, "count": 0, "program": program, "args": kept}
+          self.calls[key] = {"name": name, "kind": kind, "count": 0, "program": program, "args": _copy(args)}
         self.calls[key]["count"] += 1
         return program(*args)
 

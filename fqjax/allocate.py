@@ -138,14 +138,13 @@ def sensitivity(model: nn.Module, variables: Mapping, x, y, group, num_groups: i
   params, batch_stats = curvature._theta(model, variables, x, None, "ignore")
   flat = traverse_util.flatten_dict(params)
   paths = tuple(_kernel_path(n, flat) for n in names)
-  deltas = []
-  for name, path in zip(names, paths):
-    per_bits = []
-    for b in bits:
-      tree = BitSpec(w_bits=None, layers={name: (b, None)}).bits_tree(names)
-      q = traverse_util.flatten_dict(curvature.quantized_params(model, variables, tree, x))
-      per_bits.append(q[path] - flat[path])
-    deltas.append(jnp.stack(per_bits))  # [B, *kernel shape]
+  # A layer's quantized kernel depends only on its own bits: one dequantization per bit-width serves every layer.
+  per_bits = []
+  for b in bits:
+    tree = BitSpec(w_bits=None, layers={name: (b, None) for name in names}).bits_tree(names)
+    q = traverse_util.flatten_dict(curvature.quantized_params(model, variables, tree, x))
+    per_bits.append([q[path] - flat[path] for path in paths])
+  deltas = [jnp.stack([row[i] for row in per_bits]) for i in range(len(paths))]  # each [B, *kernel shape]
   dtype = jnp.result_type(*jax.tree_util.tree_leaves(params))
   step = _sensitivity_step(model, paths)
   xd, yd = jnp.asarray(x), jnp.asarray(y, jnp.int32)

@@ -19,8 +19,9 @@ import numpy as np
 
 from fqjax import stats
 from fqjax.judgements import (FULL, MINORITY_FRACTION, as_float, change_from_fp, collapsed_bits, combine,  # noqa: F401
-                              equivalence_margin, have_no_data, holders, judged, minority_mask, minority_threshold,
-                              no_minority_why, join_reasons, not_tested, path_values, per_bits, seed_matrix,
+                              equivalence_margin, have_no_data, holders, interval_status, judged, minority_mask,
+                              minority_threshold, no_minority_why, join_reasons, not_tested, path_values, per_bits,
+                              seed_matrix,
                               too_few_groups_why, verdict_from_statuses, verdict_over_bits)
 from fqjax.claims_mitigate import (fair_allocation_beats_group_blind, fairqat_beats_each_control,
                                     fairqat_beats_ptq_and_qat)
@@ -206,7 +207,7 @@ def _drop_difference(results: Mapping, section: Mapping, holder: Mapping, minori
     if max(mino, majo) <= margin:
       status = "not applicable"
     else:
-      status = "holds" if lo > 0 else "does not hold" if hi <= 0 else "inconclusive"
+      status = interval_status(lo, hi)
       statuses.append(status)
     out[str(b)] = {"minority_mean_drop": mino, "majority_mean_drop": majo, "difference": mean, "low": lo,
                    "high": hi, "status": status, "holds": status == "holds"}

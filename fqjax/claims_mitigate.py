@@ -8,7 +8,7 @@ from typing import Mapping
 
 import numpy as np
 
-from fqjax.judgements import (as_float, combine, join_reasons, judged, not_tested, too_few_groups_why,
+from fqjax.judgements import (as_float, combine, interval_status, join_reasons, judged, not_tested, too_few_groups_why,
                               verdict_from_statuses, verdict_over_bits)
 
 
@@ -102,7 +102,7 @@ def _paired_fv(results: Mapping, m: Mapping, control: str, method: str) -> dict:
     half = float(scipy_stats.t.ppf(0.975, len(diff) - 1) * diff.std(ddof=1) / math.sqrt(len(diff)))
     mean = float(diff.mean())
     lo, hi = mean - half, mean + half
-    status = "holds" if lo > 0 else "does not hold" if hi <= 0 else "inconclusive"
+    status = interval_status(lo, hi)
     statuses.append(status)
     out[str(b)] = {"difference": mean, "low": lo, "high": hi, "status": status, "holds": status == "holds",
                    "per_seed": diff.tolist()}

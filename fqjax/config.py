@@ -299,12 +299,11 @@ def _validate_explain(e) -> None:
 
 
 def _validate_claims(c) -> None:
-  if isinstance(c.collapse_fraction, bool) or not isinstance(c.collapse_fraction, (int, float)) or \
-      not 0 < c.collapse_fraction < 1:
+  if not _is_number(c.collapse_fraction) or not 0 < c.collapse_fraction < 1:
     _fail("claims.collapse_fraction", c.collapse_fraction, "a number strictly between 0 and 1 (0.5: the midpoint "
           "between chance and full-precision accuracy)")
   margin = c.equivalence_margin
-  if margin is not None and (isinstance(margin, bool) or not isinstance(margin, (int, float)) or not margin >= 0):
+  if margin is not None and (not _is_number(margin) or not margin >= 0):
     _fail("claims.equivalence_margin", margin, "None (one test example of the median group) or a number >= 0")
 
 

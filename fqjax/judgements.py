@@ -27,6 +27,11 @@ def verdict_over_bits(flags: Sequence[bool]) -> str:
   return "partly" if any(flags) else "does not hold"
 
 
+def interval_status(lo: float, hi: float) -> str:
+  """One bit-width's status from a 95% interval [lo, hi] of a difference that the claim says is > 0."""
+  return "holds" if lo > 0 else "does not hold" if hi <= 0 else "inconclusive"
+
+
 def verdict_from_statuses(statuses: Sequence[str]) -> str:
   """Over bit-widths, from per-bit statuses (holds / does not hold / inconclusive, not applicable ones left out):
   holds when all hold, partly when some do, does not hold when none does and one does not hold, else inconclusive."""

@@ -136,18 +136,28 @@ def _sow(module: nn.Module, collection: str, name: str, value: jax.Array) -> Non
     module.sow(collection, name, value)
 
 
+def quantize_input(x: jax.Array, a_bits, ste: str, lo: Optional[jax.Array] = None,
+                   hi: Optional[jax.Array] = None) -> jax.Array:
+  """Asymmetric per-tensor fake quantization of a layer input at ``a_bits`` (Linen and NNX layers).
+
+  x: any shape -> same shape and dtype. With a calibrated range [lo, hi] (f32[] each) the scale and
+  zero point come from it (``quant.scale_zero_point_from_range``), else from min / max of ``x``.
+  """
+  if lo is None:
+    return quant.fake_quant(x, a_bits, symmetric=False, ste=ste)
+  scale, zp = quant.scale_zero_point_from_range(lo, hi, a_bits, symmetric=False)
+  return quant.fake_quant(x, a_bits, symmetric=False, scale=scale, zero_point=zp, ste=ste)
+
+
 def _quantize_input(module: nn.Module, x: jax.Array, a_bits) -> jax.Array:
-  """Asymmetric per-tensor fake quantization of the layer input, on the calibrated range when there is one."""
+  """``quantize_input`` of a Linen layer's input, on its calibrated "quant_stats" range when there is one."""
   _sow(module, ACT_INPUTS, "x", x)
   if a_bits is None:
     return x
-  ste = module.quant.ste
   if module.has_variable(QUANT_STATS, "lo"):
-    scale, zp = quant.scale_zero_point_from_range(
-        module.get_variable(QUANT_STATS, "lo"), module.get_variable(QUANT_STATS, "hi"), a_bits,
-        symmetric=False)
-    return quant.fake_quant(x, a_bits, symmetric=False, scale=scale, zero_point=zp, ste=ste)
-  return quant.fake_quant(x, a_bits, symmetric=False, ste=ste)
+    return quantize_input(x, a_bits, module.quant.ste, module.get_variable(QUANT_STATS, "lo"),
+                          module.get_variable(QUANT_STATS, "hi"))
+  return quantize_input(x, a_bits, module.quant.ste)
 
 
 def _quantize_kernel(module: nn.Module, kernel: jax.Array, w_bits) -> jax.Array:

@@ -32,6 +32,7 @@ on test, and "selection" records the grid, each setting's validation numbers and
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 import time
@@ -193,11 +194,15 @@ def run_entry(model, fp_variables: Mapping, fp_test: Mapping, splits, mcfg, pcfg
 def _allocated_spec(model, fp_variables, splits, mcfg, layer_names, method: str, bits: int,
                     shared: dict) -> tuple[BitSpec, dict]:
   """The per-layer bits of an allocation method at target ``bits``: fqjax.allocate on the sensitivity table of
-  ``mcfg.alloc_split`` (per group for "fair", one group of every row for "blind"; cached in ``shared``) within
+  ``mcfg.alloc_split`` (per group for "fair", one group of every row for "blind"; the table, and the allocation
+  per bit-width, cached in ``shared``) within
   the byte budget of ``mcfg.alloc_budget``; with the additivity check of the chosen allocation (the predicted
   per-group sum against the measured excess loss of all layers quantized together, on the same split)."""
   from fqjax import allocate  # scipy's MILP; only the allocation methods need it
   kind = METHOD_PARTS[method].allocation
+  if (kind, bits) in shared:  # the PTQ and QAT methods of one kind share the allocation and its check
+    spec, allocation = shared[(kind, bits)]
+    return spec, copy.deepcopy(allocation)
   split, info = splits[mcfg.alloc_split], splits.info
   group, num_groups = (split.group, info.num_groups) if kind == "fair" else (np.zeros_like(split.group), 1)
   qmodel = layers.configured(model, fold_bn=(mcfg.bn == "fold"), scale=ptq.parse_variant(mcfg.ptq_variant)[0])
@@ -214,10 +219,12 @@ def _allocated_spec(model, fp_variables, splits, mcfg, layer_names, method: str,
   # Additivity: the per-layer sum against the measured excess loss of all layers quantized together.
   check = allocate.additivity(qmodel, fp_variables, split.x, split.y, group, num_groups, shared[kind],
                               [chosen["bits"]])[0]
-  return spec, {"layer_bits": {k: int(v) for k, v in chosen["bits"].items()}, "budget_bytes": int(budget),
+  allocation = {"layer_bits": {k: int(v) for k, v in chosen["bits"].items()}, "budget_bytes": int(budget),
                 "predicted_excess_loss": np.asarray(chosen["predicted"], np.float64).tolist(), "kind": kind,
                 "measured_excess_loss": np.asarray(check["measured"], np.float64).tolist(),
                 "additivity_max_abs_error": float(check["vs_measured"]["max_abs"])}
+  shared[(kind, bits)] = (spec, allocation)
+  return spec, copy.deepcopy(allocation)
 
 
 def _start_variables(model, qmodel, fp_variables, splits, pcfg, mcfg, method: str, resolved, seed: int) -> dict:
@@ -242,13 +249,15 @@ def _select(qmodel, start, bits_tree, splits, mcfg, ecfg, base_train, method: st
   """Fine-tunes every grid setting (each in its own checkpoint subfolder) and keeps the one with the best
   validation worst-group accuracy (ties: validation accuracy, then grid order)."""
   tried, best = [], None
+  # The start's hardness depends on no grid field (losses.hardness_signal reads source and cap): one predict.
+  hardness = _start_hardness(qmodel, start, bits_tree, splits, qat_train_config(method, mcfg, base_train), ecfg, mesh)
   for setting in grid_settings(mcfg):
     tcfg = qat_train_config(method, mcfg, base_train, setting, len(splits.train))
     folder = os.path.join(ckpt_dir, setting_label(setting))
     out = train.fit(qmodel, splits, tcfg, seed, folder, bits_tree=bits_tree, init_variables=start,
                     bn_train_epochs=None if mcfg.bn == "train" else mcfg.bn_train_epochs, progress=False,
                     extra_variables={k: v for k, v in start.items() if k == layers.QUANT_STATS},
-                    init_group_losses=_start_hardness(qmodel, start, bits_tree, splits, tcfg, ecfg, mesh), mesh=mesh)
+                    init_group_losses=hardness, mesh=mesh)
     last = out["history"][-1]
     row = {"setting": dict(setting), "val_worst_group_accuracy": last["val_worst_group_accuracy"],
            "val_accuracy": last["val_accuracy"], "steps": out["steps"]}

@@ -40,7 +40,7 @@ from flax import nnx, traverse_util
 
 from fqjax import calibration, layers, quant
 from fqjax.bitspec import BitSpec
-from fqjax.layers import QuantRule, bn_fold_scale, fold_bn, quantize_weights
+from fqjax.layers import QuantRule, bn_fold_scale, fold_bn, quantize_input, quantize_weights
 
 Padding = layers.Padding
 BitsValue = Union[int, float, jax.Array, None]
@@ -65,19 +65,6 @@ def _checked_bits(value: BitsValue, name: str) -> jax.Array:
   if float(np.asarray(value)) > quant.FULL_PRECISION_BITS:
     raise ValueError(f"{name} must be an integer in 1..32 (32 or None = full precision), got {value!r}.")
   return jnp.asarray(value, jnp.float32)
-
-
-def quantize_input(x: jax.Array, a_bits, ste: str, lo: Optional[jax.Array] = None,
-                   hi: Optional[jax.Array] = None) -> jax.Array:
-  """Asymmetric per-tensor fake quantization of a layer input at ``a_bits``: Linen's rule.
-
-  x: any shape -> same shape and dtype. With a calibrated range [lo, hi] (f32[] each) the scale and
-  zero point come from it (``quant.scale_zero_point_from_range``), else from min / max of ``x``.
-  """
-  if lo is None:
-    return quant.fake_quant(x, a_bits, symmetric=False, ste=ste)
-  scale, zp = quant.scale_zero_point_from_range(lo, hi, a_bits, symmetric=False)
-  return quant.fake_quant(x, a_bits, symmetric=False, scale=scale, zero_point=zp, ste=ste)
 
 
 # Forward-call recorders (``quant_layer_names``, ``calibrate_activations``): each gets (layer, input).

@@ -228,20 +228,17 @@ def theory(model: nn.Module, qvars: Variables, params_q, bits_tree, rows, fwd, n
   """
   terms = theory_lib.second_order_terms(model, qvars, None, rows.x, rows.y, rows.group, num_groups,
                                         batch_size=xcfg.batch_size, params_q=params_q)
-  held_out = theory_lib.excess_loss(model, qvars, None, fwd.x, fwd.y, fwd.group, num_groups,
-                                    batch_size=xcfg.batch_size, params_q=params_q)
   out = {k: (v.tolist() if isinstance(v, np.ndarray) else float(v)) for k, v in terms.items()}
   out["observed_excess_loss"] = {split_names["curvature"]: out["excess_loss"]}
   if split_names["forward"] != split_names["curvature"]:
+    held_out = theory_lib.excess_loss(model, qvars, None, fwd.x, fwd.y, fwd.group, num_groups,
+                                      batch_size=xcfg.batch_size, params_q=params_q)
     out["observed_excess_loss"][split_names["forward"]] = np.asarray(held_out["excess_loss"]).tolist()
   out["batchnorm"] = "trained statistics"
   out["activation_bits_ignored"] = any(np.any(np.asarray(leaf) < quant.FULL_PRECISION_BITS)
-                                       for path, leaf in _flat_bits(bits_tree) if path[-1] == "a")
+                                       for path, leaf in traverse_util.flatten_dict(bits_tree).items()
+                                       if path[-1] == "a")
   return out
-
-
-def _flat_bits(bits_tree):
-  return traverse_util.flatten_dict(bits_tree).items()
 
 
 def curvature(model: nn.Module, variables: Variables, bits_tree, split, num_groups: int, group_sizes: Sequence[int],

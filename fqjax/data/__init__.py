@@ -50,9 +50,9 @@ def load(config) -> Splits:
 def split_seed(config, seed: int) -> int:
   """The data seed training seed ``seed`` uses: data.seed + seed when config.data.resplit_per_seed and the
   study has several seeds, else data.seed. ``config`` is a whole study config."""
-  seeds = [config.seeds] if isinstance(config.seeds, int) else list(config.seeds)
+  from fqjax.config import seeds_of  # fqjax.config imports fqjax.data: a module-level import would be a cycle
   data = config.data
-  if data.get("resplit_per_seed", True) and len(seeds) > 1:
+  if data.get("resplit_per_seed", True) and len(seeds_of(config)) > 1:
     return int(data.seed) + int(seed)
   return int(data.seed)
 

@@ -132,10 +132,9 @@ def _lock_step(runs: list, dim: int, on_step: Callable[[_Krylov, float, float], 
       scalars = jax.device_get([run.dispatch() for run in live])
       for run, (alpha, beta) in zip(live, scalars):
         on_step(run, float(alpha), float(beta))
-      live = [run for run in live if not run.done]
-      for run in runs[first:first + wave]:
         if run.done:
           run.basis = run.q = None  # free the device memory as soon as a run ends
+      live = [run for run in live if not run.done]
 
 
 def _check_top_options(dim: int, k, max_iters, tol, which: str, stop: str) -> None:

@@ -34,13 +34,13 @@ from jax.flatten_util import ravel_pytree
 from fqjax.data.pipeline import padded_batches
 from fqjax.explain import lanczos
 from fqjax.explain.curvature import _check_data, _per_sample_loss, _theta, group_hvp
-from fqjax.metrics import group_mean, spearman
+from fqjax.metrics import group_mean, pearson, spearman
 
 
 @jax.jit
 def _reduce_terms(grad, hd, d):
-  """[4] = [g . d, d . H d, ||g||^2, ||d||^2] from one group's HVP at v = d (flat [P] vectors)."""
-  return jnp.stack([jnp.vdot(grad, d), jnp.vdot(d, hd), jnp.vdot(grad, grad), jnp.vdot(d, d)])
+  """[3] = [g . d, d . H d, ||g||^2] from one group's HVP at v = d (flat [P] vectors)."""
+  return jnp.stack([jnp.vdot(grad, d), jnp.vdot(d, hd), jnp.vdot(grad, grad)])
 
 
 def _group_terms(model: nn.Module, params, params_q, batch_stats, x, y, group, num_groups: int,
@@ -55,12 +55,13 @@ def _group_terms(model: nn.Module, params, params_q, batch_stats, x, y, group, n
   for g in range(num_groups):  # one product per group, by the programs the curvature's Lanczos runs compiled
     hvp = group_hvp(model, params, batch_stats, x[group == g], y[group == g], batch_size)
     rows.append(_reduce_terms(hvp.gradient_and_value()[0], hvp(d), d))
-  host = np.asarray(jax.device_get(jnp.stack(rows)), np.float64)  # [G, 4], one transfer
+  host, d_sq = jax.device_get((jnp.stack(rows), jnp.vdot(d, d)))  # [G, 3] and [], one transfer
+  host = np.asarray(host, np.float64)
   losses = excess_loss(model, {"params": params, "batch_stats": batch_stats}, None, x, y, group, num_groups,
                        batch_size=batch_size, params_q=params_q)
   out = {key: losses[key] for key in ("loss_fp", "loss_quantized", "excess_loss")}
   out.update(first_order=host[:, 0], curvature_term=host[:, 1], grad_norm=np.sqrt(host[:, 2]),
-             d_norm=float(np.sqrt(host[0, 3])))
+             d_norm=float(np.sqrt(np.float64(d_sq))))
   out["second_order"] = out["first_order"] + 0.5 * out["curvature_term"]
   out["counts"] = counts
   return out
@@ -141,17 +142,6 @@ def bound(grad_norm, d_norm, top_eigenvalue) -> np.ndarray:
   return g * d + 0.5 * np.asarray(top_eigenvalue, np.float64) * d * d
 
 
-def _pearson(a: np.ndarray, b: np.ndarray) -> float:
-  """Pearson r of finite pairs; NaN (no warning) for < 2 pairs or a constant side."""
-  keep = np.isfinite(a) & np.isfinite(b)
-  a, b = a[keep], b[keep]
-  if a.size < 2 or np.all(a == a[0]) or np.all(b == b[0]):
-    return float("nan")
-  a, b = a - a.mean(), b - b.mean()
-  denom = np.sqrt(np.dot(a, a) * np.dot(b, b))
-  return float(np.clip(np.dot(a, b) / denom, -1.0, 1.0)) if denom > 0 else float("nan")
-
-
 def correlations(predicted, observed) -> dict:
   """How well a per-group prediction (bound, second-order estimate) ranks the observed E_a.
 
@@ -162,4 +152,4 @@ def correlations(predicted, observed) -> dict:
   a, b = np.asarray(predicted, np.float64), np.asarray(observed, np.float64)
   if a.ndim != 1 or a.shape != b.shape:
     raise ValueError(f"correlations needs two 1-D arrays of equal length, got shapes {a.shape} and {b.shape}.")
-  return {"spearman": spearman(a, b), "pearson": _pearson(a, b)}
+  return {"spearman": spearman(a, b), "pearson": pearson(a, b)}
