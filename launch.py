@@ -243,7 +243,9 @@ def format_stage_times(res: dict, total_s: float) -> str:
 def main(argv, flags_: Flags):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  from fqjax import parallel, runner, tables
+  from fqjax.training import parallel
+  from fqjax.study import runner
+  from fqjax.analysis import tables
   from fqjax.errors import FqjaxError
 
   try:

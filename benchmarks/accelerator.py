@@ -6,10 +6,10 @@ Usage:
 
 Sections (each caught and recorded on failure, never fatal):
   quant_overhead  quant_overhead's measure/run, plus QAT (w4 a8) and FP train steps of
-                  fqjax.train.make_train_step in float32 and bfloat16 (model kwarg dtype), images/s
+                  fqjax.training.train.make_train_step in float32 and bfloat16 (model kwarg dtype), images/s
   ptq_sweep       one-function sweep vs per-bit-width loop (ptq_sweep.run)
   curvature       group norms / gradient, HVP / gradient, second-order terms / HVP per group
-  study           fqjax.runner.run per stage (last_run["stages"]); its explain stage against the compute
+  study           fqjax.study.runner.run per stage (last_run["stages"]); its explain stage against the compute
                   in its model programs (benchmarks/explain_overhead.py)
 Then versions, device, a "goals" list (goal, measured value, pass/fail/not measured) and a table.
 A section starts only while the wall-clock budget (--budget_s) is not spent; later ones are recorded
@@ -19,7 +19,7 @@ Output: --out, else $OUT/accelerator_<device kind>_<date>.json when $OUT is set,
 benchmarks/results/accelerator_<device kind>_<date>.json (written atomically).
 
 The GPU image lacks ml-collections and the PyYAML it imports (and tensorflow-datasets, array-record, tensorboardX);
-fqjax.train / fqjax.runner import ml_collections, so carry them as wheels (benchmarks/gpu_run.sh does both steps):
+fqjax.training.train / fqjax.study.runner import ml_collections, so carry them as wheels (benchmarks/gpu_run.sh does both steps):
   here:  bash benchmarks/gpu_run.sh --download     (Python 3.12 wheels into wheels/)
   there: bash benchmarks/gpu_run.sh                (run tool with carry ["wheels"])
 The study runs with config.tensorboard off (no tensorboardX there).
@@ -89,8 +89,9 @@ def _write(path: str, payload: dict) -> None:
 def _train_step_rate(name: str, batch: int, steps: int, repeats: int, dtype) -> dict:
   """Images/s of make_train_step for FP and QAT (w4 a8), timed round-robin on one fixed batch."""
   import optax
-  from fqjax import layers, train
-  from fqjax.layers import BitSpec
+  from fqjax.quantization import layers
+  from fqjax.training import train
+  from fqjax.quantization.layers import BitSpec
   from fqjax.models import get_model
   model = get_model(name, 10, dtype=dtype)
   key = jax.random.PRNGKey(0)
@@ -172,7 +173,7 @@ def section_curvature(cfg: dict) -> dict:
 
 def study_config(kind: str):
   """cpu_small: tests/conftest.py's tiny_study_config (copied, 1 seed); gpu: ResNet-18, CIFAR-shaped data."""
-  from fqjax.config import base_config  # lazy: needs ml_collections
+  from fqjax.study.config import base_config  # lazy: needs ml_collections
   c = base_config()
   c.data.name = "synthetic"
   c.tensorboard = False  # tensorboardX is not in the accelerator image; the benchmark needs no scalars
@@ -209,7 +210,7 @@ def section_study(cfg: dict) -> dict:
   """The whole study timed per stage, its explain stage measured against its model programs
   (benchmarks/explain_overhead.py: every HVP, gradient and forward program call re-timed warm afterwards)."""
   from benchmarks import explain_overhead
-  from fqjax import runner  # lazy: needs ml_collections
+  from fqjax.study import runner# lazy: needs ml_collections
   config = study_config(cfg["study"])
   stages, total = {}, 0.0
   with tempfile.TemporaryDirectory() as workdir:

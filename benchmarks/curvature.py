@@ -17,7 +17,7 @@ to 0.1^(c/9) of each class, N = 735):
       own fused program per batch shape, dropped in issue 16 to save that program's compilations:
       benchmarks/README.md); also against one HVP of the whole data, and the mean per-sample gradient
       norms / all group gradient norms                                                    reported
-  (5) the allocation's sensitivity table (fqjax.allocate.sensitivity: every group x layer x candidate
+  (5) the allocation's sensitivity table (fqjax.study.allocate.sensitivity: every group x layer x candidate
       bit-width's g.d + 1/2 d.H.d, candidates 2/3/4/8) / one HVP per group   goal <= layers x candidates
   (6) the explain stage of the default digits study (seed 0 with --size small, 3 seeds with full): its wall
       time / the compute in its HVP and gradient programs, each call re-timed warm (benchmarks/explain_overhead.py;
@@ -44,13 +44,13 @@ from sklearn.datasets import load_digits
 
 from benchmarks import explain_overhead
 from benchmarks.common import device_description, median_times_interleaved, write_json_atomic
-from fqjax import layers
+from fqjax.quantization import layers
 from fqjax.explain import (dequantized_params, group_gradient_norms, group_hvp, group_mean_sample_gradient_norms,
                            group_top_eigenvalues, lanczos_top_eigenvalues, make_hvp, power_iteration)
-from fqjax import allocate
+from fqjax.study import allocate
 from fqjax.explain import theory
-from fqjax.layers import BitSpec
-from fqjax.metrics import spearman
+from fqjax.quantization.layers import BitSpec
+from fqjax.analysis.metrics import spearman
 from fqjax.models import SmallCNN, resnet
 
 TOL = 1e-3

@@ -5,7 +5,7 @@ Usage: python benchmarks/explain_overhead.py [--size small|full] [--json PATH]
   full:  the default study as it runs (3 seeds, 21 entries)
 Also reported as section (6) of benchmarks/curvature.py and by benchmarks/accelerator.py (on its study config).
 
-How: the study's training runs first (its own stage, not timed here); then fqjax.runner runs the explain stage
+How: the study's training runs first (its own stage, not timed here); then fqjax.study.runner runs the explain stage
 alone while every jitted model program the stage calls is counted by the exact shapes of its arguments:
   hvp      hvp._hvp_program: Lanczos products, density, the theory's product
   grad     hvp._grad_program (group gradients for the norms and the theory), curvature._sample_norm_step
@@ -132,7 +132,7 @@ def summarize(recorder: _Recorder, compile_s: dict, wall: float) -> dict:
 
 def measure(config, workdir: str) -> dict:
   """Trains ``config``'s seeds in ``workdir`` (untimed), then runs and measures its explain stage."""
-  from fqjax import runner
+  from fqjax.study import runner
   runner.run(config, workdir, stages=["train"], progress=False)
   with recording() as (recorder, compile_s):
     res = runner.run(config, workdir, stages=["explain"], progress=False)

@@ -27,7 +27,7 @@ import optax
 
 from benchmarks.common import device_description, median_time
 from benchmarks.host_pipeline import prefetch, source_batches
-from fqjax import losses
+from fqjax.training import losses
 from fqjax.data import pipeline
 from fqjax.models import SmallCNN
 

@@ -9,13 +9,13 @@ ResNet-18 10000, 256; 5 (one accelerator). Run times and figures: benchmarks/REA
 For each model it evaluates the inference logits of the test set at the bit-widths
 (32, 8, 6, 5, 4, 3, 2) (weights; activations per --a_bits, default full precision
 as in the study config) four ways:
-  vmap:   fqjax.ptq.sweep_fn(model, "vmap"): one compiled function, jax.vmap over the stacked bits
-  map:    fqjax.ptq.sweep_fn(model, "map"):  one compiled function, jax.lax.map over the stacked bits
+  vmap:   fqjax.study.ptq.sweep_fn(model, "vmap"): one compiled function, jax.vmap over the stacked bits
+  map:    fqjax.study.ptq.sweep_fn(model, "map"):  one compiled function, jax.lax.map over the stacked bits
   loop1:  a Python loop over bit-widths calling ONE jitted function with the bits tree as an
           argument (traced: compiled once)
   static: the naive baseline: one jitted function per bit-width with its bits baked in as Python
           constants (K compilations), called in a Python loop
-Each way loops over the test set in fixed-shape batches (padded, as fqjax.ptq.sweep_logits does); the
+Each way loops over the test set in fixed-shape batches (padded, as fqjax.study.ptq.sweep_logits does); the
 batches are put on the device once beforehand, so no mode pays host transfers the others do not.
 
 Printed per model: the first call including compilation (for static: the K compilations and runs
@@ -24,7 +24,7 @@ median_times_interleaved), then the ratios
   loop/sweep: static time / best of (vmap, map), first call and steady state; >= 1 means the sweep is
               not slower than the loop (issue goal on CPU; reported for GPU when one is available),
   map/vmap:   map time / vmap time, > 1 means vmap is faster,
-and which mode fqjax.ptq.resolve_mode("auto", num_params) picks here, and whether it is the faster one.
+and which mode fqjax.study.ptq.resolve_mode("auto", num_params) picks here, and whether it is the faster one.
 Before timing, every mode's logits are checked against the vmap sweep's (np.testing.assert_allclose;
 see check_same_logits for the tolerance when activations are quantized).
 
@@ -43,7 +43,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.common import block, device_description, median_times_interleaved, write_json_atomic
-from fqjax import layers, ptq
+from fqjax.quantization import layers
+from fqjax.study import ptq
 from fqjax.data.pipeline import padded_batches
 from fqjax.models import get_model
 

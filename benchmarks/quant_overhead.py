@@ -13,8 +13,8 @@ import jax
 import optax
 
 from benchmarks.common import device_description, median_times_interleaved
-from fqjax import layers
-from fqjax.layers import BitSpec
+from fqjax.quantization import layers
+from fqjax.quantization.layers import BitSpec
 from fqjax.models import get_model
 
 SHAPES = {"small_cnn": (8, 8, 1), "resnet18": (32, 32, 3), "mlp": (8, 8, 1)}

@@ -4,7 +4,7 @@ Run: python launch.py --config experiments/arrays.py --config.data.path=my_data.
 The model is chosen from the shape of x: an MLP for [N, D] features, SmallCNN for images.
 Optional keys in the file: x_val/y_val/group_val, x_test/y_test/group_test, group_names, class_names.
 """
-from fqjax.config import base_config
+from fqjax.study.config import base_config
 
 
 def get_config():

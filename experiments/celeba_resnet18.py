@@ -2,7 +2,7 @@
 
 Images resized to 64x64 and at most 60k training examples to bound memory.
 """
-from fqjax.config import base_config
+from fqjax.study.config import base_config
 
 
 def get_config():

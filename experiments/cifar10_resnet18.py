@@ -1,5 +1,5 @@
 """CIFAR-10, ResNet-18 (CIFAR stem), classes as groups, balanced training set."""
-from fqjax.config import base_config
+from fqjax.study.config import base_config
 
 
 def get_config():

@@ -6,7 +6,7 @@ class-imbalance studies of the quantization-fairness literature, so group sizes 
 values and "inversely related to group size" can be tested. Each seed draws its own split
 (data.resplit_per_seed). Run: python launch.py  (or --config experiments/digits.py).
 """
-from fqjax.config import base_config
+from fqjax.study.config import base_config
 
 
 def get_config():

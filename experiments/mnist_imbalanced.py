@@ -2,7 +2,7 @@
 
 Needs the prepared TFDS dataset (array_record); the error message gives the command.
 """
-from fqjax.config import base_config
+from fqjax.study.config import base_config
 
 
 def get_config():

@@ -2,7 +2,7 @@
 
 Prepare once (manual download): python -m fqjax.data.utkface --manual_dir DIR --data_dir DATA --image_size 64
 """
-from fqjax.config import base_config
+from fqjax.study.config import base_config
 
 
 def get_config():

@@ -1,7 +1,7 @@
 """Every named choice a config field takes, in one module that imports nothing (no JAX).
 
 The modules that implement a choice import its tuple from here (a method table keyed by the
-same names is checked against it in the tests), and fqjax.config validates against it, so a
+same names is checked against it in the tests), and fqjax.study.config validates against it, so a
 config can be checked, and a results file read, without loading JAX.
 """
 STAGES = ("train", "ptq", "explain", "mitigate", "report")

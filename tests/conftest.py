@@ -21,8 +21,9 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 
 import pytest  # noqa: E402
 
-from fqjax import results, runner  # noqa: E402
-from fqjax.config import base_config  # noqa: E402
+from fqjax.outputs import results# noqa: E402
+from fqjax.study import runner
+from fqjax.study.config import base_config  # noqa: E402
 
 TINY_GROUP_SIZES = (160, 80, 30)  # 30 < half the median (40): one minority group
 

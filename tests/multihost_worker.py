@@ -1,4 +1,4 @@
-"""One process of tests/test_multihost.py: a tiny data-parallel study through fqjax.runner.run.
+"""One process of tests/test_multihost.py: a tiny data-parallel study through fqjax.study.runner.run.
 
   python tests/multihost_worker.py multi <process_id> <num_processes> <port> <workdir> <out.json>
   python tests/multihost_worker.py single <devices> <workdir> <out.json>
@@ -8,7 +8,7 @@ jax.distributed (config.distributed, as launch.py does) with gloo CPU collective
 psum across the processes; without working cross-process CPU collectives it exits with NO_COLLECTIVES_EXIT.
 "single": one process with <devices> simulated CPU devices (the reference run).
 Each writes {"process_index", "process_count", "device_count", "wrote" (basenames of the files it wrote
-through fqjax.results' writers), "metrics"} to <out.json>.
+through fqjax.outputs.results' writers), "metrics"} to <out.json>.
 """
 import json
 import os
@@ -65,9 +65,11 @@ def main(argv):
 
   import jax
   import numpy as np
-  from fqjax import parallel, results, runner
+  from fqjax.training import parallel
+  from fqjax.outputs import results
+  from fqjax.study import runner
 
-  wrote = []  # the basenames of the files this process writes through fqjax.results' writers
+  wrote = []  # the basenames of the files this process writes through fqjax.outputs.results' writers
 
   def recording(write):
     def wrapper(path, *args, **kwargs):

@@ -1,4 +1,4 @@
-"""Tests for fqjax.allocate: the sensitivity table against theory.second_order_terms, exact sizes, the MILP
+"""Tests for fqjax.study.allocate: the sensitivity table against theory.second_order_terms, exact sizes, the MILP
 against brute force, fair vs group-blind allocations, additivity and the CLI on a tiny trained workdir."""
 import functools
 import itertools
@@ -11,9 +11,10 @@ import jax
 import numpy as np
 import pytest
 
-from fqjax import allocate, layers, quant, runner
+from fqjax.study import allocate, runner
+from fqjax.quantization import layers, quant
 from fqjax.explain import theory
-from fqjax.layers import BitSpec
+from fqjax.quantization.layers import BitSpec
 from fqjax.models import MLP
 
 BITS = (2, 4, 8)
@@ -174,6 +175,6 @@ def test_cli_prints_bits_and_rejects_impossible_budget(trained_workdir, capsys):
 
 
 def test_cli_module_exits_2_for_a_missing_workdir(tmp_path):
-  proc = subprocess.run([sys.executable, "-m", "fqjax.allocate", str(tmp_path / "nope"), "--budget_kb", "12"],
+  proc = subprocess.run([sys.executable, "-m", "fqjax.study.allocate", str(tmp_path / "nope"), "--budget_kb", "12"],
                         capture_output=True, text=True, timeout=120, cwd=os.path.dirname(os.path.dirname(__file__)))
   assert proc.returncode == 2 and "does not exist" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1

@@ -5,7 +5,8 @@ import os
 
 import numpy as np
 
-from fqjax import allocate, report, runner
+from fqjax.study import allocate, runner
+from fqjax import report
 
 
 def test_allocation_methods_run_at_the_mixed_precision_budget(tiny_study, tiny_study_copy, tiny_config, monkeypatch):

@@ -6,7 +6,8 @@ import warnings
 import numpy as np
 import pytest
 
-from fqjax import metrics, results, stats
+from fqjax.analysis import metrics, stats
+from fqjax.outputs import results
 
 
 def _logits(probs):

@@ -8,9 +8,11 @@ import numpy as np
 import pytest
 from scipy.special import logsumexp
 
-from fqjax import layers, losses, mitigate, quant, train
-from fqjax.bitspec import BitSpec, weight_bits_by_layer
-from fqjax.config import base_config
+from fqjax.quantization import layers, quant
+from fqjax.training import losses, train
+from fqjax.study import mitigate
+from fqjax.quantization.bitspec import BitSpec, weight_bits_by_layer
+from fqjax.study.config import base_config
 from fqjax.data import from_arrays
 from fqjax.models import MLP, SmallCNN
 

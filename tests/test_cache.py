@@ -13,8 +13,8 @@ import time
 import numpy as np
 import pytest
 
-from fqjax import config as config_lib
-from fqjax import runner, workdir as workdir_lib
+from fqjax.study import config as config_lib
+from fqjax.study import runner, workdir as workdir_lib
 from fqjax.errors import WorkdirError
 
 STAGES = ("train", "ptq")
@@ -151,7 +151,7 @@ def test_a_second_run_in_the_same_process_logs_only_into_its_own_workdir(finishe
 
 HOLD_LOCK = """
 import sys, time
-from fqjax import workdir
+from fqjax.study import workdir
 with workdir.workdir_lock(sys.argv[1]):
   print("locked", flush=True)
   time.sleep(120)
@@ -188,7 +188,7 @@ def test_lock_is_released_after_a_failed_run(finished, wd):
 def test_stage_keys_follow_the_stage_version_and_only_the_primary_ptq_variant(monkeypatch):
   """Entries computed by older code (a lower STAGE_VERSIONS) are not reused; explain's key names only the primary
   PTQ variant (the others' entries are kept by name), while ptq's key covers every variant."""
-  from fqjax import cache
+  from fqjax.study import cache
   c = config_lib.base_config()
   train_entry = {"variables_digest": "abc"}
   keys = {stage: cache.stage_key(c, stage, train_entry, "k") for stage in ("ptq", "explain", "mitigate")}

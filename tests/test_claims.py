@@ -9,7 +9,7 @@ import warnings
 import numpy as np
 import pytest
 
-from fqjax import claims, metrics, stats
+from fqjax.analysis import claims, metrics, stats
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PRIMARY, OTHER = "max/keep", "mse/recalibrate"
@@ -430,7 +430,7 @@ def test_check_claims_has_every_claim_and_rules():
 
 
 def test_claims_tables_metrics_and_report_import_no_jax():
-  code = ("import sys, fqjax.claims, fqjax.tables, fqjax.metrics, fqjax.report; "
+  code = ("import sys, fqjax.analysis.claims, fqjax.analysis.tables, fqjax.analysis.metrics, fqjax.report; "
           "bad = [m for m in sys.modules if m == 'jax' or m.startswith('jax.')]; assert not bad, bad[:5]")
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
   assert out.returncode == 0, out.stderr

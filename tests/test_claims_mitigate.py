@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 from scipy import stats as scipy_stats
 
-from fqjax import claims
-from fqjax.claims_mitigate import CONTROLS, fairqat_beats_each_control
+from fqjax.analysis import claims
+from fqjax.analysis.claims_mitigate import CONTROLS, fairqat_beats_each_control
 
 FAIRQAT_FV = (0.10, 0.14, 0.12, 0.11)  # per seed
 

@@ -5,8 +5,8 @@ import runpy
 
 import pytest
 
-from fqjax import config as config_lib
-from fqjax import cache, runner
+from fqjax.study import config as config_lib
+from fqjax.study import cache, runner
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXPERIMENTS = sorted(glob.glob(os.path.join(REPO, "experiments", "*.py")))
@@ -133,7 +133,10 @@ def test_cache_keys_track_exactly_their_inputs():
 
 def test_every_choice_tuple_is_the_one_in_fqjax_choices():
   """The modules that implement a choice use fqjax.choices' tuple, and their tables have exactly its keys."""
-  from fqjax import calibration, choices, losses, mitigate, ptq, quant, sampling, train
+  from fqjax.quantization import calibration, quant
+  from fqjax import choices
+  from fqjax.training import losses, sampling, train
+  from fqjax.study import mitigate, ptq
   from fqjax.models import MODEL_NAMES, MODELS
   assert tuple(MODELS) == MODEL_NAMES == choices.MODEL_NAMES
   assert tuple(calibration.CALIBRATORS) == choices.CALIBRATIONS and quant.WEIGHT_SCALE_RULES == choices.WEIGHT_SCALE_RULES
@@ -146,6 +149,6 @@ def test_every_choice_tuple_is_the_one_in_fqjax_choices():
 def test_choices_and_claims_load_no_jax():
   import subprocess
   import sys
-  code = ("import sys, fqjax.choices, fqjax.claims, fqjax.tables; "
+  code = ("import sys, fqjax.choices, fqjax.analysis.claims, fqjax.analysis.tables; "
           "sys.exit(any(m == 'jax' or m.startswith('jax.') for m in sys.modules))")
   assert subprocess.run([sys.executable, "-c", code]).returncode == 0

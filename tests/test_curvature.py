@@ -14,13 +14,13 @@ import pytest
 import scipy.stats
 from jax.flatten_util import ravel_pytree
 
-from fqjax import layers, quant
+from fqjax.quantization import layers, quant
 from fqjax.explain import curvature
 from fqjax.explain import (dequantized_params, group_gradient_norms, group_mean_sample_gradient_norms,
                            group_top_eigenvalues, hutchinson_trace, lanczos_top_eigenvalues, make_hvp,
                            power_iteration)
-from fqjax.layers import BitSpec, QuantRule
-from fqjax.metrics import spearman
+from fqjax.quantization.layers import BitSpec, QuantRule
+from fqjax.analysis.metrics import spearman
 from fqjax.models import MLP, SmallCNN
 
 GROUPS = np.array([0] * 21 + [1] * 9 + [2] * 1 + [0] * 4 + [1] * 5)  # uneven, interleaved, one singleton

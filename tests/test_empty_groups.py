@@ -13,7 +13,10 @@ import warnings
 import numpy as np
 import pytest
 
-from fqjax import claims, metrics, mitigate, report, results, stats, tables
+from fqjax.analysis import claims, metrics, stats, tables
+from fqjax.study import mitigate
+from fqjax import report
+from fqjax.outputs import results
 
 BITS = (32, 8, 4, 2)
 SEEDS = (0, 1)

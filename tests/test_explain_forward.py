@@ -6,9 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fqjax import layers, quant
+from fqjax.quantization import layers, quant
 from fqjax.explain import forward
-from fqjax.layers import BitSpec
+from fqjax.quantization.layers import BitSpec
 from fqjax.models import SmallCNN
 
 

@@ -4,7 +4,8 @@ import csv
 import numpy as np
 import pytest
 
-from fqjax import results, runner
+from fqjax.outputs import results
+from fqjax.study import runner
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +103,7 @@ def test_another_bit_width_traces_and_compiles_nothing_new(tiny_study):
   import jax
 
   from conftest import tiny_study_config
-  from fqjax import stages
+  from fqjax.study import stages
   config = tiny_study_config()
   config.explain.lanczos_max_iters = 20
   config.explain.density_bits = (32,)

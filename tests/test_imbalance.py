@@ -120,7 +120,7 @@ def test_apply_imbalance_none_is_identity(balanced):
   assert out is balanced.train and meta == {"kind": "none"}
   with pytest.raises(ValueError, match="imbalance.kind='halve'; allowed: 'none', 'keep_fractions', 'long_tail'"):
     imb.apply_imbalance(balanced.train, {"kind": "halve"}, balanced.info.group_names, 0)
-  assert ("none",) + tuple(imb._PROFILES) == data.config.IMBALANCE_KINDS
+  assert ("none",) + tuple(imb._PROFILES) == data.options.IMBALANCE_KINDS
 
 
 def test_apply_imbalance_metadata(balanced):

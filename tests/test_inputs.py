@@ -16,9 +16,10 @@ import warnings
 import numpy as np
 import pytest
 
-from fqjax import config as config_lib
+from fqjax.study import config as config_lib
 from fqjax import data as data_lib
-from fqjax import runner, train
+from fqjax.study import runner
+from fqjax.training import train
 from fqjax.errors import CorruptFileError, FqjaxError, InputError, MissingFileError, WorkdirError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -25,8 +25,8 @@ pytestmark = pytest.mark.filterwarnings("ignore:the load_module:DeprecationWarni
 EXPERIMENTS = sorted(p for p in glob.glob(os.path.join(REPO, "experiments", "*.py"))
                      if not p.endswith("__init__.py"))
 
-# Object-typed placeholders take Python literals; one documented example each (see fqjax/config.py,
-# fqjax/data/config.py, fqjax/mitigate.py). An object field not listed gets a generic literal.
+# Object-typed placeholders take Python literals; one documented example each (see fqjax/study/config.py,
+# fqjax/data/options.py, fqjax/study/mitigate.py). An object field not listed gets a generic literal.
 OBJECT_EXAMPLES = {
     "data.imbalance.keep_fractions": ("{3: 0.2, 'cat': 0.5}", {3: 0.2, "cat": 0.5}),
     "data.imbalance.order": ("[2, 0, 1]", [2, 0, 1]),
@@ -273,7 +273,7 @@ def _error_with_cause():
 
 
 def test_main_prints_an_fqjax_error_in_one_line_with_its_cause(monkeypatch, capsys, tmp_path):
-  from fqjax import runner
+  from fqjax.study import runner
   monkeypatch.setattr(runner, "run", _failing_run(_error_with_cause()))
   handles, rest = launch.parse_flags(["launch.py", f"--workdir={tmp_path}"])
   with pytest.raises(SystemExit) as info:
@@ -286,7 +286,7 @@ def test_main_prints_an_fqjax_error_in_one_line_with_its_cause(monkeypatch, caps
 
 
 def test_main_prints_an_fqjax_error_without_cause_alone(monkeypatch, capsys, tmp_path):
-  from fqjax import runner
+  from fqjax.study import runner
   from fqjax.errors import InputError
   monkeypatch.setattr(runner, "run", _failing_run(InputError("config.data.path is empty.")))
   handles, rest = launch.parse_flags(["launch.py", f"--workdir={tmp_path}"])
@@ -297,7 +297,7 @@ def test_main_prints_an_fqjax_error_without_cause_alone(monkeypatch, capsys, tmp
 
 
 def test_traceback_flag_reraises(monkeypatch, tmp_path):
-  from fqjax import runner
+  from fqjax.study import runner
   from fqjax.errors import CorruptFileError
   monkeypatch.setattr(runner, "run", _failing_run(_error_with_cause()))
   handles, rest = launch.parse_flags(["launch.py", f"--workdir={tmp_path}", "--traceback"])
@@ -306,7 +306,7 @@ def test_traceback_flag_reraises(monkeypatch, tmp_path):
 
 
 def test_other_errors_are_not_swallowed(monkeypatch, tmp_path):
-  from fqjax import runner
+  from fqjax.study import runner
   monkeypatch.setattr(runner, "run", _failing_run(RuntimeError("a bug")))
   handles, rest = launch.parse_flags(["launch.py", f"--workdir={tmp_path}"])
   with pytest.raises(RuntimeError, match="a bug"):
@@ -327,7 +327,7 @@ def test_stage_times_fall_back_to_timings_without_last_run():
 
 
 def test_main_prints_the_stage_times_of_last_run(monkeypatch, capsys, tmp_path):
-  from fqjax import runner
+  from fqjax.study import runner
   res = {"timings": {"data": 0.2, "train": 50.0},
          "last_run": {"stages": {"data": 0.2, "train": "skipped"}, "total_s": 0.3}}
   monkeypatch.setattr(runner, "run", lambda *a, **k: res)

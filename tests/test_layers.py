@@ -1,4 +1,4 @@
-"""Tests for fqjax.layers: equivalence with Flax at full precision, QuantRule and configured, BitSpec,
+"""Tests for fqjax.quantization.layers: equivalence with Flax at full precision, QuantRule and configured, BitSpec,
 BN folding, LSQ init, calibration."""
 import chex
 import flax.linen as nn
@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fqjax import layers, quant
-from fqjax.layers import BitSpec, QuantConv, QuantConvBN, QuantDense, QuantRule
+from fqjax.quantization import layers, quant
+from fqjax.quantization.layers import BitSpec, QuantConv, QuantConvBN, QuantDense, QuantRule
 from fqjax.models import SmallCNN
 
 
@@ -243,7 +243,7 @@ def test_scale_rule_reaches_the_layer_kernel(rule):
 def test_batchnorm_recalibration_averages_the_quantized_networks_batch_statistics():
   """ptq.recalibrate_batch_stats: each BN layer's mean/var = the average over batches of the batch statistics
   of the quantized network at that layer (checked for the first BN layer by hand)."""
-  from fqjax import ptq
+  from fqjax.study import ptq
   model = SmallCNN(num_classes=3, width=4)
   rng = np.random.default_rng(0)
   batches = [rng.normal(size=(6, 8, 8, 1)).astype(np.float32) for _ in range(3)]

@@ -1,4 +1,4 @@
-"""Tests for fqjax.losses: weighted cross-entropy and weight tables against hand-computed values."""
+"""Tests for fqjax.training.losses: weighted cross-entropy and weight tables against hand-computed values."""
 import math
 
 import jax
@@ -7,7 +7,7 @@ import numpy as np
 import optax
 import pytest
 
-from fqjax import losses
+from fqjax.training import losses
 
 JIT = pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
 

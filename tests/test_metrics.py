@@ -1,10 +1,10 @@
-"""Tests for fqjax.metrics against hand-computed confusion examples (expected numbers worked out below)."""
+"""Tests for fqjax.analysis.metrics against hand-computed confusion examples (expected numbers worked out below)."""
 import math
 
 import numpy as np
 import pytest
 
-from fqjax import metrics
+from fqjax.analysis import metrics
 
 LN2 = math.log(2.0)
 

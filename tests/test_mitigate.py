@@ -5,8 +5,12 @@ import ml_collections
 import numpy as np
 import pytest
 
-from fqjax import layers, mitigate, results, runner, tables, train
-from fqjax.layers import BitSpec, QuantRule
+from fqjax.quantization import layers
+from fqjax.study import mitigate, runner
+from fqjax.outputs import results
+from fqjax.analysis import tables
+from fqjax.training import train
+from fqjax.quantization.layers import BitSpec, QuantRule
 from fqjax.models import SmallCNN
 
 
@@ -53,7 +57,8 @@ def test_mitigate_is_restartable_and_skips_done_entries(run, tiny_study_copy, ti
 def test_qat_lowers_the_quantized_training_loss(run, tiny_config, tmp_path):
   # QAT minimizes the loss of the quantized forward pass: after fine-tuning, that loss on the
   # training set is below the one of the post-training-quantized start.
-  from fqjax import data, metrics
+  from fqjax import data
+  from fqjax.analysis import metrics
   cfg = tiny_config()
   splits = data.load(cfg)
   study_model = SmallCNN(num_classes=splits.info.num_classes, width=4)

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from fqjax import layers, quant
-from fqjax.layers import BitSpec, QuantRule
+from fqjax.quantization import layers, quant
+from fqjax.quantization.layers import BitSpec, QuantRule
 from fqjax.models import MODEL_NAMES, MODELS, get_model
 
 # (model, input shape, expected parameter count range)

@@ -1,5 +1,5 @@
 """Multi-host for real: two processes on localhost joined by jax.distributed (gloo CPU collectives),
-4 simulated CPU devices each, run a tiny data-parallel study (train + ptq) through fqjax.runner.run.
+4 simulated CPU devices each, run a tiny data-parallel study (train + ptq) through fqjax.study.runner.run.
 
 Checks that both processes finish, that only process 0 writes results.json / results.csv / config.json,
 and that the metrics equal a single-process run of the same config on 8 simulated devices.
@@ -24,7 +24,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT_S = 240
 LOSS_RTOL = 1e-5
 # Two library bugs this test found, now fixed: a fetch of a global array whose shards live on another
-# process's devices (fqjax.parallel.to_host gathers it), and every process claiming (rmtree + KEY write) the
+# process's devices (fqjax.training.parallel.to_host gathers it), and every process claiming (rmtree + KEY write) the
 # shared checkpoint folder at once (only process 0 claims it now, then a barrier: parallel.sync_processes).
 
 

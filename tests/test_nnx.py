@@ -1,4 +1,4 @@
-"""Tests for fqjax.nnx: the NNX layers equal the Linen ones (outputs and STE gradients) for the same
+"""Tests for fqjax.quantization.nnx: the NNX layers equal the Linen ones (outputs and STE gradients) for the same
 weights and bits, bit sweeps by vmap over a stacked bits state compile once, bad bits are errors.
 
 Speed: on CPU nearly all the time is XLA compiles, and one compile of many cases costs far less than
@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from fqjax import layers, quant
-from fqjax import nnx as fnnx
-from fqjax.layers import BitSpec, QuantRule
+from fqjax.quantization import layers, quant
+from fqjax.quantization import nnx as fnnx
+from fqjax.quantization.layers import BitSpec, QuantRule
 
 SETTINGS = [(b, b) for b in (32, 8, 4, 2)] + [(4, 32), (32, 2)]  # (w, a): both quantized, then each alone
 RULES = [QuantRule(per_channel=pc, scale=s) for pc in (True, False) for s in ("max", "half_step", "mse")]

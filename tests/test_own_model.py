@@ -1,5 +1,5 @@
 """A user's own plain Flax model (tests/own_model_fixture.py) through fqjax: built from a
-"package.module:factory" name, quantized by method interception (fqjax.intercept) with its own params,
+"package.module:factory" name, quantized by method interception (fqjax.quantization.intercept) with its own params,
 and run through train, PTQ and explain."""
 import flax.linen as nn
 import jax
@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from fqjax import config as config_lib
-from fqjax import intercept, layers, quant, runner
+from fqjax.study import config as config_lib
+from fqjax.quantization import intercept, layers, quant
+from fqjax.study import runner
 from fqjax.errors import InputError
 from fqjax.explain.curvature import dequantized_params
 from fqjax.models import MODEL_NAMES, get_model
@@ -33,7 +34,7 @@ def _bits(w, a=32):
 
 
 def _manual_quantized_params(params, bits):
-  """Every kernel fake-quantized per output channel (its last axis) by fqjax.quant, biases as they are."""
+  """Every kernel fake-quantized per output channel (its last axis) by fqjax.quantization.quant, biases as they are."""
   flat = traverse_util.flatten_dict(params)
   for key, value in flat.items():
     if key[-1] == "kernel":

@@ -11,8 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fqjax import layers, quant
-from fqjax.layers import BitSpec
+from fqjax.quantization import layers, quant
+from fqjax.quantization.layers import BitSpec
 from fqjax.models import SmallCNN
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -21,8 +21,11 @@ SCRIPT = textwrap.dedent("""
     import json, os, sys
     sys.path.insert(0, {root!r})
     import jax, numpy as np
-    from fqjax import data, layers, parallel, ptq, runner, train
-    from fqjax.config import base_config
+    from fqjax import data
+    from fqjax.quantization import layers
+    from fqjax.training import parallel, train
+    from fqjax.study import ptq, runner
+    from fqjax.study.config import base_config
     from fqjax.models import SmallCNN
 
     assert jax.device_count() == 8, jax.devices()

@@ -128,7 +128,7 @@ def test_padded_batches_of_nothing_is_empty():
 
 def test_masked_loss_over_padded_epoch_equals_full_mean():
   # End to end: padded batches + mask give exactly the mean over the real samples.
-  from fqjax import losses
+  from fqjax.training import losses
   x, y, g = _arrays(10)
   logits_all = jnp.asarray(np.random.default_rng(0).normal(size=(10, 3)), jnp.float32)
   data = pipeline.DeviceArrays(logits_all, y, g)

@@ -1,4 +1,4 @@
-"""Tests for fqjax.quant: grids, STE gradients, traced bits, storage size, calibration."""
+"""Tests for fqjax.quantization.quant: grids, STE gradients, traced bits, storage size, calibration."""
 import chex
 import jax
 import jax.numpy as jnp
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from absl.testing import parameterized
 
-from fqjax import calibration, quant
+from fqjax.quantization import calibration, quant
 
 
 def _x(shape=(6, 7), seed=0):

@@ -10,8 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fqjax import layers, quant
-from fqjax.bitspec import BitSpec
+from fqjax.quantization import layers, quant
+from fqjax.quantization.bitspec import BitSpec
 
 qwix = pytest.importorskip("qwix")
 

@@ -15,8 +15,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fqjax import claims, report, results
-from fqjax.tables import dig as _dig
+from fqjax.analysis import claims
+from fqjax import report
+from fqjax.outputs import results
+from fqjax.analysis.tables import dig as _dig
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SECTIONS = ("Full-precision training", "PTQ sweep", "Explain: forward chain", "Explain: curvature",
@@ -226,7 +228,7 @@ def test_report_numbers_come_from_results(workdirs):
     top, n, of = re.search(r"\| ([^|]+?) \((\d+)/(\d+) seeds\) \|", row).groups()
     assert top in chosen and int(n) == chosen.count(top) == max(map(chosen.count, chosen)), row
     assert int(of) == len(res["seeds"])
-  # Claims: verdicts of fqjax.claims on this results.json, the explain claims tested on the injected section.
+  # Claims: verdicts of fqjax.analysis.claims on this results.json, the explain claims tested on the injected section.
   checked = claims.check_claims(res)
   for name, c in checked.items():
     if isinstance(c, dict):

@@ -5,9 +5,11 @@ import ml_collections
 import numpy as np
 import pytest
 
-from fqjax import data, runner, train
-from fqjax.cache import data_identity
-from fqjax.config import base_config
+from fqjax import data
+from fqjax.study import runner
+from fqjax.training import train
+from fqjax.study.cache import data_identity
+from fqjax.study.config import base_config
 from fqjax.errors import InputError
 
 

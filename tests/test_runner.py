@@ -19,10 +19,11 @@ import jax
 import numpy as np
 import pytest
 
-from fqjax import config as config_lib
+from fqjax.study import config as config_lib
 from fqjax import data as data_lib
-from fqjax import results as results_lib
-from fqjax import runner, stages, train
+from fqjax.outputs import results as results_lib
+from fqjax.study import runner, stages
+from fqjax.training import train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCH = os.path.join(REPO, "launch.py")
@@ -392,7 +393,7 @@ def test_launch_rejects_an_unknown_stage(tmp_path):
 
 
 KILL_CONFIG = '''
-from fqjax.config import base_config
+from fqjax.study.config import base_config
 
 
 def get_config():

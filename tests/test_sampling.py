@@ -1,8 +1,8 @@
-"""Tests for fqjax.sampling: counts, replacement rules, determinism and errors."""
+"""Tests for fqjax.training.sampling: counts, replacement rules, determinism and errors."""
 import numpy as np
 import pytest
 
-from fqjax import sampling
+from fqjax.training import sampling
 
 # Group sizes 10, 4, 1, 6: a majority, two minorities and a singleton.
 SIZES = np.array([10, 4, 1, 6])

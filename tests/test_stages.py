@@ -6,9 +6,11 @@ import os
 import numpy as np
 import pytest
 
-from fqjax import config as config_lib
-from fqjax import layers, runner, stages, train
-from fqjax.config import base_config
+from fqjax.study import config as config_lib
+from fqjax.quantization import layers
+from fqjax.study import runner, stages
+from fqjax.training import train
+from fqjax.study.config import base_config
 from fqjax.data import from_arrays
 from fqjax.models import get_model
 

@@ -1,4 +1,4 @@
-"""Tests for fqjax.stats: paired tables, the hierarchical paired bootstrap, intervals, collapse rule,
+"""Tests for fqjax.analysis.stats: paired tables, the hierarchical paired bootstrap, intervals, collapse rule,
 equivalence margin and the Spearman permutation test. Pure NumPy, fast."""
 import itertools
 import json
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from scipy import stats as sps
 
-from fqjax import stats
+from fqjax.analysis import stats
 
 
 def _table(n, acc_fp, acc_q, both_right):

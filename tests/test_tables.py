@@ -1,10 +1,10 @@
-"""fqjax.tables on hand-built results: exact strings for a 2-bit-width, 2-group study, empty cells,
+"""fqjax.analysis.tables on hand-built results: exact strings for a 2-bit-width, 2-group study, empty cells,
 unfinished stages, and that the tables read the stored summaries (never per-seed entries)."""
 import json
 
 import pytest
 
-from fqjax import tables
+from fqjax.analysis import tables
 
 
 def _ms(mean, std=0.0, n=2):

@@ -1,4 +1,4 @@
-"""fqjax.tensorboard on a hand-built results dict: every written scalar reads back (via the TFRecord reader,
+"""fqjax.outputs.tensorboard on a hand-built results dict: every written scalar reads back (via the TFRecord reader,
 no TensorFlow), NaN/None values are skipped, reruns do not duplicate points, absent stages write no runs,
 foreign folders under tensorboard/ survive, and a missing tensorboardX gives an actionable ImportError."""
 import copy
@@ -12,7 +12,7 @@ import pytest
 
 pytest.importorskip("tensorboardX")  # a requirement; skipped only in an environment without it
 
-from fqjax import tensorboard as tb  # noqa: E402
+from fqjax.outputs import tensorboard as tb# noqa: E402
 
 NAN = float("nan")
 GROUPS = ["young", "older adults"]  # the space must become "_" in the tag
@@ -55,7 +55,7 @@ def _finite(v):
 
 
 def _expected(results):
-  """{run: {tag: [(step, value)]}} built straight from the dict, independently of fqjax.tensorboard."""
+  """{run: {tag: [(step, value)]}} built straight from the dict, independently of fqjax.outputs.tensorboard."""
   exp = {}
 
   def add(run, tag, step, value, scale=1.0):
@@ -182,7 +182,7 @@ def test_missing_tensorboardx_says_how_to_install_or_disable(tmp_path, monkeypat
 def test_the_runner_writes_scalars_and_the_config_turns_them_off(tiny_study, tiny_study_copy, tiny_config):
   """A study run leaves TensorBoard event files whose PTQ points are the stored results; with
   config.tensorboard False a run that changes the results writes none."""
-  from fqjax import runner
+  from fqjax.study import runner
   ptq_run = os.path.join(tiny_study["workdir"], "tensorboard", "ptq", "max_keep", "seed_0")
   points = dict(tb.read_scalars(ptq_run)["ptq/accuracy"])
   stored = tiny_study["results"]["ptq"]["per_seed"]["0"]

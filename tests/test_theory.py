@@ -12,9 +12,9 @@ import optax
 import pytest
 from jax.flatten_util import ravel_pytree
 
-from fqjax import layers
+from fqjax.quantization import layers
 from fqjax.explain import curvature, theory
-from fqjax.layers import BitSpec
+from fqjax.quantization.layers import BitSpec
 from fqjax.models import MLP, SmallCNN
 
 GROUPS = np.array([0] * 21 + [1] * 9 + [2] * 1 + [0] * 4 + [1] * 5)  # uneven, interleaved, one singleton

@@ -1,6 +1,6 @@
 """Datasets as `Splits`: train / val / test arrays of x, y, group plus metadata.
 
-`load(config)` reads config.data (see fqjax.data.config for every field) and
+`load(config)` reads config.data (see fqjax.data.options for every field) and
 returns a `Splits`. Sources: digits (offline default), the TFDS image datasets
 (mnist, fashion_mnist, cifar10, svhn_cropped, celeb_a), utkface, the user's
 arrays (.npz or `from_arrays`) and synthetic clusters (tests and benchmarks).
@@ -12,7 +12,7 @@ import copy
 import importlib
 
 from fqjax.data.arrays import from_arrays
-from fqjax.data.config import (DATASET_NAMES, TFDS_NAMES, default_data_config,
+from fqjax.data.options import (DATASET_NAMES, TFDS_NAMES, default_data_config,
                                validate_data_config)
 from fqjax.data.imbalance import apply_imbalance
 from fqjax.data.splits import DatasetInfo, Split, Splits, stratified_split
@@ -50,7 +50,7 @@ def load(config) -> Splits:
 def split_seed(config, seed: int) -> int:
   """The data seed training seed ``seed`` uses: data.seed + seed when config.data.resplit_per_seed and the
   study has several seeds, else data.seed. ``config`` is a whole study config."""
-  from fqjax.config import seeds_of  # fqjax.config imports fqjax.data: a module-level import would be a cycle
+  from fqjax.study.config import seeds_of  # fqjax.study.config imports fqjax.data: a module-level import would be a cycle
   data = config.data
   if data.get("resplit_per_seed", True) and len(seeds_of(config)) > 1:
     return int(data.seed) + int(seed)

@@ -20,7 +20,7 @@ from typing import Dict, Optional, Sequence, Tuple
 import numpy as np
 
 from fqjax.data.assemble import assemble
-from fqjax.data.config import data_section, default_data_config, validate_data_config
+from fqjax.data.options import data_section, default_data_config, validate_data_config
 from fqjax.data.splits import Splits
 from fqjax.errors import CorruptFileError, InputError, MissingFileError
 

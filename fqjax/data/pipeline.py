@@ -11,7 +11,7 @@ prefetch thread that ``benchmarks/input_pipeline.py`` measures against this path
 An epoch plan from :func:`epoch_batches` covers every sample exactly once; the
 last uneven batch is padded and its padding carries mask 0, so losses and
 metrics divide by the number of real samples (see
-``fqjax.losses.weighted_cross_entropy(..., mask=...)``) and no sample is dropped.
+``fqjax.training.losses.weighted_cross_entropy(..., mask=...)``) and no sample is dropped.
 :func:`padded_batches` cuts an array into fixed-shape chunks for evaluation, so
 one compilation serves them all; it is the package's one padded-batch helper.
 """
@@ -51,7 +51,7 @@ def epoch_batches(indices_or_n, batch_size: int, seed: Seed = None, *, shuffle: 
 
   Args:
     indices_or_n: an int N (rows 0..N-1) or a 1-D int array of rows, e.g.
-      ``fqjax.sampling.sample_indices(...).indices`` (repeats allowed).
+      ``fqjax.training.sampling.sample_indices(...).indices`` (repeats allowed).
     batch_size: B.
     seed: int or np.random.Generator; required when ``shuffle``. Pass a
       different seed each epoch (e.g. ``config.seed * 1000 + epoch``) for a new order.
@@ -152,7 +152,7 @@ class DeviceArrays:
       y: [N] int32 labels.
       group: [N] int32 group ids, or None.
       sharding: optional ``jax.sharding.Sharding`` or device for ``jax.device_put``
-        (fqjax.parallel decides it); None means the default device.
+        (fqjax.training.parallel decides it); None means the default device.
       **extra: more [N, ...] arrays to carry along (e.g. per-sample weights).
     """
     arrays = {"x": x, "y": y}

@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image
 
 from fqjax.data.assemble import assemble, check_memory
-from fqjax.data.config import TFDS_CLASSIFICATION, resolve_attributes
+from fqjax.data.options import TFDS_CLASSIFICATION, resolve_attributes
 from fqjax.data.splits import Splits, random_subset
 from fqjax.errors import FqjaxError
 
@@ -123,7 +123,7 @@ _FIELDS = {"celeb_a": _celeb_a_fields, **{name: _classification_fields for name 
 
 
 def load_tfds(cfg) -> Splits:
-  """Splits of a TFDS image dataset (config.data.name in fqjax.data.config.TFDS_NAMES) from a validated config.
+  """Splits of a TFDS image dataset (config.data.name in fqjax.data.options.TFDS_NAMES) from a validated config.
 
   x is [N, H, W, C] float32 (H = W = config.data.image_size when set, else the native shape).
   """

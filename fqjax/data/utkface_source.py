@@ -13,7 +13,7 @@ import numpy as np
 
 from fqjax.data import utkface  # imports no TFDS; its read_prepared does
 from fqjax.data.assemble import assemble
-from fqjax.data.config import resolve_attributes
+from fqjax.data.options import resolve_attributes
 from fqjax.data.splits import Splits, random_subset
 from fqjax.data.utkface import GENDER_NAMES, RACE_NAMES, default_data_dir
 from fqjax.errors import InputError

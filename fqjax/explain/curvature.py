@@ -28,7 +28,7 @@ import numpy as np
 from flax import traverse_util
 from jax.flatten_util import ravel_pytree
 
-from fqjax import layers, quant
+from fqjax.quantization import layers, quant
 from fqjax.data.pipeline import padded_batches
 from fqjax.explain import lanczos
 from fqjax.explain.hvp import _per_sample_loss, _weighted_hvp, group_hvp  # noqa: F401 (re-exported)

@@ -32,7 +32,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from fqjax import layers, metrics
+from fqjax.quantization import layers
+from fqjax.analysis import metrics
 from fqjax.data.pipeline import padded_batches
 
 _EPS = 1e-12

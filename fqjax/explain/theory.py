@@ -34,7 +34,7 @@ from jax.flatten_util import ravel_pytree
 from fqjax.data.pipeline import padded_batches
 from fqjax.explain import lanczos
 from fqjax.explain.curvature import _check_data, _per_sample_loss, _theta, group_hvp
-from fqjax.metrics import group_mean, pearson, spearman
+from fqjax.analysis.metrics import group_mean, pearson, spearman
 
 
 @jax.jit

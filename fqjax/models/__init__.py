@@ -1,11 +1,11 @@
-"""Model zoo: every model is built from fqjax.layers and reads its bits from a BitSpec's bits tree.
+"""Model zoo: every model is built from fqjax.quantization.layers and reads its bits from a BitSpec's bits tree.
 
 All models share one call signature: ``model.apply(variables, x, train=False)``.
 
 Besides the zoo names (MODEL_NAMES), ``get_model`` takes "package.module:factory": any Linen model
-``factory(num_classes=..., **kwargs)`` returns. A model with a ``quant`` rule (built from fqjax.layers)
+``factory(num_classes=..., **kwargs)`` returns. A model with a ``quant`` rule (built from fqjax.quantization.layers)
 is used as it is; any other (plain nn.Dense / nn.Conv) is made quantizable by interception
-(fqjax.intercept.quantize_module, params unchanged). Its ``__call__`` should take ``train=`` like the
+(fqjax.quantization.intercept.quantize_module, params unchanged). Its ``__call__`` should take ``train=`` like the
 zoo models (BatchNorm / dropout follow it); one without it works too: the wrapper drops ``train``.
 """
 import dataclasses
@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 import flax.linen as nn
 
-from fqjax import intercept, layers
+from fqjax.quantization import intercept, layers
 from fqjax.errors import InputError
 from fqjax.models.cnn import SmallCNN
 from fqjax.models.mlp import MLP

@@ -4,7 +4,7 @@ from typing import Any
 
 import flax.linen as nn
 
-from fqjax.layers import QuantRule
+from fqjax.quantization.layers import QuantRule
 
 
 def _option(default: Any) -> Any:
@@ -15,8 +15,8 @@ def _option(default: Any) -> Any:
 class QuantModel(nn.Module):
   """Base of fqjax models: the options of their QuantDense / QuantConvBN layers.
 
-  quant: how every layer quantizes its weights (``fqjax.layers.QuantRule``: per_channel,
-    narrow_range, ste, lsq); ``fqjax.layers.configured(model, per_channel=False)`` changes one.
+  quant: how every layer quantizes its weights (``fqjax.quantization.layers.QuantRule``: per_channel,
+    narrow_range, ste, lsq); ``fqjax.quantization.layers.configured(model, per_channel=False)`` changes one.
   fold_bn: fold BatchNorm into the conv kernel before quantization (inference).
   dtype: compute dtype of matmuls / convs (e.g. jnp.bfloat16); params and quantizers stay float32.
   """

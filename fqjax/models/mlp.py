@@ -4,7 +4,7 @@ from typing import Sequence
 import flax.linen as nn
 import jax
 
-from fqjax.layers import QuantDense
+from fqjax.quantization.layers import QuantDense
 from fqjax.models.common import QuantModel
 
 

@@ -9,7 +9,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from fqjax.layers import QuantConvBN, QuantDense
+from fqjax.quantization.layers import QuantConvBN, QuantDense
 from fqjax.models.common import QuantModel
 
 STEMS = ("cifar", "imagenet")

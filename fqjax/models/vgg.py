@@ -5,7 +5,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from fqjax.layers import QuantConvBN, QuantDense
+from fqjax.quantization.layers import QuantConvBN, QuantDense
 from fqjax.models.common import QuantModel
 
 VGG_CONFIGS = {

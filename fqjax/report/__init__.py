@@ -10,12 +10,12 @@ Writes into WORKDIR:
                  explain_theory, mitigate_ablation, mitigate_pareto (each only when its data is in
                  results.json)
 
-Every number comes from results.json (see fqjax.results): the PTQ and ablation tables and
+Every number comes from results.json (see fqjax.outputs.results): the PTQ and ablation tables and
 figures from the summaries the runner stored (ptq.summary and intervals, explain theory tables,
-mitigate.summary and mitigate.best, formatted by fqjax.tables' cell rules), the explain section (no
+mitigate.summary and mitigate.best, formatted by fqjax.analysis.tables' cell rules), the explain section (no
 stored summary) as mean and standard deviation (ddof=1) over seeds, ignoring seeds or values that are missing or null.
 Sections whose stage did not run are listed with the command that adds them.
-Minority groups (fqjax.claims.minority_mask: train count below half the median) are
+Minority groups (fqjax.analysis.claims.minority_mask: train count below half the median) are
 drawn dashed / shaded in every figure. Figures use matplotlib's Agg canvas
 directly (no pyplot, no display, no global backend change).
 """
@@ -25,7 +25,7 @@ import argparse
 import os
 from typing import Mapping, Optional, Sequence
 
-from fqjax import results as results_lib
+from fqjax.outputs import results as results_lib
 from fqjax.errors import FqjaxError
 from fqjax.report.common import ABLATION_COLUMNS, FIGURE_NAMES, FIGURES_DIR, FULL, _dig, _write_text
 from fqjax.report.common import _bits_label, _Ctx  # noqa: F401  (kept at fqjax.report.* for callers and tests)
@@ -45,7 +45,7 @@ def write_report(workdir: str, results: Optional[Mapping] = None) -> dict:
   """Writes report.md, report.html and figures/*.png into ``workdir`` from its results.json.
 
   Args:
-    workdir: a study workdir (fqjax.runner layout).
+    workdir: a study workdir (fqjax.study.runner layout).
     results: the results dict; default: read ``workdir/results.json``.
 
   Returns:

@@ -2,7 +2,7 @@
 context of one results.json, and file writes with readable permissions.
 
 PTQ and ablation numbers are read from the summaries the runner stored (ptq.summary[bits],
-mitigate.summary[method][bits], mitigate.best[bits]), formatted by fqjax.tables' cell rules; only
+mitigate.summary[method][bits], mitigate.best[bits]), formatted by fqjax.analysis.tables' cell rules; only
 the explain section, which stores no summary, is averaged here (``_explain_ms``: mean and sample
 std over seeds of [S, ...] stacks, NaN ignored).
 """
@@ -13,11 +13,11 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
 
-from fqjax import claims as claims_lib
-from fqjax import results as results_lib
-from fqjax.metrics import finite_mean as _nanmean
-from fqjax.tables import ABLATION_COLUMNS, EMPTY, finite, mean_std_cell  # noqa: F401  (shared with the text tables)
-from fqjax.tables import dig as _dig
+from fqjax.analysis import claims as claims_lib
+from fqjax.outputs import results as results_lib
+from fqjax.analysis.metrics import finite_mean as _nanmean
+from fqjax.analysis.tables import ABLATION_COLUMNS, EMPTY, finite, mean_std_cell  # noqa: F401  (shared with the text tables)
+from fqjax.analysis.tables import dig as _dig
 
 FULL = 32
 FIGURES_DIR = "figures"

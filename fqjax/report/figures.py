@@ -12,7 +12,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from fqjax.metrics import spearman
+from fqjax.analysis.metrics import spearman
 from fqjax.report.common import (FULL, _FILE_MODE, _Ctx, _bits_label, _dig, _explain_bits, _explain_ms, _floats, _ms,
                                  _nanmean, _num, _ptq_summary, _sorted_bits)
 

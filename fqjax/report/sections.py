@@ -8,13 +8,13 @@ from typing import Mapping, Optional
 import numpy as np
 from matplotlib.figure import Figure
 
-from fqjax import claims as claims_lib
+from fqjax.analysis import claims as claims_lib
 from fqjax.report.common import (ABLATION_COLUMNS, EMPTY, FIGURES_DIR, FULL, _bits_label, _cell, _Ctx, _dig,
                                  _explain_bits, _explain_ms, _ms, _nanmean, _num, _pm, _ptq_summary, _rel,
                                  _sorted_bits)
 from fqjax.report import verdicts
 from fqjax.report.document import _Doc
-from fqjax.tables import ptq_size_bytes
+from fqjax.analysis.tables import ptq_size_bytes
 from fqjax.report.figures import (_save_png, figure_explain_curvature, figure_explain_logits,
                                   figure_explain_weights, figure_mitigate_ablation, figure_mitigate_pareto,
                                   figure_ptq_fairness, figure_ptq_group_accuracy, figure_ptq_variants,
@@ -273,7 +273,7 @@ class _Report:
              "the highest worst-group accuracy / lowest fairness violation at no larger size.")
     rows = verdicts.allocation_rows(ctx, m)
     if rows:
-      self.doc.p("**Per-layer bits of the allocation methods** (fqjax.allocate; the most frequent over seeds; layers "
+      self.doc.p("**Per-layer bits of the allocation methods** (fqjax.study.allocate; the most frequent over seeds; layers "
                  "in forward order): `fair_alloc*` minimizes the worst group's predicted excess loss, `blind_alloc*` "
                  "the whole training loss's, within the same byte budget.")
       self.doc.table(["method", "bits", "per-layer bits", "budget KB", "size KB", "worst group's predicted excess loss",
@@ -283,7 +283,7 @@ class _Report:
     ctx = self.ctx
     self.doc.h(2, "Claims")
     try:
-      checked, source = claims_lib.check_claims(ctx.results), "computed from this results.json by `fqjax.claims`"
+      checked, source = claims_lib.check_claims(ctx.results), "computed from this results.json by `fqjax.analysis.claims`"
     except Exception as err:  # a partial or older results.json: fall back on the stored section
       checked, source = ctx.results.get("claims"), f"as stored in results.json ({type(err).__name__}: {err})"
     if not checked:
@@ -317,7 +317,7 @@ class _Report:
 
 
 def _minority_sentence(ctx: _Ctx) -> str:
-  """The minority rule as fqjax.claims applies it: train count below half the median group size."""
+  """The minority rule as fqjax.analysis.claims applies it: train count below half the median group size."""
   rule = "Minority: train count below half the median group size"
   if ctx.minority is not None:
     return f"{rule} (below {ctx.minority_threshold:g} here)."

@@ -1,8 +1,8 @@
 """The report's parts for issue 12's verdicts: PTQ intervals, per-group accuracy by variant, the second-order
 test of the theory, and each claim's judgements (variant | definition -> verdict).
 
-Figures and tables read what the runner stored: ptq holders' "intervals" (fqjax.stats.intervals per
-bit-width), explain holders' "theory" (fqjax.summaries.theory_table), and the claims' "judgements".
+Figures and tables read what the runner stored: ptq holders' "intervals" (fqjax.analysis.stats.intervals per
+bit-width), explain holders' "theory" (fqjax.analysis.summaries.theory_table), and the claims' "judgements".
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import Mapping, Optional
 import numpy as np
 from matplotlib.figure import Figure
 
-from fqjax.judgements import holders
+from fqjax.analysis.judgements import holders
 from fqjax.report.common import FULL, _bits_label, _Ctx, _dig, _num, _sorted_bits
 from fqjax.report.figures import _bits_colors, _group_colors, _new_figure
 

@@ -1,5 +1,5 @@
 """Pure quantizer functions: fake quantization with straight-through gradients,
-learned step sizes and storage size (activation calibration: fqjax.calibration).
+learned step sizes and storage size (activation calibration: fqjax.quantization.calibration).
 
 No Flax and no state here. Every function that takes ``bits`` accepts a Python
 number or a traced JAX scalar, so a bit-width sweep is a ``jax.vmap`` (or a

@@ -1,7 +1,7 @@
 """Activation calibration: pure functions from calibration batches to a value range (lo, hi).
 
 Ranges feed quant.scale_zero_point_from_range (asymmetric, per tensor) for activations; the
-layers call `calibrate` (via fqjax.layers.calibrate_activations) on the inputs they sow.
+layers call `calibrate` (via fqjax.quantization.layers.calibrate_activations) on the inputs they sow.
 Methods (CALIBRATORS): "minmax" (running min / max), "ema" (exponential moving average of each
 batch's min / max) and "percentile" (the lower / upper percentiles of all values seen).
 """
@@ -12,7 +12,7 @@ from typing import Callable, Iterable, Mapping, NamedTuple, Optional, Sequence
 import jax.numpy as jnp
 from flax import traverse_util
 
-from fqjax.quant import Array, _normalize_axis, tensor_range
+from fqjax.quantization.quant import Array, _normalize_axis, tensor_range
 
 
 class RangeState(NamedTuple):

@@ -1,4 +1,4 @@
-"""The machinery behind fqjax.claims: minority groups, per-bit comparisons, collapse, and combining judgements.
+"""The machinery behind fqjax.analysis.claims: minority groups, per-bit comparisons, collapse, and combining judgements.
 
 A judgement is one claim tested on one PTQ variant with one definition (and statistic): a dict
 {"verdict", "variant", "definition", "statistic", "per_bits", ...}. ``combine`` turns a claim's
@@ -11,8 +11,8 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
 
-from fqjax import stats
-from fqjax.metrics import finite_mean, spearman
+from fqjax.analysis import stats
+from fqjax.analysis.metrics import finite_mean, spearman
 
 FULL = 32
 MINORITY_FRACTION = 0.5

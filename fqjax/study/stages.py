@@ -1,6 +1,6 @@
 """The stages of a study as pure functions: model, variables, splits and config sections in, JSON-ready dicts out.
 
-Nothing here reads or writes the workdir: the runner (fqjax.runner) decides what to compute,
+Nothing here reads or writes the workdir: the runner (fqjax.study.runner) decides what to compute,
 loads and saves, and hands the training stages the checkpoint folder they resume from. So
 each stage can be called, and tested, without a workdir:
 
@@ -8,7 +8,7 @@ each stage can be called, and tested, without a workdir:
   by_bits = ptq_seed(model, variables, splits, config.ptq, config.eval, layer_names, seed)
   entry = explain_entry(model, variables, splits, config.explain, config.ptq, config.eval,
                         layer_names, bits, seed, variant)   (forward chain, curvature, theory)
-  (the mitigate stage's entry is fqjax.mitigate.run_entry)
+  (the mitigate stage's entry is fqjax.study.mitigate.run_entry)
 
 `quantization_start` is the one place that turns trained variables into what a quantized
 model starts from (calibrated activation ranges); `ptq_model` applies config.ptq's options.
@@ -23,7 +23,10 @@ import jax
 import numpy as np
 from flax import traverse_util
 
-from fqjax import layers, metrics, ptq, quant, stats, train
+from fqjax.quantization import layers, quant
+from fqjax.analysis import metrics, stats
+from fqjax.study import ptq
+from fqjax.training import train
 from fqjax.explain import curvature as curvature_lib
 from fqjax.explain import density as density_lib
 from fqjax.explain import forward as forward_lib
@@ -44,7 +47,7 @@ def resolved_model_name(config, info) -> str:
 def build_model(config, info) -> nn.Module:
   """The model of config.model for the data described by ``info`` (classes, input shape): a zoo model, or
   the Linen model of a "package.module:factory" name (plain nn.Dense / nn.Conv layers quantized by
-  interception, fqjax.intercept), built with model.kwargs (and dtype=bfloat16 for compute_dtype "bfloat16")."""
+  interception, fqjax.quantization.intercept), built with model.kwargs (and dtype=bfloat16 for compute_dtype "bfloat16")."""
   kwargs = dict(config.model.kwargs.to_dict()) if hasattr(config.model.kwargs, "to_dict") else dict(
       config.model.kwargs or {})
   if config.model.get("compute_dtype", "float32") == "bfloat16":
@@ -99,7 +102,7 @@ def train_seed(model: nn.Module, splits, tcfg, ecfg, seed: int, ckpt_dir: str, *
 
   Returns (record, variables): record = {"history", "val", "test", "wall_s", "epochs_run",
   "resumed_from", "sample_counts", "variables_digest"} (JSON-ready; the digest is
-  fqjax.train.tree_digest of the final variables, the identity later stages are keyed on).
+  fqjax.training.train.tree_digest of the final variables, the identity later stages are keyed on).
   """
   out = train.fit(model, splits, tcfg, seed, ckpt_dir, mesh=mesh, progress=progress)
   info = splits.info
@@ -119,7 +122,7 @@ def ptq_seed(model: nn.Module, variables: Variables, splits, pcfg, ecfg, layer_n
   Returns {"by_bits": {bits: group metrics + size_bytes [+ fairness_violation_ci]} of the primary
   variant, "variants": {other variant: its by_bits}, "sweep_s": seconds of all sweeps, "sweep_mode"}.
   Reference for accuracy drops: the model as trained (no folding, no quantizer in the graph), evaluated
-  once; groups.paired_counts [G, 4] (fqjax.stats.CELLS) pair each test example's reference and quantized
+  once; groups.paired_counts [G, 4] (fqjax.analysis.stats.CELLS) pair each test example's reference and quantized
   outcome, the sufficient statistic of the paired bootstrap; flip_rate (overall and per group) is the fraction
   of test rows whose predicted class differs from the reference's (Hooker et al. 2020). Activation ranges
   are calibrated once (at full precision, so the weight rule does not matter).

@@ -10,9 +10,10 @@ from typing import Mapping, Optional, Sequence
 
 import numpy as np
 
-from fqjax import claims, metrics, mitigate, stats
+from fqjax.analysis import claims, metrics, stats
+from fqjax.study import mitigate
 from fqjax.explain import theory as theory_lib
-from fqjax.metrics import finite_mean
+from fqjax.analysis.metrics import finite_mean
 
 FULL = 32
 
@@ -68,7 +69,7 @@ def missing_seeds(section: Mapping, stage: str, seeds: Sequence[int]) -> list[in
 
 def ptq_intervals(holder: Mapping, bit_widths: Sequence[int], seeds: Sequence[int], minority: Optional[np.ndarray],
                   num_resamples: int) -> dict:
-  """{bits: fqjax.stats.intervals} of one PTQ variant (``holder`` has "per_seed"), from each seed's
+  """{bits: fqjax.analysis.stats.intervals} of one PTQ variant (``holder`` has "per_seed"), from each seed's
   groups.paired_counts [G, 4]; bit-widths whose entries lack the counts (older results) are left out."""
   out = {}
   for b in bit_widths:

@@ -10,7 +10,7 @@ stacked ``bits_tree`` is a bit-width sweep with one compilation). Without a
 ``"bits"`` collection a layer is full precision with no quantizer in the graph.
 How a layer quantizes (grid, per channel, STE, LSQ) is static: one frozen
 ``QuantRule`` per layer, the ``quant`` field. Which bits each layer gets is a
-``BitSpec`` (fqjax.bitspec, re-exported here as ``layers.BitSpec``).
+``BitSpec`` (fqjax.quantization.bitspec, re-exported here as ``layers.BitSpec``).
 
 Collections used here:
   "bits":        {layer path...: {"w": [] float32, "a": [] float32}}; >= 32 = full precision.
@@ -31,9 +31,9 @@ import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
-from fqjax import calibration, quant
+from fqjax.quantization import calibration, quant
 # Re-exported: layers.BitSpec and friends are how callers reach them.
-from fqjax.bitspec import BitSpec, LayerBits, bits_tree_from, stack_bits_trees, weight_bits_by_layer  # noqa: F401
+from fqjax.quantization.bitspec import BitSpec, LayerBits, bits_tree_from, stack_bits_trees, weight_bits_by_layer  # noqa: F401
 
 BITS = "bits"
 QUANT_STATS = "quant_stats"

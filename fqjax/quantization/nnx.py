@@ -1,4 +1,4 @@
-"""Quantized Flax NNX layers: the NNX twins of fqjax.layers' QuantDense, QuantConv and QuantConvBN.
+"""Quantized Flax NNX layers: the NNX twins of fqjax.quantization.layers' QuantDense, QuantConv and QuantConvBN.
 
 Same quantizers, same rule: weights go through ``layers.quantize_weights`` with the layer's
 ``layers.QuantRule`` (per channel or tensor, narrow range, STE, LSQ, scale rule "max" / "half_step" /
@@ -38,9 +38,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, traverse_util
 
-from fqjax import calibration, layers, quant
-from fqjax.bitspec import BitSpec
-from fqjax.layers import QuantRule, bn_fold_scale, fold_bn, quantize_input, quantize_weights
+from fqjax.quantization import calibration, layers, quant
+from fqjax.quantization.bitspec import BitSpec
+from fqjax.quantization.layers import QuantRule, bn_fold_scale, fold_bn, quantize_input, quantize_weights
 
 Padding = layers.Padding
 BitsValue = Union[int, float, jax.Array, None]

@@ -7,12 +7,12 @@ results.json (schema_version 1), top level:
   dataset:  fqjax.data DatasetInfo.to_dict() plus split sizes and "identity" (sha256 of the loaded splits)
   model:    {"name", "num_params", "layer_names": [forward order]}
   seeds:    [int]
-  Each stage section has "keys": {seed: cache key of that seed's entries} (see fqjax.runner) and, once
+  Each stage section has "keys": {seed: cache key of that seed's entries} (see fqjax.study.runner) and, once
   the stage has finished, "missing_seeds": [configured seeds without a complete entry]; its "summary"
   (and mitigate's "best") exists only when missing_seeds is empty: over exactly the configured seeds.
   train:    {"keys", "per_seed": {seed: TrainRecord}, "summary": Summary}
   ptq:      {"keys", "bit_widths", "a_bits", "per_channel", "fold_bn", "sweep_mode", "sweep_s": {seed: s},
-             "variant": the primary PTQ variant ("<scale>/<bn>", fqjax.ptq.parse_variant),
+             "variant": the primary PTQ variant ("<scale>/<bn>", fqjax.study.ptq.parse_variant),
              "per_seed": {seed: {bits: Metrics}}, "summary": {bits: Summary}, "intervals": {bits: Intervals},
              "variants": {other variant: {"per_seed", "summary", "intervals" as above}}}
   explain:  {"keys", "bit_widths", "forward_split", "curvature_split", "group_sizes": [G], "variant",
@@ -24,31 +24,31 @@ results.json (schema_version 1), top level:
   claims:   {claim name: {"verdict": holds | partly | does not hold | inconclusive | not applicable | depends |
             not tested, "judgements": {"<variant> | <definition>": {"verdict", "variant", "definition",
             "statistic", "per_bits", "collapsed_bits", ...}}, "by_verdict" (depends)}, "rules": str
-            (fqjax.claims.rules_text(): GENERAL_RULES, then "claim: rule" per RULES entry)}
+            (fqjax.analysis.claims.rules_text(): GENERAL_RULES, then "claim: rule" per RULES entry)}
   timings:  {stage: seconds of its last run}
-  last_run: only in the dict fqjax.runner.run returns, never in the file: {"stages": {stage: seconds
+  last_run: only in the dict fqjax.study.runner.run returns, never in the file: {"stages": {stage: seconds
             or "skipped"}, "total_s"} of that invocation.
 where
-  Metrics = fqjax.metrics.group_metrics output (accuracy, loss, worst_group_accuracy,
+  Metrics = fqjax.analysis.metrics.group_metrics output (accuracy, loss, worst_group_accuracy,
             fairness_violation, accuracy_ratio, ece, fairlearn aliases accuracy_score_{difference,
             group_min, group_max, ratio}, groups{count, accuracy, loss, ece, accuracy_drop}, ...)
             plus "size_bytes" and, for test metrics, "fairness_violation_ci" {low, high}; PTQ entries also
-            groups.paired_counts [G][4] (fqjax.stats.CELLS: each test example's full-precision and
+            groups.paired_counts [G][4] (fqjax.analysis.stats.CELLS: each test example's full-precision and
             quantized outcome).
-  Intervals = fqjax.stats.intervals output: group_accuracy, group_accuracy_drop {mean, low, high: [G]},
+  Intervals = fqjax.analysis.stats.intervals output: group_accuracy, group_accuracy_drop {mean, low, high: [G]},
             worst_group_accuracy and drop_difference (minority minus majority drop) {mean, low, high}.
-  Theory = fqjax.summaries.theory_table row: first_order, second_order, curvature_term, grad_norm, bound
+  Theory = fqjax.analysis.summaries.theory_table row: first_order, second_order, curvature_term, grad_norm, bound
             [G], d_norm, observed_excess_loss {split: [G]}, correlations {split: {spearman, pearson}}.
   TrainRecord = {"history": [epoch dicts], "val": Metrics, "test": Metrics, "wall_s", "epochs_run",
-                 "resumed_from", "sample_counts", "variables_digest" (fqjax.train.tree_digest)}
-  Summary = fqjax.metrics.summarize_over_seeds output ({"accuracy": {"mean", "std", "n"}, ...}), plus
+                 "resumed_from", "sample_counts", "variables_digest" (fqjax.training.train.tree_digest)}
+  Summary = fqjax.analysis.metrics.summarize_over_seeds output ({"accuracy": {"mean", "std", "n"}, ...}), plus
             size_bytes and fairness_violation_ci {low, high: mean_std} when every seed has them.
   Explain = fqjax.explain.forward.forward_chain output (weights, activations, logits, softmax,
             accuracy, loss per group) plus "curvature": {"grad_norm", "top_eigenvalue", "loss": [G],
             "top_k_eigenvalues": [G][k], "num_hvps", "converged": [G], "spearman_size_grad_norm",
             "spearman_size_top_eigenvalue", "activation_bits_ignored"[, "trace", "trace_std"][, "size_matched":
             {"size", "repeats", "grad_norm": {"mean", "std"}, "top_eigenvalue": {"mean", "std"}, "converged"}
-            ([G] each)], "mean_per_sample_grad_norm": [G]}, "theory" (quantized bits: fqjax.stages.theory) and
+            ([G] each)], "mean_per_sample_grad_norm": [G]}, "theory" (quantized bits: fqjax.study.stages.theory) and
             "wall_s"; logits.definitions {name: {change, relative_change[, fp, quantized]}} (forward_chain).
 Seeds and bit-widths are JSON object keys, so they are strings ("0", "32").
 """

@@ -27,7 +27,9 @@ import orbax.checkpoint as ocp
 from flax.training import train_state
 from tqdm import tqdm
 
-from fqjax import choices, losses, metrics, parallel, sampling
+from fqjax import choices
+from fqjax.training import losses, parallel, sampling
+from fqjax.analysis import metrics
 from fqjax.data.pipeline import DeviceArrays, epoch_batches, padded_batches
 from fqjax.errors import CorruptFileError
 
@@ -100,7 +102,7 @@ def make_train_step(model: nn.Module, weight_key: str = "group", bn_train: bool 
   batch: {"x": [B, ...], "y": [B], "group": [B], "mask": [B]}; weight_table: [G]
   (or [num_classes] when weight_key == "y"); extra: more variable collections,
   e.g. {"bits": bits_tree, "quant_stats": ranges} for QAT, or None for full precision.
-  The loss is fqjax.losses.weighted_cross_entropy over the real (mask 1) samples. The state is donated.
+  The loss is fqjax.training.losses.weighted_cross_entropy over the real (mask 1) samples. The state is donated.
   bn_train=False freezes BatchNorm: running statistics are used and not updated
   (and a fold_bn model trains on its folded, quantized kernel, as QAT practice does).
   """
@@ -157,7 +159,7 @@ def predict(model: nn.Module, variables: Mapping, x: np.ndarray, batch_size: int
 def evaluate(model: nn.Module, variables: Mapping, split, num_groups: int, *, group_is_label: bool = True,
              batch_size: int = 512, reference: Optional[Mapping] = None,
              mesh: Optional[parallel.Mesh] = None) -> dict:
-  """fqjax.metrics.group_metrics of the model on a Split (per-sample results, so exact under sharding)."""
+  """fqjax.analysis.metrics.group_metrics of the model on a Split (per-sample results, so exact under sharding)."""
   logits = predict(model, variables, split.x, batch_size, mesh)
   return metrics.group_metrics(logits, split.y, split.group, num_groups, group_is_label=group_is_label,
                                reference=reference)
@@ -305,7 +307,7 @@ def fit(model: nn.Module, splits, tcfg: ml_collections.ConfigDict, seed: int, ck
     extra_variables: more collections for the forward pass (e.g. "quant_stats").
     init_group_losses: [G] per-group losses for the first epoch's hardness weights
       (fine-tuning: the starting model's validation losses); None: uniform first epoch.
-    mesh: a data-parallel mesh (fqjax.parallel.data_mesh): batches split over its
+    mesh: a data-parallel mesh (fqjax.training.parallel.data_mesh): batches split over its
       devices, state replicated; tcfg.batch_size must be a multiple of its size.
     on_epoch_end: called with (epoch, history entry) after each checkpoint.
 

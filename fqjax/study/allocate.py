@@ -41,8 +41,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from fqjax import layers, quant
-from fqjax.bitspec import BitSpec
+from fqjax.quantization import layers, quant
+from fqjax.quantization.bitspec import BitSpec
 from fqjax.choices import ALLOC_OBJECTIVES
 from fqjax.explain import curvature, lanczos, theory
 
@@ -345,13 +345,15 @@ def additivity(model: nn.Module, variables: Mapping, x, y, group, num_groups: in
 
 
 # ----------------------------------------------------------------------------
-# python -m fqjax.allocate WORKDIR --budget_kb 12
+# python -m fqjax.study.allocate WORKDIR --budget_kb 12
 # ----------------------------------------------------------------------------
 
 def _load_workdir(workdir: str, seed: int):
   """(ptq model, trained variables, splits) of a study workdir; MissingFileError when something is not there."""
   import ml_collections
-  from fqjax import data as data_lib, stages, train
+  from fqjax import data as data_lib
+  from fqjax.study import stages
+  from fqjax.training import train
   from fqjax.errors import MissingFileError
   path = os.path.join(workdir, "config.json")
   if not os.path.isdir(workdir):
@@ -372,7 +374,7 @@ def _load_workdir(workdir: str, seed: int):
 
 
 def _parse_args(argv):
-  parser = argparse.ArgumentParser(prog="python -m fqjax.allocate",
+  parser = argparse.ArgumentParser(prog="python -m fqjax.study.allocate",
                                    description="Per-layer weight bits within a byte budget from per-group "
                                                "second-order sensitivities of a trained study model.")
   parser.add_argument("workdir", help="a study workdir with config.json and a trained checkpoint")
@@ -406,7 +408,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                            batch_size=args.batch_size) if args.blind else table
     chosen = allocate(solve_on, args.budget_kb * 1024, objective=args.objective)
   except (FqjaxError, ValueError, FileNotFoundError) as e:
-    print(f"fqjax.allocate: error: {' '.join(str(e).split())}", file=sys.stderr)
+    print(f"fqjax.study.allocate: error: {' '.join(str(e).split())}", file=sys.stderr)
     return 2
   per_group = predicted_for(table, chosen["bits"])
   fp = quant.storage_size(variables["params"], {})["bytes"]

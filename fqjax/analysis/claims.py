@@ -1,6 +1,6 @@
 """Checks the paper's findings against a run's results, with the numbers behind every verdict.
 
-Each claim is judged per PTQ variant and per definition (fqjax.judgements); the claim's verdict is
+Each claim is judged per PTQ variant and per definition (fqjax.analysis.judgements); the claim's verdict is
 the judgements' common verdict, or "depends" when they disagree. Verdicts: "holds", "partly" (at
 some bit-widths, not all), "does not hold", "inconclusive" and "not applicable" (accuracy claim
 only), "depends", "not tested" (the stage that provides the data did not run, no group is a
@@ -17,15 +17,15 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
-from fqjax import stats
-from fqjax.judgements import (FULL, MINORITY_FRACTION, as_float, change_from_fp, collapsed_bits, combine,  # noqa: F401
+from fqjax.analysis import stats
+from fqjax.analysis.judgements import (FULL, MINORITY_FRACTION, as_float, change_from_fp, collapsed_bits, combine,  # noqa: F401
                               equivalence_margin, have_no_data, holders, interval_status, judged, minority_mask,
                               minority_threshold, no_minority_why, join_reasons, not_tested, path_values, per_bits,
                               seed_matrix,
                               too_few_groups_why, verdict_from_statuses, verdict_over_bits)
-from fqjax.claims_mitigate import (fair_allocation_beats_group_blind, fairqat_beats_each_control,
+from fqjax.analysis.claims_mitigate import (fair_allocation_beats_group_blind, fairqat_beats_each_control,
                                     fairqat_beats_ptq_and_qat)
-from fqjax.metrics import finite_mean, pearson, spearman  # noqa: F401  (spearman kept at fqjax.claims.spearman)
+from fqjax.analysis.metrics import finite_mean, pearson, spearman  # noqa: F401  (spearman kept at fqjax.analysis.claims.spearman)
 
 GENERAL_RULES = (
     "Minority groups are those whose training-set size is below half the median group size "
@@ -105,7 +105,7 @@ RULES = {
         "minority_loses_more_accuracy.",
     "fair_allocation_beats_group_blind":
         "Per-layer bits chosen from per-group second-order sensitivities (minimize the worst group's predicted "
-        "excess loss, fqjax.allocate) against the same allocation on the whole training loss (group-blind), at the "
+        "excess loss, fqjax.study.allocate) against the same allocation on the whole training loss (group-blind), at the "
         "same byte budget (config.mitigate.alloc_budget). One judgement per pair run in the ablation: ptq "
         "(fair_alloc vs blind_alloc) and qat (fair_alloc_qat vs blind_alloc_qat). Statistic: the per-seed paired "
         "difference FV(group-blind) - FV(fairness-aware) on test, with a 95% t-interval over seeds; per target "

@@ -1,6 +1,6 @@
 """Post-training quantization: evaluate a trained model at a sweep of bit-widths from one compiled function.
 
-The bit-widths of a sweep are a stacked "bits" tree [K] (see fqjax.layers). One
+The bit-widths of a sweep are a stacked "bits" tree [K] (see fqjax.quantization.layers). One
 jitted function maps it over the K bit-widths for each input batch:
   mode "vmap": jax.vmap over K (one wide program; wins when launch overhead dominates),
   mode "map":  jax.lax.map over K (one program, K sequential passes; wins for large
@@ -21,9 +21,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fqjax import choices, layers, parallel, quant
+from fqjax import choices
+from fqjax.quantization import layers, quant
+from fqjax.training import parallel
 from fqjax.data.pipeline import padded_batches
-from fqjax.layers import BitSpec
+from fqjax.quantization.layers import BitSpec
 
 SWEEP_MODES = choices.SWEEP_MODES
 

@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fqjax import metrics
+from fqjax.analysis import metrics
 from fqjax.choices import WEIGHT_SCHEMES  # the config's choice tuple; _WEIGHT_TABLES has the same keys
 
 Array = jax.Array
@@ -104,7 +104,7 @@ def _check_counts(counts) -> Array:
     if (c < 0).any() or c.sum() <= 0:
       raise ValueError(
           f"counts must be >= 0 with a positive total, got {c.tolist()}; "
-          "compute them on the training split, e.g. fqjax.sampling.group_counts(train.group, G).")
+          "compute them on the training split, e.g. fqjax.training.sampling.group_counts(train.group, G).")
   return counts.astype(jnp.float32)
 
 

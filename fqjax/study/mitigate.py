@@ -3,7 +3,7 @@
 Every QAT variant fine-tunes the trained full-precision model (same start for
 all methods, so differences come from the method) with fake-quantized weights
 (and activations when ``mitigate.a_bits`` is set) and straight-through
-gradients, through the same ``fqjax.train.fit`` loop as full-precision training.
+gradients, through the same ``fqjax.training.train.fit`` loop as full-precision training.
 
 Methods (``config.mitigate.methods``):
   ptq            post-training quantization, no training (the baseline), with ``mitigate.ptq_variant``
@@ -19,7 +19,7 @@ Methods (``config.mitigate.methods``):
   fair_ft        full-precision fine-tuning with fairqat's sampling and weights, no quantization (the control
                  that tells "rebalancing helps any model" from "repairing quantization"); the same model at
                  every target bit-width, trained once per seed
-  fair_alloc     PTQ with per-layer bits chosen by fqjax.allocate from per-group second-order sensitivities
+  fair_alloc     PTQ with per-layer bits chosen by fqjax.study.allocate from per-group second-order sensitivities
                  (minimize the worst group's predicted excess loss) within ``mitigate.alloc_budget`` bytes
   blind_alloc    the same allocation on the whole training loss (group-blind, as HAWQ allocates)
   *_alloc_qat    the same allocations, then QAT (with fairqat's sampling and weights if ``alloc_rebalance``)
@@ -42,8 +42,12 @@ import jax
 import ml_collections
 import numpy as np
 
-from fqjax import choices, layers, losses, metrics, ptq, quant, stages, train
-from fqjax.layers import BitSpec
+from fqjax import choices
+from fqjax.quantization import layers, quant
+from fqjax.training import losses, train
+from fqjax.analysis import metrics
+from fqjax.study import ptq, stages
+from fqjax.quantization.layers import BitSpec
 
 METHODS, BN_MODES = choices.MITIGATE_METHODS, choices.BN_MODES
 
@@ -57,7 +61,7 @@ class Method:
   lsq: bool = False
   trains: bool = True
   quantized: bool = True
-  allocation: Optional[str] = None  # "fair" / "blind": per-layer bits from fqjax.allocate
+  allocation: Optional[str] = None  # "fair" / "blind": per-layer bits from fqjax.study.allocate
 
 
 METHOD_PARTS = {
@@ -193,12 +197,12 @@ def run_entry(model, fp_variables: Mapping, fp_test: Mapping, splits, mcfg, pcfg
 
 def _allocated_spec(model, fp_variables, splits, mcfg, layer_names, method: str, bits: int,
                     shared: dict) -> tuple[BitSpec, dict]:
-  """The per-layer bits of an allocation method at target ``bits``: fqjax.allocate on the sensitivity table of
+  """The per-layer bits of an allocation method at target ``bits``: fqjax.study.allocate on the sensitivity table of
   ``mcfg.alloc_split`` (per group for "fair", one group of every row for "blind"; the table, and the allocation
   per bit-width, cached in ``shared``) within
   the byte budget of ``mcfg.alloc_budget``; with the additivity check of the chosen allocation (the predicted
   per-group sum against the measured excess loss of all layers quantized together, on the same split)."""
-  from fqjax import allocate  # scipy's MILP; only the allocation methods need it
+  from fqjax.study import allocate# scipy's MILP; only the allocation methods need it
   kind = METHOD_PARTS[method].allocation
   if (kind, bits) in shared:  # the PTQ and QAT methods of one kind share the allocation and its check
     spec, allocation = shared[(kind, bits)]

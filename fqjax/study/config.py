@@ -5,15 +5,15 @@ A study config has these sections (each experiment file overrides a few fields):
   seeds:  training seeds; each gives one trained model (init + data order). The
           data split stays fixed by data.seed, so the spread over seeds is the
           spread of training, not of the split.
-  data:   fqjax.data.config.default_data_config() fields.
+  data:   fqjax.data.options.default_data_config() fields.
   model:  name (fqjax.models.MODEL_NAMES or "auto": MLP for [N, D] inputs,
           small_cnn for images) and kwargs for the module.
   train:  optimizer and the fair-base-model options (sampling, loss weights).
   ptq:    the post-training quantization sweep.
   explain: the forward chain and per-group curvature (fqjax.explain).
-  mitigate: QAT / mixed precision / FairQAT ablation (fqjax.mitigate).
+  mitigate: QAT / mixed precision / FairQAT ablation (fqjax.study.mitigate).
   eval:   batch size and bootstrap settings.
-  claims: the collapse level and the practical-equivalence margin of the verdicts (fqjax.claims).
+  claims: the collapse level and the practical-equivalence margin of the verdicts (fqjax.analysis.claims).
   tensorboard: write TensorBoard scalars under workdir/tensorboard.
   distributed: jax.distributed settings for multi-host runs.
 """
@@ -26,7 +26,7 @@ from ml_collections.config_dict import placeholder
 
 from fqjax import choices
 from fqjax.choices import STAGES
-from fqjax.data.config import default_data_config, validate_data_config
+from fqjax.data.options import default_data_config, validate_data_config
 from fqjax.errors import InputError
 from fqjax.models import get_model
 
@@ -52,7 +52,7 @@ def base_config() -> ml_collections.ConfigDict:
       "calibration_batches": 8,
       "calibration_batch_size": 128,
       "sweep_mode": "auto",
-      # "<weight scale rule>/<BatchNorm mode>" (fqjax.ptq.parse_variant); the first is the primary one, whose
+      # "<weight scale rule>/<BatchNorm mode>" (fqjax.study.ptq.parse_variant); the first is the primary one, whose
       # results are ptq.per_seed / ptq.summary and whose grid explain uses; the others go to ptq.variants.
       "variants": ("max/keep",),
       "bn_batches": 8,  # training batches (of calibration_batch_size) that BatchNorm recalibration averages
@@ -77,8 +77,8 @@ def base_config() -> ml_collections.ConfigDict:
   })
   c.mitigate = _mitigate_defaults()
   c.eval = ml_collections.ConfigDict({"batch_size": 512, "bootstrap_resamples": 1000})
-  c.tensorboard = True  # scalars under workdir/tensorboard (fqjax.tensorboard; needs tensorboardX)
-  # How verdicts treat noise and collapse (fqjax.claims.GENERAL_RULES); they change no computed entry.
+  c.tensorboard = True  # scalars under workdir/tensorboard (fqjax.outputs.tensorboard; needs tensorboardX)
+  # How verdicts treat noise and collapse (fqjax.analysis.claims.GENERAL_RULES); they change no computed entry.
   c.claims = ml_collections.ConfigDict({
       "collapse_fraction": 0.5,  # collapsed: accuracy below chance + fraction * (full precision - chance)
       "equivalence_margin": placeholder(float),  # None: 1 / median test-group size (one example)
@@ -103,7 +103,7 @@ def _train_defaults() -> ml_collections.ConfigDict:
       "momentum": 0.9,
       "weight_decay": 5e-4,
       "warmup_epochs": 1.0,
-      # Fair base model: group resampling and weighted cross-entropy (fqjax.sampling, fqjax.losses).
+      # Fair base model: group resampling and weighted cross-entropy (fqjax.training.sampling, fqjax.training.losses).
       "sampling": "none",
       "sampling_target": placeholder(object),
       "loss_weights": "uniform",
@@ -123,14 +123,14 @@ def _hardness_defaults() -> dict:
 
 
 def _mitigate_defaults() -> ml_collections.ConfigDict:
-  """QAT fine-tuning of the trained model (fqjax.mitigate): methods, their bit-widths and settings."""
+  """QAT fine-tuning of the trained model (fqjax.study.mitigate): methods, their bit-widths and settings."""
   return ml_collections.ConfigDict({
       "bit_widths": (8, 4, 3, 2),
       "methods": ("ptq", "qat", "mp_qat", "qat_equal_size", "sampling_qat", "weighted_qat", "fairqat", "fair_ft",
                   "blind_alloc", "fair_alloc", "blind_alloc_qat", "fair_alloc_qat"),
       "a_bits": placeholder(object),
       "edge_bits": 8,
-      # The PTQ baseline's variant (fqjax.ptq.parse_variant): QAT's grid, with BatchNorm re-estimated as every QAT
+      # The PTQ baseline's variant (fqjax.study.ptq.parse_variant): QAT's grid, with BatchNorm re-estimated as every QAT
       # method does in its first epoch.
       "ptq_variant": "max/recalibrate",
       "epochs": 5,
@@ -150,7 +150,7 @@ def _mitigate_defaults() -> ml_collections.ConfigDict:
       "loss_weights": "hardness",
       "weight_target": "group",
       **_hardness_defaults(),
-      # Per-layer bit allocation (fqjax.allocate; methods *_alloc*): candidate bits per layer, the objective over the
+      # Per-layer bit allocation (fqjax.study.allocate; methods *_alloc*): candidate bits per layer, the objective over the
       # groups' predicted excess losses, the byte budget at each target bit-width ("mixed_precision": the size of
       # the first/last-at-edge_bits model, i.e. equal size with mp_qat and fairqat; "uniform": the uniform model's),
       # the split the sensitivities are measured on, and whether the *_alloc_qat methods use fairqat's sampling and

@@ -99,7 +99,7 @@ def spearman(a, b) -> float:
   if pairs is None:
     return float("nan")
   a, b = pairs
-  from scipy import stats  # scipy comes with scikit-learn; imported here to keep `import fqjax.metrics` light
+  from scipy import stats  # scipy comes with scikit-learn; imported here to keep `import fqjax.analysis.metrics` light
   return float(stats.spearmanr(a, b).statistic)
 
 
@@ -281,7 +281,7 @@ def flip_rates(pred_fp, pred_q, group, num_groups: int) -> dict:
 def flip_rates_from_paired_counts(counts) -> dict:
   """Correctness flips per group from the PTQ stage's paired tables (groups.paired_counts).
 
-  counts: [G, 4] ints in the order of fqjax.stats.CELLS (both_right, fp_only, quantized_only, both_wrong).
+  counts: [G, 4] ints in the order of fqjax.analysis.stats.CELLS (both_right, fp_only, quantized_only, both_wrong).
   flip_g = (fp_only + quantized_only) / n_g: the rows where exactly one model is right. These tables keep
   only right / wrong, so a wrong prediction changing to another wrong class is not seen: this is a lower
   bound on ``flip_rates`` (equal to it for 2 classes, where a changed prediction always changes correctness).
@@ -289,7 +289,7 @@ def flip_rates_from_paired_counts(counts) -> dict:
   """
   counts = np.asarray(counts, np.float64)
   if counts.ndim != 2 or counts.shape[1] != 4:
-    raise ValueError(f"counts must be [G, 4] (fqjax.stats.CELLS), got shape {counts.shape}.")
+    raise ValueError(f"counts must be [G, 4] (fqjax.analysis.stats.CELLS), got shape {counts.shape}.")
   return _flip_dict(counts[:, 1] + counts[:, 2], counts.sum(axis=1))
 
 

@@ -1,6 +1,6 @@
 """BitSpec: which bit-widths each quantized layer gets, as data, and the "bits" trees built from it.
 
-A BitSpec resolves against a model's layer names (``fqjax.layers.quant_layer_names``) to
+A BitSpec resolves against a model's layer names (``fqjax.quantization.layers.quant_layer_names``) to
 {layer: (w_bits, a_bits)}, and to the "bits" variable collection the layers read:
 {layer path...: {"w": [] float32, "a": [] float32}}, None written as 32 (full precision).
 Because bits are leaves of a tree, not module attributes, a sweep over bit-widths is a
@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
-from fqjax import quant
+from fqjax.quantization import quant
 
 
 LayerBits = tuple[Optional[int], Optional[int]]

@@ -2,13 +2,13 @@
 
 workdir/
   config.json     the config of the latest run (written with the results)
-  results.json    see fqjax.results; results.csv: one row per variant, bits, seed, split and group
+  results.json    see fqjax.outputs.results; results.csv: one row per variant, bits, seed, split and group
   fqjax.log       the log of every run; .fqjax.lock: the workdir lock (pid and start of its holder)
   checkpoints/seed_<s>/train/                     the training run (orbax), with KEY: its cache key
   checkpoints/seed_<s>/mitigate/<method>_w<bits>/<grid setting>/ fine-tuning runs (fair_ft: mitigate/fair_ft/), KEY
   report.md, report.html, figures/, tensorboard/ (scalars, with config.tensorboard)
 
-One cache rule for every stage, per seed: an entry is reused only when its key (fqjax.cache:
+One cache rule for every stage, per seed: an entry is reused only when its key (fqjax.study.cache:
 config sections, data identity, the upstream training entry) matches. Entries of
 seeds that are no longer configured, and entries whose key no longer matches, are dropped when
 the workdir is opened; summaries over seeds are computed from exactly the configured seeds, and
@@ -28,11 +28,16 @@ from typing import Callable, Optional, Sequence
 import jax
 import ml_collections
 
-from fqjax import claims, layers, mitigate, parallel, report, results, stages, summaries, train
-from fqjax import config as config_lib
+from fqjax.analysis import claims, summaries
+from fqjax.quantization import layers
+from fqjax.study import mitigate, stages
+from fqjax.training import parallel, train
+from fqjax import report
+from fqjax.outputs import results
+from fqjax.study import config as config_lib
 from fqjax import data as data_lib
-from fqjax import workdir as workdir_lib
-from fqjax.cache import data_identity, stage_key, train_key
+from fqjax.study import workdir as workdir_lib
+from fqjax.study.cache import data_identity, stage_key, train_key
 from fqjax.errors import FqjaxError, InputError, MissingFileError
 
 log = logging.getLogger("fqjax")
@@ -199,7 +204,7 @@ def _drop_stale(r: _Run) -> None:
 
 
 # ----------------------------------------------------------------------------
-# Stages: what to compute (the computing is in fqjax.stages and fqjax.mitigate)
+# Stages: what to compute (the computing is in fqjax.study.stages and fqjax.study.mitigate)
 # ----------------------------------------------------------------------------
 
 def _train(r: _Run) -> bool:
@@ -398,8 +403,8 @@ def _finalize(r: _Run) -> None:
   results.atomic_write_text(os.path.join(r.workdir, "config.json"), r.config.to_json_best_effort(indent=1) + "\n")
   results.write_json(os.path.join(r.workdir, "results.json"), r.results)
   results.write_csv(os.path.join(r.workdir, "results.csv"), results.csv_rows(r.results))
-  if r.config.get("tensorboard", True):  # scalars for TensorBoard under workdir/tensorboard (fqjax.tensorboard)
-    from fqjax import tensorboard
+  if r.config.get("tensorboard", True):  # scalars for TensorBoard under workdir/tensorboard (fqjax.outputs.tensorboard)
+    from fqjax.outputs import tensorboard
     tensorboard.write_scalars(r.workdir, r.results)
 
 

@@ -1,4 +1,4 @@
-"""The mitigation claims of fqjax.claims (rules in fqjax.claims.RULES): FairQAT against PTQ and QAT on the
+"""The mitigation claims of fqjax.analysis.claims (rules in fqjax.analysis.claims.RULES): FairQAT against PTQ and QAT on the
 summaries, and against each control method with paired intervals over seeds. No JAX.
 """
 from __future__ import annotations
@@ -8,7 +8,7 @@ from typing import Mapping
 
 import numpy as np
 
-from fqjax.judgements import (as_float, combine, interval_status, join_reasons, judged, not_tested, too_few_groups_why,
+from fqjax.analysis.judgements import (as_float, combine, interval_status, join_reasons, judged, not_tested, too_few_groups_why,
                               verdict_from_statuses, verdict_over_bits)
 
 

@@ -1,4 +1,4 @@
-"""The workdir's own files, for fqjax.runner (the only caller): the lock, the log, checkpoint folders' keys.
+"""The workdir's own files, for fqjax.study.runner (the only caller): the lock, the log, checkpoint folders' keys.
 
   .fqjax.lock   an OS file lock (flock) held for a whole run; it holds the pid and start time of
                 its holder, so a second process is refused with a message naming them
@@ -15,7 +15,7 @@ import os
 import shutil
 from typing import Optional
 
-from fqjax import results
+from fqjax.outputs import results
 from fqjax.errors import WorkdirError
 
 log = logging.getLogger("fqjax")

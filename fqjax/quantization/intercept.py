@@ -32,7 +32,7 @@ from typing import Any, Optional
 import flax.linen as nn
 import jax
 
-from fqjax import layers
+from fqjax.quantization import layers
 
 INTERCEPTED_TYPES = (nn.Dense, nn.Conv)
 # Set while a tap runs the plain layer's own code: that inner call must not be intercepted again.
@@ -92,7 +92,7 @@ def _interceptor(wrapper: "QuantizedModule"):
     if wrapper.fold_bn and isinstance(module, nn.BatchNorm):
       raise ValueError(f"fold_bn=True: the intercepted model's nn.BatchNorm {'/'.join(module.scope.path)!r} "
                        "cannot be folded into its conv by interception; use fold_bn=False (BatchNorm then "
-                       "stays a separate full-precision op) or build the model from fqjax.layers.QuantConvBN.")
+                       "stays a separate full-precision op) or build the model from fqjax.quantization.layers.QuantConvBN.")
     if not isinstance(module, INTERCEPTED_TYPES):
       return next_fun(*args, **kwargs)
     if module.is_initializing():

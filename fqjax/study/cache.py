@@ -7,7 +7,7 @@
                  entry was computed from)
   data identity = sha256 of the loaded splits (every array and the metadata), so a replaced data
                  file, another split or imbalance setting or another TFDS version changes every key.
-fqjax.runner reuses an entry only when its stored key equals the key computed here.
+fqjax.study.runner reuses an entry only when its stored key equals the key computed here.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from typing import Optional, Sequence
 import ml_collections
 import numpy as np
 
-from fqjax import results
+from fqjax.outputs import results
 
 # What a stage computes per entry, versioned: bumped when the code adds or changes what an entry holds, so
 # entries computed by older code are recomputed instead of reused (ptq / explain 2: issue 12's paired
