@@ -11,6 +11,8 @@ from scipy.special import logsumexp
 from fqjax.quantization import layers, quant
 from fqjax.training import losses, train
 from fqjax.study import mitigate
+from fqjax.study.schemes import quantization_for
+from fqjax.study.seed import TrainedSeed
 from fqjax.quantization.bitspec import BitSpec, weight_bits_by_layer
 from fqjax.study.config import base_config
 from fqjax.data import from_arrays
@@ -236,10 +238,10 @@ def entries(tabular, tmp_path_factory):
   names = layers.quant_layer_names(model, splits.train.x[:2])
   root = tmp_path_factory.mktemp("mitigate")
   out = {}
+  trained = TrainedSeed(model=model, variables=variables, splits=splits, layer_names=tuple(names), seed=0)
   for method in ("qat", "sampling_qat", "fair_ft", "ptq"):
     folder = str(root / mitigate.checkpoint_name(method, 4))
-    out[method] = mitigate.run_entry(model, variables, fp_test, splits, m, c.ptq, c.eval, c.train, names, method, 4,
-                                     0, folder)
+    out[method] = mitigate.run_entry(trained, c, method, 4, folder, fp_test=fp_test)
     out[method]["folder"] = folder
   return {"out": out, "config": c, "splits": splits, "model": model, "names": names}
 
@@ -263,7 +265,7 @@ def test_selection_keeps_the_best_validation_worst_group_setting(entries):
   chosen = qat["selection"]["chosen"]
   tcfg = mitigate.qat_train_config("qat", c.mitigate, c.train, chosen, len(splits.train))
   folder = f"{qat['folder']}/{mitigate.setting_label(chosen)}"
-  qmodel = mitigate.qat_model(e["model"], "qat", c.mitigate)
+  qmodel = quantization_for(c, method="qat").apply(e["model"])
   loaded = train.load_trained(qmodel, splits, tcfg, 0, folder)
   bits = BitSpec.uniform(4).bits_tree(e["names"])
   again = train.evaluate(qmodel, {**loaded["variables"], "bits": bits}, splits.test, splits.info.num_groups,
@@ -317,8 +319,8 @@ def test_selection_tie_breaks_with_stubbed_training(tabular, monkeypatch, tmp_pa
       return {"variables": dict(kw["init_variables"]), "steps": steps,
               "history": [{"val_worst_group_accuracy": wga, "val_accuracy": acc}]}
     monkeypatch.setattr(train, "fit", fake_fit)
-    out = mitigate.run_entry(model, variables, fp_test, splits, c.mitigate, c.ptq, c.eval, c.train, names, "qat", 4,
-                             0, str(tmp_path))
+    trained = TrainedSeed(model=model, variables=variables, splits=splits, layer_names=tuple(names), seed=0)
+    out = mitigate.run_entry(trained, c, "qat", 4, str(tmp_path), fp_test=fp_test)
     return out["selection"]["chosen"]["learning_rate"], out["steps"]
 
   assert run({0.1: (0.5, 0.9, 1), 0.2: (0.6, 0.6, 2), 0.3: (0.6, 0.8, 3), 0.4: (0.6, 0.7, 4)}) == (0.3, 3)

@@ -6,7 +6,7 @@ import runpy
 import pytest
 
 from fqjax.study import config as config_lib
-from fqjax.study import cache, runner
+from fqjax.study import cache, runner, schemes
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXPERIMENTS = sorted(glob.glob(os.path.join(REPO, "experiments", "*.py")))
@@ -142,7 +142,7 @@ def test_every_choice_tuple_is_the_one_in_fqjax_choices():
   assert tuple(calibration.CALIBRATORS) == choices.CALIBRATIONS and quant.WEIGHT_SCALE_RULES == choices.WEIGHT_SCALE_RULES
   assert sampling.METHODS == choices.SAMPLING_METHODS and losses.WEIGHT_SCHEMES == choices.WEIGHT_SCHEMES
   assert ptq.SWEEP_MODES == choices.SWEEP_MODES and train.OPTIMIZERS == choices.OPTIMIZERS
-  assert tuple(mitigate.METHOD_PARTS) == mitigate.METHODS == choices.MITIGATE_METHODS
+  assert tuple(schemes.METHOD_PARTS) == mitigate.METHODS == choices.MITIGATE_METHODS
   assert runner.available_stages() == list(choices.STAGES)
 
 

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from fqjax.analysis import claims, metrics, stats, tables
+from fqjax.analysis import summaries
 from fqjax.study import mitigate
 from fqjax import report
 from fqjax.outputs import results
@@ -88,7 +89,7 @@ def _mitigate_section(test_counts, methods=("ptq", "qat", "fairqat"), bit_widths
         m["size_bytes"], m["train_s"], m["steps"] = 100 * b, 1.0 + i, 0 if method == "ptq" else 50
         per_seed[str(seed)][method][str(b)] = m
   section = {"methods": list(methods), "bit_widths": list(bit_widths), "per_seed": per_seed}
-  section.update(mitigate.summarize(per_seed, methods, bit_widths, SEEDS))
+  section.update(summaries.summarize_mitigation(per_seed, methods, bit_widths, SEEDS))
   return section
 
 
@@ -371,7 +372,7 @@ def test_ablation_table_with_a_method_without_data():
     entry = m["per_seed"][str(seed)]["qat"]["4"]
     for key in ("accuracy", "worst_group_accuracy", "fairness_violation"):
       entry[key] = float("nan")
-  m.update(mitigate.summarize(m["per_seed"], m["methods"], m["bit_widths"], SEEDS))
+  m.update(summaries.summarize_mitigation(m["per_seed"], m["methods"], m["bit_widths"], SEEDS))
   assert m["summary"]["qat"]["4"]["accuracy"]["n"] == 0
   assert m["best"]["4"]["accuracy"] in ("ptq", "fairqat")
   table = tables.ablation_table(m)

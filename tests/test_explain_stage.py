@@ -103,18 +103,17 @@ def test_another_bit_width_traces_and_compiles_nothing_new(tiny_study):
   import jax
 
   from conftest import tiny_study_config
-  from fqjax.study import stages
+  from fqjax.study import explain_stage
   config = tiny_study_config()
   config.explain.lanczos_max_iters = 20
   config.explain.density_bits = (32,)
   r = runner._open(config, tiny_study["workdir"], False, False)
-  args = (r.model, r.trained_variables(0), r.splits_of(0), config.explain, config.ptq, config.eval, r.layer_names)
-  stages.explain_entry(*args, 4, 0)
+  explain_stage.explain_entry(r.trained_seed(0), config, 4)
   events = []
   listener = lambda event, duration, **kw: events.append(event)
   jax.monitoring.register_event_duration_secs_listener(listener)
   try:
-    entry = stages.explain_entry(*args, 3, 0)
+    entry = explain_stage.explain_entry(r.trained_seed(0), config, 3)
   finally:
     jax.monitoring.unregister_event_duration_listener(listener)
   assert entry["curvature"]["num_hvps"] and "theory" in entry

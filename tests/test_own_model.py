@@ -68,13 +68,17 @@ def test_bad_factory_names_say_what_to_fix(name, match):
     get_model(name, 10)
 
 
-def test_config_accepts_factory_names_and_rejects_bad_ones(tiny_config):
+def test_config_accepts_factory_names_and_rejects_bad_ones(tiny_config, tmp_path):
+  """Validation (no JAX) checks the name's form; the runner builds the model before it makes the workdir."""
+  from fqjax.study import runner
   c = tiny_config()
   c.model.name = NAME
   config_lib.validate_config(c)  # width=4 from the tiny config goes to the factory
   c.model.name = "tests.own_model_fixture:no_such_factory"
+  config_lib.validate_config(c)
   with pytest.raises(InputError, match="config.model.name is invalid.*no_such_factory"):
-    config_lib.validate_config(c)
+    runner.run(c, str(tmp_path / "wd"), ["train"], progress=False)
+  assert not (tmp_path / "wd").exists()
   c.model.name = "not_a_zoo_model"
   with pytest.raises(InputError, match="config.model.name"):
     config_lib.validate_config(c)

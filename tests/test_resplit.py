@@ -62,7 +62,7 @@ def test_runner_trains_each_seed_on_its_own_split(tiny_config, tmp_path):
   assert ds["split_seeds"] == {"0": c.data.seed, "1": c.data.seed + 1}
   assert ds["identity"] == ids[0]
   s0, s1 = data.load_for_seed(c, 0), data.load_for_seed(c, 1)
-  model = runner.stages.build_model(c, s1.info)
+  model = runner.models.build_model(c, s1.info)
   loaded = train.load_trained(model, s1, c.train, 1, str(tmp_path / "w" / "checkpoints" / "seed_1" / "train"))
   record = res["train"]["per_seed"]["1"]["test"]
   kw = dict(group_is_label=s1.info.group_is_label)

@@ -22,7 +22,8 @@ import pytest
 from fqjax.study import config as config_lib
 from fqjax import data as data_lib
 from fqjax.outputs import results as results_lib
-from fqjax.study import runner, stages
+from fqjax import models
+from fqjax.study import runner
 from fqjax.training import train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -289,7 +290,7 @@ class _Interrupt(Exception):
 def tiny_model():
   c = _tiny_config(seeds=(0,), epochs=3)
   splits = data_lib.load(c)
-  return c, splits, stages.build_model(c, splits.info)
+  return c, splits, models.build_model(c, splits.info)
 
 
 def _assert_same_tree(a, b):

@@ -1,4 +1,4 @@
-"""The stage functions without a workdir: arrays, a model and config sections in, JSON-ready dicts out."""
+"""The stages' entry points without a workdir: a trained seed and the config in, JSON-ready dicts out."""
 import csv
 import json
 import os
@@ -8,8 +8,9 @@ import pytest
 
 from fqjax.study import config as config_lib
 from fqjax.quantization import layers
-from fqjax.study import runner, stages
-from fqjax.training import train
+from fqjax.study import explain_stage, ptq, runner
+from fqjax.study.seed import TrainedSeed
+from fqjax.training import checkpoints, train
 from fqjax.study.config import base_config
 from fqjax.data import from_arrays
 from fqjax.models import get_model
@@ -28,23 +29,24 @@ def setup(tmp_path_factory):
   c.eval.bootstrap_resamples = 0
   c.explain.top_k, c.explain.lanczos_max_iters, c.explain.batch_size = 2, 10, 64
   model = get_model("mlp", 2, hidden=(8,))
-  record, variables = stages.train_seed(model, splits, c.train, c.eval, 0, str(tmp_path_factory.mktemp("ckpt")),
-                                        progress=False)
+  record, variables = train.train_seed(model, splits, c, 0, str(tmp_path_factory.mktemp("ckpt")), progress=False)
   names = layers.quant_layer_names(model, splits.train.x[:2])
-  return {"config": c, "splits": splits, "model": model, "record": record, "variables": variables, "names": names}
+  trained = TrainedSeed(model=model, variables=variables, splits=splits, layer_names=tuple(names), seed=0)
+  return {"config": c, "splits": splits, "model": model, "record": record, "variables": variables, "names": names,
+          "trained": trained}
 
 
 def test_train_seed_returns_a_json_ready_record_and_its_variables(setup):
   record = setup["record"]
   json.dumps(record, allow_nan=True)  # JSON-ready
   assert record["epochs_run"] == 2 and len(record["history"]) == 2
-  assert record["variables_digest"] == train.tree_digest(setup["variables"])
+  assert record["variables_digest"] == checkpoints.tree_digest(setup["variables"])
   assert record["test"]["groups"]["count"] == setup["splits"].info.counts["test"]
 
 
 def test_ptq_seed_at_32_bits_is_the_trained_model(setup):
   s, c = setup["splits"], setup["config"]
-  out = stages.ptq_seed(setup["model"], setup["variables"], s, c.ptq, c.eval, setup["names"], 0)
+  out = ptq.ptq_seed(setup["trained"], c)
   json.dumps(out, allow_nan=True)
   assert sorted(out["by_bits"]) == ["32", "4"] and out["sweep_mode"] == "map"
   full = out["by_bits"]["32"]
@@ -55,8 +57,7 @@ def test_ptq_seed_at_32_bits_is_the_trained_model(setup):
 
 def test_explain_entry_is_pure_and_json_ready(setup):
   s, c = setup["splits"], setup["config"]
-  args = (setup["model"], setup["variables"], s, c.explain, c.ptq, c.eval, setup["names"], 4, 0)
-  a, b = stages.explain_entry(*args), stages.explain_entry(*args)
+  a, b = explain_stage.explain_entry(setup["trained"], c, 4), explain_stage.explain_entry(setup["trained"], c, 4)
   a.pop("wall_s"), b.pop("wall_s")
   assert a == b  # the same inputs give the same numbers
   json.dumps(a, allow_nan=True)
@@ -67,9 +68,9 @@ def test_size_matched_curvature_and_group_caps(setup):
   """size_matched: every group cut to the smallest group's size m; the smallest group keeps all its rows, so
   its values equal the full ones (std 0 over repeats). max_examples_per_group caps each group first."""
   s, c = setup["splits"], setup["config"]
-  xcfg = c.explain.copy_and_resolve_references()
-  xcfg.size_matched_repeats = 2
-  entry = stages.explain_entry(setup["model"], setup["variables"], s, xcfg, c.ptq, c.eval, setup["names"], 4, 0)
+  c = c.copy_and_resolve_references()
+  c.explain.size_matched_repeats = 2
+  entry = explain_stage.explain_entry(setup["trained"], c, 4)
   curv = entry["curvature"]
   counts = s.info.counts["train"]
   smallest = int(np.argmin(counts))
@@ -79,9 +80,9 @@ def test_size_matched_curvature_and_group_caps(setup):
   assert sm["grad_norm"]["std"][smallest] == pytest.approx(0.0, abs=1e-6)
   assert sm["top_eigenvalue"]["mean"][smallest] == pytest.approx(curv["top_eigenvalue"][smallest], rel=1e-3)
   assert sm["grad_norm"]["std"][int(np.argmax(counts))] > 0  # the largest group: other rows each repeat
-  capped = xcfg.copy_and_resolve_references()
-  capped.size_matched_repeats, capped.max_examples_per_group = 0, min(counts)
-  entry = stages.explain_entry(setup["model"], setup["variables"], s, capped, c.ptq, c.eval, setup["names"], 4, 0)
+  capped = c.copy_and_resolve_references()
+  capped.explain.size_matched_repeats, capped.explain.max_examples_per_group = 0, min(counts)
+  entry = explain_stage.explain_entry(setup["trained"], capped, 4)
   assert "size_matched" not in entry["curvature"]
   assert entry["curvature"]["grad_norm"][smallest] == pytest.approx(curv["grad_norm"][smallest], rel=1e-5)
 

@@ -13,6 +13,7 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 from fqjax.quantization import layers
+from fqjax.analysis import metrics
 from fqjax.explain import curvature, theory
 from fqjax.quantization.layers import BitSpec
 from fqjax.models import MLP, SmallCNN
@@ -179,26 +180,26 @@ def test_full_precision_bits_give_zero_change():
 
 
 def test_bound_by_hand_and_nan_propagates():
-  got = theory.bound([1.0, 2.0, np.nan], 0.5, [4.0, -2.0, 1.0])
+  got = metrics.bound([1.0, 2.0, np.nan], 0.5, [4.0, -2.0, 1.0])
   np.testing.assert_allclose(got[:2], [1.0 * 0.5 + 0.5 * 4.0 * 0.25, 2.0 * 0.5 - 0.5 * 2.0 * 0.25])
   assert np.isnan(got[2]) and got.dtype == np.float64 and got.shape == (3,)
-  assert np.isnan(theory.bound([1.0], 0.5, [np.nan])[0])
+  assert np.isnan(metrics.bound([1.0], 0.5, [np.nan])[0])
 
 
 def test_correlations_hand_cases(recwarn):
   # ranks agree exactly, values not linearly: pearson of [1, 2, 3, 4] vs [1, 4, 9, 100]
   a, b = np.array([1.0, 2.0, 3.0, 4.0]), np.array([1.0, 4.0, 9.0, 100.0])
-  got = theory.correlations(a, b)
+  got = metrics.correlations(a, b)
   assert got["spearman"] == pytest.approx(1.0)
   assert got["pearson"] == pytest.approx(np.corrcoef(a, b)[0, 1]) and got["pearson"] < 0.9
-  left_out = theory.correlations([1.0, np.nan, 2.0, 3.0], [3.0, 0.0, 2.0, np.inf])  # 2 finite pairs
+  left_out = metrics.correlations([1.0, np.nan, 2.0, 3.0], [3.0, 0.0, 2.0, np.inf])  # 2 finite pairs
   assert left_out["spearman"] == pytest.approx(-1.0) and left_out["pearson"] == pytest.approx(-1.0)
   for p, o in [([1.0, np.nan], [2.0, 3.0]), ([1.0, 1.0, 1.0], [1.0, 2.0, 3.0]), ([], [])]:
-    got = theory.correlations(p, o)
+    got = metrics.correlations(p, o)
     assert np.isnan(got["spearman"]) and np.isnan(got["pearson"])
   assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]
   with pytest.raises(ValueError, match="equal length"):
-    theory.correlations([1.0, 2.0], [1.0])
+    metrics.correlations([1.0, 2.0], [1.0])
 
 
 def test_bad_input_raises_value_errors():

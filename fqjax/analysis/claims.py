@@ -18,7 +18,7 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 
 from fqjax.analysis import stats
-from fqjax.analysis.judgements import (FULL, MINORITY_FRACTION, as_float, change_from_fp, collapsed_bits, combine,  # noqa: F401
+from fqjax.analysis.judgements import (INCOMPLETE, FULL, MINORITY_FRACTION, stage_absent_why, as_float, change_from_fp, collapsed_bits, combine,  # noqa: F401
                               equivalence_margin, have_no_data, holders, interval_status, judged, minority_mask,
                               minority_threshold, no_minority_why, join_reasons, not_tested, path_values, per_bits,
                               seed_matrix,
@@ -129,7 +129,7 @@ def _quantized(bits: Sequence) -> list[int]:
 def fairness_violation_grows(results: Mapping) -> dict:
   """RULES["fairness_violation_grows_as_bits_shrink"], one judgement per PTQ variant."""
   if "ptq" not in results:
-    return not_tested("the ptq stage did not run")
+    return not_tested(stage_absent_why(results, "ptq"))
   section = results["ptq"]
   return combine([judged(v, "fairness_violation", "Spearman(bits, mean FV over seeds), collapsed bits left out",
                          _fv_trend(results, section, h, collapsed_bits(results, v)), collapsed_bits(results, v))
@@ -174,7 +174,7 @@ DROP_STATISTIC = ("D = minority mean - majority mean accuracy drop, 95% hierarch
 def minority_loses_more(results: Mapping) -> dict:
   """RULES["minority_loses_more_accuracy"], one judgement per PTQ variant, on its ptq intervals."""
   if "ptq" not in results:
-    return not_tested("the ptq stage did not run")
+    return not_tested(stage_absent_why(results, "ptq"))
   minority = minority_mask(results)
   if minority is None:
     return not_tested(no_minority_why(results))
@@ -249,7 +249,7 @@ LINK_DEFINITIONS: dict[str, tuple[tuple[str, ...], Callable]] = {
 def _link_claim(results: Mapping, claim: str) -> dict:
   """RULES[claim] on explain logits.definitions, one judgement per (variant, definition, change kind)."""
   if "explain" not in results:
-    return not_tested("the explain stage did not run")
+    return not_tested(stage_absent_why(results, "explain"))
   definitions, compare = LINK_DEFINITIONS[claim]
   section = results["explain"]
   bits = _quantized(section["bit_widths"])
@@ -282,7 +282,7 @@ def _curvature_claim(results: Mapping, key: str) -> dict:
   """RULES["minority_<key>_larger"]: per (variant, definition, statement) minority mean > majority mean and
   Spearman(train counts, per-group mean over seeds) < 0; unconverged Lanczos values count as missing."""
   if "explain" not in results:
-    return not_tested("the explain stage did not run")
+    return not_tested(stage_absent_why(results, "explain"))
   section = results["explain"]
   every = sorted((int(b) for b in section["bit_widths"]), reverse=True)
   compare = lambda mino, majo, rho: mino > majo and rho < 0
@@ -330,7 +330,7 @@ def _converged_only(values: Callable, converged: Callable) -> tuple[Callable, di
 def second_order_orders_excess_loss(results: Mapping) -> dict:
   """RULES["second_order_estimate_orders_excess_loss"], one judgement per variant."""
   if "explain" not in results:
-    return not_tested("the explain stage did not run")
+    return not_tested(stage_absent_why(results, "explain"))
   section = results["explain"]
   return combine([judged(v, "second_order_estimate", "Spearman over groups, one-sided permutation p < 0.05",
                          _theory_per_bits(results, section, h), collapsed_bits(results, v))
@@ -378,5 +378,12 @@ CLAIMS: dict[str, Callable[[Mapping], dict]] = {
 
 
 def check_claims(results: Mapping) -> dict:
-  """The ``claims`` section of results.json: {"rules": rules_text(), claim name: verdict dict}."""
-  return {"rules": rules_text(), **{name: check(results) for name, check in CLAIMS.items()}}
+  """The ``claims`` section of results.json: {"rules": rules_text(), claim name: verdict dict}.
+
+  A stage section that lacks configured seeds (its "missing_seeds", set by fqjax.analysis.summaries) is not
+  judged: the claims resting on it are "not tested" and say which seeds it lacks.
+  """
+  view = {k: v for k, v in results.items() if not (isinstance(v, Mapping) and v.get("missing_seeds"))}
+  view[INCOMPLETE] = {k: list(v["missing_seeds"]) for k, v in results.items()
+                      if isinstance(v, Mapping) and v.get("missing_seeds")}
+  return {"rules": rules_text(), **{name: check(view) for name, check in CLAIMS.items()}}

@@ -8,7 +8,8 @@ from typing import Mapping
 
 import numpy as np
 
-from fqjax.analysis.judgements import (as_float, combine, interval_status, join_reasons, judged, not_tested, too_few_groups_why,
+from fqjax.analysis.judgements import (as_float, combine, interval_status, join_reasons, judged, not_tested,
+                                      stage_absent_why, too_few_groups_why,
                               verdict_from_statuses, verdict_over_bits)
 
 
@@ -17,7 +18,7 @@ def fairqat_beats_ptq_and_qat(results: Mapping) -> dict:
   holds at b iff FV(fairqat) < FV(ptq), FV(fairqat) < FV(qat) and acc(qat) - acc(fairqat) <= std(acc(qat))."""
   m = results.get("mitigate")
   if m is None:
-    return not_tested("the mitigate stage did not run")
+    return not_tested(stage_absent_why(results, "mitigate"))
   if "summary" not in m:
     return not_tested("the mitigate stage has not finished")
   if not {"fairqat", "ptq", "qat"} <= set(m["methods"]):
@@ -73,7 +74,7 @@ def _paired_claim(results: Mapping, pairs: Mapping, statistic: str, missing_why:
   """One judgement per {name: (control, method)} pair whose two methods the ablation ran (``_paired_fv``)."""
   m = results.get("mitigate")
   if m is None:
-    return not_tested("the mitigate stage did not run")
+    return not_tested(stage_absent_why(results, "mitigate"))
   if "summary" not in m:
     return not_tested("the mitigate stage has not finished")
   pairs = {name: pair for name, pair in pairs.items() if set(pair) <= set(m["methods"])}

@@ -45,6 +45,17 @@ def not_tested(why: str, **numbers) -> dict:
   return {"verdict": "not tested", "why": why, **numbers}
 
 
+INCOMPLETE = "incomplete_stages"  # key of the claims' view of results: {stage: its missing seeds}
+
+
+def stage_absent_why(results: Mapping, stage: str) -> str:
+  """Why a claim resting on ``stage`` is not tested: the stage never ran, or it lacks some configured seeds."""
+  missing = (results.get(INCOMPLETE) or {}).get(stage)
+  if missing:
+    return f"the {stage} stage has no results yet for seeds {missing} (rerun with that stage)"
+  return f"the {stage} stage did not run"
+
+
 def as_float(x: Any) -> float:
   """A number, or NaN for null / a missing or non-numeric value (results.json stores NaN as null)."""
   try:

@@ -371,3 +371,27 @@ def summarize_over_seeds(per_seed: Sequence[Mapping]) -> dict:
       groups[key] = [mean_std(stacked[:, g].tolist()) for g in range(stacked.shape[1])]
   out["groups"] = groups
   return out
+
+
+def bound(grad_norm, d_norm, top_eigenvalue) -> np.ndarray:
+  """Theorem 1's bound (fqjax.explain.theory) ||g_a|| ||d|| + 1/2 lambda_max(H_a) ||d||^2, elementwise.
+
+  grad_norm [G], top_eigenvalue [G] (e.g. ``group_top_eigenvalues(...)["eigenvalues"][:, 0]``),
+  d_norm a scalar (or [G]); returns [G] float64, NaN where an input is NaN.
+  """
+  g = np.asarray(grad_norm, np.float64)
+  d = np.asarray(d_norm, np.float64)
+  return g * d + 0.5 * np.asarray(top_eigenvalue, np.float64) * d * d
+
+
+def correlations(predicted, observed) -> dict:
+  """How well a per-group prediction (bound, second-order estimate) ranks the observed excess loss E_a (fqjax.explain.theory).
+
+  predicted, observed: [G]; pairs with a non-finite value are left out.
+  Returns {"spearman": float, "pearson": float}, each NaN for < 2 pairs or a constant side.
+  Raises ValueError unless both are 1-D of equal length.
+  """
+  a, b = np.asarray(predicted, np.float64), np.asarray(observed, np.float64)
+  if a.ndim != 1 or a.shape != b.shape:
+    raise ValueError(f"correlations needs two 1-D arrays of equal length, got shapes {a.shape} and {b.shape}.")
+  return {"spearman": spearman(a, b), "pearson": pearson(a, b)}

@@ -11,8 +11,7 @@ from typing import Mapping, Optional, Sequence
 import numpy as np
 
 from fqjax.analysis import claims, metrics, stats
-from fqjax.study import mitigate
-from fqjax.explain import theory as theory_lib
+from fqjax.outputs import results as results_lib
 from fqjax.analysis.metrics import finite_mean
 
 FULL = 32
@@ -23,12 +22,11 @@ def summarize_sections(results: dict, seeds: Sequence[int], bootstrap_resamples:
   ("summary", mitigate's "best", ptq's "intervals", explain's "theory"; stale ones are removed first) and
   each section's "missing_seeds"; returns the stages with missing seeds (which get no summary)."""
   incomplete = []
-  for stage in ("train", "ptq", "explain", "mitigate"):
+  for stage in results_lib.STAGE_SECTIONS:
     section = results.get(stage)
     if section is None:
       continue
-    for key in ("summary", "best", "intervals", "theory"):
-      section.pop(key, None)
+    results_lib.drop_derived(section)
     section["missing_seeds"] = missing_seeds(section, stage, seeds)
     if section["missing_seeds"]:
       incomplete.append(stage)
@@ -47,7 +45,7 @@ def summarize_sections(results: dict, seeds: Sequence[int], bootstrap_resamples:
       for entry in [section, *section.get("variants", {}).values()]:
         entry["theory"] = theory_table(entry, section["bit_widths"], seeds, section)
     elif stage == "mitigate":
-      section.update(mitigate.summarize(per_seed, section["methods"], section["bit_widths"], seeds))
+      section.update(summarize_mitigation(per_seed, section["methods"], section["bit_widths"], seeds))
   return incomplete
 
 
@@ -102,13 +100,13 @@ def theory_table(holder: Mapping, bit_widths: Sequence[int], seeds: Sequence[int
     for split in entries[0]["observed_excess_loss"]:
       observed = finite_mean(np.asarray([e["observed_excess_loss"][split] for e in entries], np.float64), axis=0)
       row["observed_excess_loss"][split] = observed.tolist()
-      row["correlations"][split] = theory_lib.correlations(row["second_order"], observed)
+      row["correlations"][split] = metrics.correlations(row["second_order"], observed)
     out[str(b)] = row
   return out
 
 
 def _bound(entries: Sequence[Mapping], fp_entries: Sequence[Optional[Mapping]]) -> Optional[list]:
-  """Mean over seeds of theory_lib.bound with each seed's full-precision top eigenvalue; None if any is missing."""
+  """Mean over seeds of metrics.bound with each seed's full-precision top eigenvalue; None if any is missing."""
   bounds = []
   for e, fp in zip(entries, fp_entries):
     curv = (fp or {}).get("curvature") or {}
@@ -116,5 +114,37 @@ def _bound(entries: Sequence[Mapping], fp_entries: Sequence[Optional[Mapping]]) 
       return None
     top = np.asarray([np.nan if v is None else v for v in curv["top_eigenvalue"]], np.float64)
     top[~np.asarray(curv.get("converged", [True] * len(top)), bool)] = np.nan
-    bounds.append(theory_lib.bound(np.asarray(e["grad_norm"], np.float64), e["d_norm"], top))
+    bounds.append(metrics.bound(np.asarray(e["grad_norm"], np.float64), e["d_norm"], top))
   return finite_mean(np.asarray(bounds), axis=0).tolist()
+
+
+TABLE_COLUMNS = (("accuracy", "max"), ("worst_group_accuracy", "max"), ("fairness_violation", "min"),
+                 ("size_bytes", "min"), ("steps", "min"), ("train_s", "min"))
+
+
+def summarize_mitigation(per_seed: Mapping, methods, bit_widths, seeds) -> dict:
+  """{method: {bits: summary over seeds}} plus the best method per column and bit-width.
+
+  Methods whose value is missing (NaN: no test rows behind it) are not candidates for "best";
+  a column with no value for any method has best None.
+  """
+  summary: dict = {}
+  for method in methods:
+    summary[method] = {}
+    for b in bit_widths:
+      runs = [per_seed[str(s)][method][str(b)] for s in seeds]
+      s = metrics.summarize_over_seeds(runs)
+      for key in ("size_bytes", "train_s", "steps"):
+        s[key] = metrics.mean_std([r.get(key, np.nan) for r in runs])
+      w_bits = {r.get("w_bits") for r in runs}
+      s["w_bits"] = w_bits.pop() if len(w_bits) == 1 else None
+      summary[method][str(b)] = s
+  best = {}
+  for b in bit_widths:
+    best[str(b)] = {}
+    for column, direction in TABLE_COLUMNS:
+      values = {mth: summary[mth][str(b)][column]["mean"] for mth in methods}
+      values = {k: v for k, v in values.items() if v is not None and np.isfinite(v)}  # no data: not a candidate
+      pick = max if direction == "max" else min
+      best[str(b)][column] = pick(values, key=lambda k: values[k]) if values else None
+  return {"summary": summary, "best": best}

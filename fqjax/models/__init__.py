@@ -14,6 +14,8 @@ from functools import partial
 from typing import Any, Callable
 
 import flax.linen as nn
+import jax
+import numpy as np
 
 from fqjax.quantization import intercept, layers
 from fqjax.errors import InputError
@@ -88,4 +90,37 @@ def _from_factory(name: str, num_classes: int, kwargs: dict) -> nn.Module:
   return model
 
 
-__all__ = ["MLP", "SmallCNN", "ResNet", "VGG", "resnet", "vgg", "get_model", "MODELS", "MODEL_NAMES"]
+def resolved_model_name(config, info) -> str:
+  """config.model.name (a zoo name or "package.module:factory", as given), or for "auto" the MLP for
+  [N, D] inputs and small_cnn for images (``info``: the dataset's fqjax.data.DatasetInfo)."""
+  if config.model.name != "auto":
+    return config.model.name
+  return "mlp" if len(info.input_shape) == 1 else "small_cnn"
+
+
+def build_model(config, info) -> nn.Module:
+  """The model of config.model for the data described by ``info`` (classes, input shape): a zoo model, or
+  the Linen model of a "package.module:factory" name, built with model.kwargs (and dtype=bfloat16 for
+  compute_dtype "bfloat16"). A kwarg the model does not take is an InputError naming config.model.kwargs."""
+  kwargs = dict(config.model.kwargs.to_dict()) if hasattr(config.model.kwargs, "to_dict") else dict(
+      config.model.kwargs or {})
+  if config.model.get("compute_dtype", "float32") == "bfloat16":
+    kwargs["dtype"] = jax.numpy.bfloat16
+  name = resolved_model_name(config, info)
+  try:
+    return get_model(name, info.num_classes, **kwargs)
+  except InputError as e:  # a custom factory's own message says what to fix
+    raise InputError(f"config.model.name is invalid: {e}") from e
+  except (TypeError, ValueError) as e:
+    raise InputError(f"config.model.kwargs is invalid: got {kwargs!r}; allowed: fields of the {name} module ({e}). "
+                     "Fix it in the experiment file or with --config.model.kwargs.<field>=...") from e
+
+
+def num_params(model: nn.Module, sample) -> int:
+  """Parameter count of ``model`` on inputs shaped like ``sample`` (traced only, nothing computed)."""
+  shapes = jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x), sample)
+  return int(sum(np.prod(a.shape) for a in jax.tree_util.tree_leaves(shapes["params"])))
+
+
+__all__ = ["MLP", "SmallCNN", "ResNet", "VGG", "resnet", "vgg", "get_model", "build_model", "num_params",
+           "resolved_model_name", "MODELS", "MODEL_NAMES"]

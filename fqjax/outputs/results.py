@@ -296,3 +296,34 @@ def write_csv(path: str, rows: Iterable[Mapping]) -> None:
   for row in rows:
     writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in CSV_COLUMNS})
   atomic_write_text(path, buf.getvalue())
+
+
+# ----------------------------------------------------------------------------
+# Stage sections: {"keys": {seed: cache key}, "per_seed": {seed: entry}, "variants": {name: {"per_seed": ...}},
+# plus keys derived from the entries (summaries over seeds), which are recomputed, never merged.
+# ----------------------------------------------------------------------------
+
+STAGE_SECTIONS = ("train", "ptq", "explain", "mitigate")
+DERIVED_KEYS = ("summary", "best", "intervals", "theory", "missing_seeds")
+
+
+def holders(section: Mapping) -> list:
+  """The dicts of a stage section that hold "per_seed" entries: the section (the primary PTQ variant) and each
+  of its other variants."""
+  return [section, *(section.get("variants") or {}).values()]
+
+
+def drop_derived(section: dict) -> None:
+  """Removes the summaries over seeds from a section and its variants (they are stale once an entry changes)."""
+  for holder in holders(section):
+    for key in DERIVED_KEYS:
+      holder.pop(key, None)
+
+
+def drop_seed(section: dict, seed) -> None:
+  """Removes one seed's entries (every variant's), its cache key and its timing from a section."""
+  seed = str(seed)
+  for holder in holders(section):
+    holder.get("per_seed", {}).pop(seed, None)
+  section.get("keys", {}).pop(seed, None)
+  section.get("sweep_s", {}).pop(seed, None)

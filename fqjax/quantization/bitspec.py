@@ -12,6 +12,7 @@ import dataclasses
 from typing import Mapping, Optional, Sequence
 
 import jax
+import numpy as np
 import jax.numpy as jnp
 from flax import traverse_util
 
@@ -101,3 +102,8 @@ def stack_bits_trees(bits_trees: Sequence[dict]) -> dict:
 def weight_bits_by_layer(spec: BitSpec, layer_names: Sequence[str]) -> dict[str, Optional[int]]:
   """{layer: w_bits} for ``quant.storage_size``."""
   return {name: w_bits for name, (w_bits, _) in spec.resolve(layer_names).items()}
+
+
+def is_full_precision_tree(bits_tree) -> bool:
+  """Whether no leaf of a "bits" tree is below 32 (nothing is quantized); leaves must be concrete."""
+  return all(np.all(np.asarray(leaf) >= quant.FULL_PRECISION_BITS) for leaf in jax.tree_util.tree_leaves(bits_tree))

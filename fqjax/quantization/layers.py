@@ -33,7 +33,8 @@ from flax import traverse_util
 
 from fqjax.quantization import calibration, quant
 # Re-exported: layers.BitSpec and friends are how callers reach them.
-from fqjax.quantization.bitspec import BitSpec, LayerBits, bits_tree_from, stack_bits_trees, weight_bits_by_layer  # noqa: F401
+from fqjax.quantization.bitspec import (BitSpec, LayerBits, bits_tree_from, is_full_precision_tree,
+                                        stack_bits_trees, weight_bits_by_layer)  # noqa: F401
 
 BITS = "bits"
 QUANT_STATS = "quant_stats"

@@ -352,7 +352,8 @@ def _load_workdir(workdir: str, seed: int):
   """(ptq model, trained variables, splits) of a study workdir; MissingFileError when something is not there."""
   import ml_collections
   from fqjax import data as data_lib
-  from fqjax.study import stages
+  from fqjax.models import build_model
+  from fqjax.study.schemes import quantization_for
   from fqjax.training import train
   from fqjax.errors import MissingFileError
   path = os.path.join(workdir, "config.json")
@@ -364,13 +365,13 @@ def _load_workdir(workdir: str, seed: int):
   with open(path) as fh:
     config = ml_collections.ConfigDict(json.load(fh))
   splits = data_lib.load_for_seed(config, seed)
-  model = stages.build_model(config, splits.info)
+  model = build_model(config, splits.info)
   ckpt = os.path.abspath(os.path.join(workdir, "checkpoints", f"seed_{seed}", "train"))
   loaded = train.load_trained(model, splits, config.train, seed, ckpt) if os.path.isdir(ckpt) else None
   if loaded is None:
     raise MissingFileError(f"no finished training checkpoint for seed {seed} in {ckpt}; run the train stage "
                            f"(python launch.py --workdir {workdir} --stages=train) or pick a trained --seed.")
-  return stages.ptq_model(model, config.ptq), loaded["variables"], splits
+  return quantization_for(config).apply(model), loaded["variables"], splits
 
 
 def _parse_args(argv):

@@ -28,7 +28,7 @@ from fqjax import choices
 from fqjax.choices import STAGES
 from fqjax.data.options import default_data_config, validate_data_config
 from fqjax.errors import InputError
-from fqjax.models import get_model
+from fqjax.study.schemes import PTQScheme
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -223,18 +223,12 @@ def _one_of(field: str, value, allowed: Sequence) -> None:
 
 
 def _validate_model(m) -> None:
-  """A zoo name, "auto", or "package.module:factory" (a custom Linen model), built once with its kwargs."""
+  """A zoo name, "auto", or "package.module:factory" (a custom Linen model). Its kwargs are checked when the
+  runner builds the model (fqjax.models.build_model), after the data are read and before any work: building
+  needs JAX, which validation does not load."""
   custom = isinstance(m.name, str) and ":" in m.name
   if not custom:
     _one_of("model.name", m.name, choices.MODEL_NAMES + ("auto",))
-  kwargs = m.kwargs.to_dict() if hasattr(m.kwargs, "to_dict") else dict(m.kwargs)
-  if m.name != "auto":  # "auto" picks the model from the data, so its kwargs are checked then
-    try:
-      get_model(m.name, 2, **kwargs)
-    except InputError as e:  # a custom factory's own message says what to fix
-      raise InputError(f"config.model.name is invalid: {e}") from e
-    except (TypeError, ValueError) as e:
-      _fail("model.kwargs", kwargs, f"fields of the {m.name} module ({e})")
   _one_of("model.compute_dtype", m.compute_dtype, choices.COMPUTE_DTYPES)
 
 
@@ -267,16 +261,22 @@ def _validate_ptq(p) -> None:
     _fail("ptq.variants", variants, "a non-empty list of distinct '<scale>/<bn>' names, e.g. ('max/keep', "
           "'mse/recalibrate')")
   for v in variants:
-    scale, _, bn = str(v).partition("/")
-    if scale not in choices.WEIGHT_SCALE_RULES or bn not in choices.PTQ_BN_MODES:
-      _fail("ptq.variants", variants, f"'<scale>/<bn>' with scale in {choices.WEIGHT_SCALE_RULES} and bn in "
-            f"{choices.PTQ_BN_MODES}")
+    _scheme("ptq.variants", v, given=variants)
   if not _is_int(p.bn_batches) or p.bn_batches < 1:
     _fail("ptq.bn_batches", p.bn_batches, "an int >= 1")
   if p.a_bits is not None and p.a_bits != "same" and not (_is_int(p.a_bits) and 1 <= p.a_bits <= 32):
     _fail("ptq.a_bits", p.a_bits, "None, 'same' or an int in 1..32")
   _one_of("ptq.calibration", p.calibration, choices.CALIBRATIONS)
   _one_of("ptq.sweep_mode", p.sweep_mode, choices.SWEEP_MODES)
+
+
+def _scheme(field: str, text, given=None) -> PTQScheme:
+  """The PTQScheme a config string names, or InputError naming ``field``."""
+  try:
+    return PTQScheme.parse(text)
+  except ValueError:
+    _fail(field, text if given is None else given, f"'<scale>/<bn>' with scale in {choices.WEIGHT_SCALE_RULES} and "
+          f"bn in {choices.PTQ_BN_MODES}")
 
 
 def _validate_explain(e) -> None:
@@ -321,10 +321,7 @@ def _validate_mitigate(m) -> None:
   _one_of("mitigate.alloc_objective", m.alloc_objective, choices.ALLOC_OBJECTIVES)
   _one_of("mitigate.alloc_budget", m.alloc_budget, choices.ALLOC_BUDGETS)
   _one_of("mitigate.alloc_split", m.alloc_split, ("train", "val"))
-  scale, _, bn = str(m.ptq_variant).partition("/")
-  if scale not in choices.WEIGHT_SCALE_RULES or bn not in choices.PTQ_BN_MODES:
-    _fail("mitigate.ptq_variant", m.ptq_variant, f"'<scale>/<bn>' with scale in {choices.WEIGHT_SCALE_RULES} and bn "
-          f"in {choices.PTQ_BN_MODES}")
+  _scheme("mitigate.ptq_variant", m.ptq_variant)
   grid = m.grid.to_dict() if hasattr(m.grid, "to_dict") else dict(m.grid or {})
   for field, values in grid.items():
     if field not in choices.GRID_FIELDS:

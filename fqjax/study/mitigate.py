@@ -46,39 +46,12 @@ from fqjax import choices
 from fqjax.quantization import layers, quant
 from fqjax.training import losses, train
 from fqjax.analysis import metrics
-from fqjax.study import ptq, stages
+from fqjax.study import ptq
+from fqjax.study.schemes import METHOD_PARTS, Method, PTQScheme, quantization_for  # noqa: F401
+from fqjax.study.seed import TrainedSeed
 from fqjax.quantization.layers import BitSpec
 
 METHODS, BN_MODES = choices.MITIGATE_METHODS, choices.BN_MODES
-
-
-@dataclasses.dataclass(frozen=True)
-class Method:
-  """What a method changes: precision layout, data sampling, loss weights, learned scales, training."""
-  mixed_precision: bool = False
-  sampling: bool = False
-  weighting: bool = False
-  lsq: bool = False
-  trains: bool = True
-  quantized: bool = True
-  allocation: Optional[str] = None  # "fair" / "blind": per-layer bits from fqjax.study.allocate
-
-
-METHOD_PARTS = {
-    "ptq": Method(trains=False),
-    "qat": Method(),
-    "lsq_qat": Method(lsq=True),
-    "mp_qat": Method(mixed_precision=True),
-    "qat_equal_size": Method(),
-    "sampling_qat": Method(sampling=True),
-    "weighted_qat": Method(weighting=True),
-    "fairqat": Method(mixed_precision=True, sampling=True, weighting=True),
-    "fair_ft": Method(sampling=True, weighting=True, quantized=False),
-    "blind_alloc": Method(trains=False, allocation="blind"),
-    "fair_alloc": Method(trains=False, allocation="fair"),
-    "blind_alloc_qat": Method(allocation="blind"),
-    "fair_alloc_qat": Method(allocation="fair"),
-}
 
 
 def method_spec(method: str, bits: int, m: ml_collections.ConfigDict, params: Optional[Mapping] = None,
@@ -146,43 +119,38 @@ def qat_train_config(method: str, m: ml_collections.ConfigDict, base_train: ml_c
   return t
 
 
-def qat_model(model, method: str, m: ml_collections.ConfigDict):
-  """The model clone a method trains and evaluates: LSQ scales, BN folding per ``mitigate.bn``."""
-  return layers.configured(model, lsq=METHOD_PARTS[method].lsq, fold_bn=(m.bn == "fold"))
-
-
-def run_entry(model, fp_variables: Mapping, fp_test: Mapping, splits, mcfg, pcfg, ecfg, base_train,
-              layer_names: Sequence[str], method: str, bits: int, seed: int, ckpt_dir: str, *, mesh=None,
+def run_entry(trained: TrainedSeed, config, method: str, bits: int, ckpt_dir: str, *, fp_test: Mapping,
               shared: Optional[dict] = None) -> dict:
   """One (method, bit-width, seed) entry of the ablation: fine-tune (unless PTQ) and evaluate on test.
 
-  model: the trained architecture; fp_variables: its trained variables; fp_test: its test
-  metrics (reference for accuracy drops); mcfg / pcfg / ecfg / base_train: config.mitigate,
-  config.ptq (activation calibration), config.eval and config.train; ckpt_dir: where the
-  fine-tuning resumes from (one subfolder per grid setting); shared: a per-seed dict in which the
-  allocation methods keep their sensitivity tables (computed once per seed). Returns group metrics +
-  "size_bytes", "w_bits" (uniform methods' weight bits), "steps", "train_s", for trained methods
+  trained: the seed's trained model and variables; config: the study's config (mitigate, ptq for activation
+  calibration, eval and train sections); fp_test: the trained model's test metrics (reference for accuracy
+  drops); ckpt_dir: where the fine-tuning resumes from (one subfolder per grid setting); shared: a per-seed
+  dict in which the allocation methods keep their sensitivity tables (computed once per seed). Returns group
+  metrics + "size_bytes", "w_bits" (uniform methods' weight bits), "steps", "train_s", for trained methods
   "selection", and for allocation methods "allocation" (per-layer bits, budget, predicted excess losses).
   """
+  mcfg, fp_variables, layer_names, splits = config.mitigate, trained.variables, trained.layer_names, trained.splits
   allocation = None
   if METHOD_PARTS[method].allocation:
-    spec, allocation = _allocated_spec(model, fp_variables, splits, mcfg, layer_names, method, bits,
-                                       {} if shared is None else shared)
+    spec, allocation = _allocated_spec(trained, config, method, bits, {} if shared is None else shared)
   else:
     spec = method_spec(method, bits, mcfg, fp_variables["params"], layer_names)
   resolved = spec.resolve(layer_names)
   bits_tree = layers.bits_tree_from(resolved)
-  qmodel = qat_model(model, method, mcfg)
-  start = _start_variables(model, qmodel, fp_variables, splits, pcfg, mcfg, method, resolved, seed)
+  quantization = quantization_for(config, method=method)
+  qmodel = quantization.apply(trained.model)
+  start = _start_variables(trained, qmodel, config, method, resolved)
   t0 = time.perf_counter()
   if METHOD_PARTS[method].trains:
-    variables, steps, selection = _select(qmodel, start, bits_tree, splits, mcfg, ecfg, base_train, method, seed,
-                                          ckpt_dir, mesh)
+    variables, steps, selection = _select(trained, qmodel, start, bits_tree, config, method, ckpt_dir)
   else:
-    variables, steps, selection = _ptq_baseline(qmodel, start, bits_tree, splits, pcfg, mcfg, seed), 0, None
+    variables = ptq.deployed_variables(qmodel, start, bits_tree, quantization, splits.train.x, config.ptq,
+                                       trained.seed)
+    steps, selection = 0, None
   train_s = time.perf_counter() - t0
   test, info = splits.test, splits.info
-  logits = train.predict(qmodel, {**variables, layers.BITS: bits_tree}, test.x, ecfg.batch_size, mesh)
+  logits = train.predict(qmodel, {**variables, layers.BITS: bits_tree}, test.x, config.eval.batch_size, trained.mesh)
   result = metrics.group_metrics(logits, test.y, test.group, info.num_groups,
                                  group_is_label=info.group_is_label, reference=fp_test)
   result["size_bytes"] = quant.storage_size(fp_variables["params"],
@@ -195,21 +163,22 @@ def run_entry(model, fp_variables: Mapping, fp_test: Mapping, splits, mcfg, pcfg
   return result
 
 
-def _allocated_spec(model, fp_variables, splits, mcfg, layer_names, method: str, bits: int,
-                    shared: dict) -> tuple[BitSpec, dict]:
+def _allocated_spec(trained: TrainedSeed, config, method: str, bits: int, shared: dict) -> tuple[BitSpec, dict]:
   """The per-layer bits of an allocation method at target ``bits``: fqjax.study.allocate on the sensitivity table of
   ``mcfg.alloc_split`` (per group for "fair", one group of every row for "blind"; the table, and the allocation
   per bit-width, cached in ``shared``) within
   the byte budget of ``mcfg.alloc_budget``; with the additivity check of the chosen allocation (the predicted
   per-group sum against the measured excess loss of all layers quantized together, on the same split)."""
   from fqjax.study import allocate# scipy's MILP; only the allocation methods need it
+  mcfg, fp_variables, layer_names, splits = config.mitigate, trained.variables, trained.layer_names, trained.splits
   kind = METHOD_PARTS[method].allocation
   if (kind, bits) in shared:  # the PTQ and QAT methods of one kind share the allocation and its check
     spec, allocation = shared[(kind, bits)]
     return spec, copy.deepcopy(allocation)
   split, info = splits[mcfg.alloc_split], splits.info
   group, num_groups = (split.group, info.num_groups) if kind == "fair" else (np.zeros_like(split.group), 1)
-  qmodel = layers.configured(model, fold_bn=(mcfg.bn == "fold"), scale=ptq.parse_variant(mcfg.ptq_variant)[0])
+  # Sensitivities of the PTQ variant's grid (also for *_alloc_qat, which then fine-tune the allocation).
+  qmodel = quantization_for(config, method=method, scheme=PTQScheme.parse(mcfg.ptq_variant)).apply(trained.model)
   if kind not in shared:
     shared[kind] = allocate.sensitivity(qmodel, fp_variables, split.x, split.y, group, num_groups, layer_names,
                                         tuple(int(b) for b in mcfg.alloc_bits))
@@ -231,34 +200,30 @@ def _allocated_spec(model, fp_variables, splits, mcfg, layer_names, method: str,
   return spec, copy.deepcopy(allocation)
 
 
-def _start_variables(model, qmodel, fp_variables, splits, pcfg, mcfg, method: str, resolved, seed: int) -> dict:
+def _start_variables(trained: TrainedSeed, qmodel, config, method: str, resolved) -> dict:
   """What every method starts from: the trained params and statistics (plus LSQ scales), activation ranges."""
-  variables = {"params": fp_variables["params"], "batch_stats": fp_variables["batch_stats"]}
+  fp, x = trained.variables, trained.splits.train.x
+  variables = {"params": fp["params"], "batch_stats": fp["batch_stats"]}
   if METHOD_PARTS[method].lsq:
-    init = jax.eval_shape(lambda x: qmodel.init(jax.random.PRNGKey(seed), x), splits.train.x[:2])
+    init = jax.eval_shape(lambda v: qmodel.init(jax.random.PRNGKey(trained.seed), v), x[:2])
     ones = jax.tree_util.tree_map(lambda a: jax.numpy.ones(a.shape, a.dtype), init["params"])
     variables["params"] = layers.init_lsq_scales(_merge(ones, variables["params"]), resolved)
-  return stages.quantization_start(model, variables, splits.train.x, pcfg, seed, calibrate=mcfg.a_bits is not None)
+  return ptq.quantization_start(trained.model, variables, x, config.ptq, trained.seed,
+                                calibrate=config.mitigate.a_bits is not None)
 
 
-def _ptq_baseline(qmodel, start, bits_tree, splits, pcfg, mcfg, seed: int) -> dict:
-  """The PTQ baseline of ``mcfg.ptq_variant``: its weight grid, and BatchNorm re-estimated when it says so."""
-  scale, _ = ptq.parse_variant(mcfg.ptq_variant)
-  pmodel = layers.configured(qmodel, scale=scale)
-  return stages.recalibrated(pmodel, start, bits_tree, splits.train.x, pcfg, seed, mcfg.ptq_variant)
-
-
-def _select(qmodel, start, bits_tree, splits, mcfg, ecfg, base_train, method: str, seed: int, ckpt_dir: str,
-            mesh) -> tuple[dict, int, dict]:
+def _select(trained: TrainedSeed, qmodel, start, bits_tree, config, method: str, ckpt_dir: str) -> tuple[dict, int, dict]:
   """Fine-tunes every grid setting (each in its own checkpoint subfolder) and keeps the one with the best
   validation worst-group accuracy (ties: validation accuracy, then grid order)."""
+  mcfg, base_train, splits, mesh = config.mitigate, config.train, trained.splits, trained.mesh
   tried, best = [], None
   # The start's hardness depends on no grid field (losses.hardness_signal reads source and cap): one predict.
-  hardness = _start_hardness(qmodel, start, bits_tree, splits, qat_train_config(method, mcfg, base_train), ecfg, mesh)
+  hardness = _start_hardness(qmodel, start, bits_tree, splits, qat_train_config(method, mcfg, base_train), config.eval,
+                              mesh)
   for setting in grid_settings(mcfg):
     tcfg = qat_train_config(method, mcfg, base_train, setting, len(splits.train))
     folder = os.path.join(ckpt_dir, setting_label(setting))
-    out = train.fit(qmodel, splits, tcfg, seed, folder, bits_tree=bits_tree, init_variables=start,
+    out = train.fit(qmodel, splits, tcfg, trained.seed, folder, bits_tree=bits_tree, init_variables=start,
                     bn_train_epochs=None if mcfg.bn == "train" else mcfg.bn_train_epochs, progress=False,
                     extra_variables={k: v for k, v in start.items() if k == layers.QUANT_STATS},
                     init_group_losses=hardness, mesh=mesh)
@@ -293,35 +258,3 @@ def _merge(init: Mapping, trained: Mapping) -> dict:
   """Trained values where they exist, init values (new LSQ scales) elsewhere."""
   return {k: _merge(v, trained[k]) if isinstance(v, Mapping) and k in trained else trained.get(k, v)
           for k, v in init.items()}
-
-
-TABLE_COLUMNS = (("accuracy", "max"), ("worst_group_accuracy", "max"), ("fairness_violation", "min"),
-                 ("size_bytes", "min"), ("steps", "min"), ("train_s", "min"))
-
-
-def summarize(per_seed: Mapping, methods, bit_widths, seeds) -> dict:
-  """{method: {bits: summary over seeds}} plus the best method per column and bit-width.
-
-  Methods whose value is missing (NaN: no test rows behind it) are not candidates for "best";
-  a column with no value for any method has best None.
-  """
-  summary: dict = {}
-  for method in methods:
-    summary[method] = {}
-    for b in bit_widths:
-      runs = [per_seed[str(s)][method][str(b)] for s in seeds]
-      s = metrics.summarize_over_seeds(runs)
-      for key in ("size_bytes", "train_s", "steps"):
-        s[key] = metrics.mean_std([r.get(key, np.nan) for r in runs])
-      w_bits = {r.get("w_bits") for r in runs}
-      s["w_bits"] = w_bits.pop() if len(w_bits) == 1 else None
-      summary[method][str(b)] = s
-  best = {}
-  for b in bit_widths:
-    best[str(b)] = {}
-    for column, direction in TABLE_COLUMNS:
-      values = {mth: summary[mth][str(b)][column]["mean"] for mth in methods}
-      values = {k: v for k, v in values.items() if v is not None and np.isfinite(v)}  # no data: not a candidate
-      pick = max if direction == "max" else min
-      best[str(b)][column] = pick(values, key=lambda k: values[k]) if values else None
-  return {"summary": summary, "best": best}

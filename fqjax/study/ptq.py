@@ -1,4 +1,5 @@
-"""Post-training quantization: evaluate a trained model at a sweep of bit-widths from one compiled function.
+"""Post-training quantization: evaluate a trained model at a sweep of bit-widths from one compiled function,
+and the PTQ stage's per-seed entry (``ptq_seed``).
 
 The bit-widths of a sweep are a stacked "bits" tree [K] (see fqjax.quantization.layers). One
 jitted function maps it over the K bit-widths for each input batch:
@@ -10,10 +11,16 @@ jitted function maps it over the K bit-widths for each input batch:
 Either way the sweep compiles once per batch shape, never once per bit-width.
 "auto" picks per backend (``resolve_mode``; measured by benchmarks/ptq_sweep.py).
 With a data-parallel mesh (modes vmap/map), each input batch is split over the devices instead.
+
+How an entry quantizes (weight grid, BatchNorm handling) is a fqjax.study.schemes.Quantization;
+``quantization_start`` and ``deployed_variables`` turn trained variables into what that quantized model
+runs with (calibrated activation ranges; BatchNorm statistics re-estimated when the scheme says so), for the
+PTQ, explain and mitigate stages alike.
 """
 from __future__ import annotations
 
 import functools
+import time
 from typing import Iterable, Mapping, Optional, Sequence, Union
 
 import flax.linen as nn
@@ -22,25 +29,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from fqjax import choices
+from fqjax.analysis import metrics, stats
+from fqjax.study.schemes import Quantization, ptq_schemes, quantization_for
+from fqjax.study.seed import TrainedSeed
 from fqjax.quantization import layers, quant
-from fqjax.training import parallel
+from fqjax.training import parallel, train
 from fqjax.data.pipeline import padded_batches
 from fqjax.quantization.layers import BitSpec
 
 SWEEP_MODES = choices.SWEEP_MODES
-
-
-def parse_variant(variant: str) -> tuple[str, str]:
-  """("max", "keep") from "max/keep": a PTQ variant is a weight scale rule and a BatchNorm mode.
-
-  Scale rules: fqjax.choices.WEIGHT_SCALE_RULES (quant.weight_scale). BatchNorm: "keep" the trained
-  running statistics, or "recalibrate" them for the quantized model (recalibrate_batch_stats).
-  """
-  scale, _, bn = str(variant).partition("/")
-  if scale not in choices.WEIGHT_SCALE_RULES or bn not in choices.PTQ_BN_MODES:
-    raise ValueError(f"PTQ variant {variant!r} is not '<scale>/<bn>' with scale in {choices.WEIGHT_SCALE_RULES} "
-                     f"and bn in {choices.PTQ_BN_MODES}, e.g. 'max/keep' or 'mse/recalibrate'.")
-  return scale, bn
 
 
 def resolve_mode(mode: str, num_params: int) -> str:
@@ -182,3 +179,99 @@ def recalibrate_batch_stats(model: nn.Module, variables: Mapping, bits_tree: Map
   if n == 0:
     raise ValueError("recalibrate_batch_stats needs at least one batch.")
   return jax.device_get(jax.tree_util.tree_map(lambda s: s / n, total))
+
+
+def quantization_start(model: nn.Module, variables: Mapping, train_x: np.ndarray, pcfg, seed: int, *,
+                       calibrate: bool) -> dict:
+  """The variables a quantized ``model`` starts from: the trained ``variables`` without stale
+  "bits" / "quant_stats", plus, with ``calibrate``, activation ranges ("quant_stats") calibrated by
+  ``model`` on ``pcfg.calibration_batches`` random training batches of ``train_x`` [N, ...] drawn from ``seed``.
+  """
+  calib = calibration_batches(train_x, pcfg.calibration_batch_size, pcfg.calibration_batches,
+                              seed) if calibrate else None
+  return prepare_variables(model, variables, calib, pcfg.calibration)
+
+
+def deployed_variables(qmodel: nn.Module, qvars: Mapping, bits_tree, quantization: Quantization,
+                       train_x: np.ndarray, pcfg, seed: int) -> dict:
+  """``qvars`` as the quantized model is deployed: BatchNorm statistics re-estimated for ``bits_tree`` when
+  ``quantization.recalibrate_bn`` (on ``pcfg.bn_batches`` training batches drawn from ``seed``); unchanged
+  otherwise and at full precision (where every scheme is the model as trained)."""
+  if not quantization.recalibrate_bn or layers.is_full_precision_tree(bits_tree):
+    return dict(qvars)
+  batches = calibration_batches(train_x, pcfg.calibration_batch_size, pcfg.bn_batches, seed + 1)
+  return {**qvars, "batch_stats": recalibrate_batch_stats(qmodel, qvars, bits_tree, batches)}
+
+
+def ptq_seed(trained: TrainedSeed, config) -> dict:
+  """The PTQ stage's entry: the sweep of one trained seed on the test split, for every scheme of
+  config.ptq.variants (bit-widths config.ptq.bit_widths, batches of config.eval.batch_size).
+
+  Returns {"by_bits": {bits: group metrics + size_bytes [+ fairness_violation_ci]} of the primary
+  scheme, "variants": {other scheme's name: its by_bits}, "sweep_s": seconds of all sweeps, "sweep_mode"}.
+  Reference for accuracy drops: the model as trained (no folding, no quantizer in the graph), evaluated
+  once; groups.paired_counts [G, 4] (fqjax.analysis.stats.CELLS) pair each test example's reference and quantized
+  outcome, the sufficient statistic of the paired bootstrap; flip_rate (overall and per group) is the fraction
+  of test rows whose predicted class differs from the reference's (Hooker et al. 2020). Activation ranges
+  are calibrated once (at full precision, so the weight rule does not matter).
+  With BatchNorm recalibration each bit-width has its own statistics, so that sweep runs one
+  bit-width at a time through the same compiled function (K = 1).
+  """
+  pcfg, ecfg = config.ptq, config.eval
+  model, variables, splits, layer_names, seed, mesh = (trained.model, trained.variables, trained.splits,
+                                                       trained.layer_names, trained.seed, trained.mesh)
+  bit_widths = [int(b) for b in pcfg.bit_widths]
+  specs = sweep_specs(bit_widths, pcfg.a_bits)
+  trees = [s.bits_tree(layer_names) for s in specs]
+  qvars = quantization_start(quantization_for(config).apply(model), variables, splits.train.x, pcfg, seed,
+                             calibrate=any(s.a_bits is not None for s in specs))
+  num_params = sum(int(np.prod(np.shape(a))) for a in jax.tree_util.tree_leaves(variables["params"]))
+  mode = resolve_mode(pcfg.sweep_mode, num_params)
+  test = splits.test
+  ref_logits = train.predict(model, {k: variables[k] for k in ("params", "batch_stats")}, test.x, ecfg.batch_size,
+                             mesh)
+  ref = metrics.group_metrics(ref_logits, test.y, test.group, splits.info.num_groups,
+                              group_is_label=splits.info.group_is_label)
+  t0 = time.perf_counter()
+  logits = {scheme.name: _scheme_logits(model, config, scheme, qvars, trees, splits, seed, mode, mesh)
+            for scheme in ptq_schemes(config)}
+  sweep_s = time.perf_counter() - t0
+  sizes = [quant.storage_size(qvars["params"], layers.weight_bits_by_layer(spec, layer_names),
+                              per_channel=pcfg.per_channel)["bytes"] for spec in specs]
+  by_variant = {name: {str(bits): _entry_metrics(ref_logits, ref, scheme_logits[i], splits, ecfg, seed, sizes[i])
+                       for i, bits in enumerate(bit_widths)}
+                for name, scheme_logits in logits.items()}
+  primary = ptq_schemes(config)[0].name
+  return {"by_bits": by_variant.pop(primary), "variants": by_variant, "sweep_s": sweep_s, "sweep_mode": mode}
+
+
+def _entry_metrics(ref_logits: np.ndarray, ref: Mapping, logits: np.ndarray, splits, ecfg, seed: int,
+                   size_bytes: int) -> dict:
+  """Group metrics of one bit-width's test logits [N, C] against the reference's (logits [N, C] and their group
+  metrics ``ref``), with the paired counts, prediction flips, storage size and (with ecfg.bootstrap_resamples) the
+  fairness violation's interval."""
+  test, info = splits.test, splits.info
+  m = metrics.group_metrics(logits, test.y, test.group, info.num_groups, group_is_label=info.group_is_label,
+                            reference=ref)
+  correct = logits.argmax(-1) == test.y
+  m["groups"]["paired_counts"] = stats.paired_counts(ref_logits.argmax(-1) == test.y, correct, test.group,
+                                                     info.num_groups).tolist()
+  flips = metrics.flip_rates(ref_logits.argmax(-1), logits.argmax(-1), test.group, info.num_groups)
+  m["flip_rate"], m["groups"]["flip_rate"] = flips["overall"], flips["groups"]
+  m["size_bytes"] = size_bytes
+  if ecfg.bootstrap_resamples:
+    m["fairness_violation_ci"] = metrics.bootstrap_fairness_violation(
+        correct, test.group, info.num_groups, num_resamples=ecfg.bootstrap_resamples, seed=seed)
+  return m
+
+
+def _scheme_logits(model, config, scheme, qvars, trees, splits, seed: int, mode: str, mesh) -> np.ndarray:
+  """Test logits [K, N, C] of one PTQ scheme at every bits tree (one sweep, or one per bit-width when
+  BatchNorm is re-estimated for each)."""
+  quantization = quantization_for(config, scheme=scheme)
+  qmodel, test, batch_size = quantization.apply(model), splits.test, config.eval.batch_size
+  if not quantization.recalibrate_bn:
+    return sweep_logits(qmodel, qvars, test.x, trees, batch_size=batch_size, mode=mode, mesh=mesh)
+  return np.concatenate([
+      sweep_logits(qmodel, deployed_variables(qmodel, qvars, tree, quantization, splits.train.x, config.ptq, seed),
+                   test.x, [tree], batch_size=batch_size, mode=mode, mesh=mesh) for tree in trees])

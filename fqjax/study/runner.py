@@ -28,17 +28,19 @@ from typing import Callable, Optional, Sequence
 import jax
 import ml_collections
 
-from fqjax.analysis import claims, summaries
-from fqjax.quantization import layers
-from fqjax.study import mitigate, stages
-from fqjax.training import parallel, train
-from fqjax import report
-from fqjax.outputs import results
-from fqjax.study import config as config_lib
 from fqjax import data as data_lib
+from fqjax import models, report
+from fqjax.analysis import claims, summaries
+from fqjax.errors import FqjaxError, InputError, MissingFileError
+from fqjax.outputs import results
+from fqjax.quantization import layers
+from fqjax.study import config as config_lib
+from fqjax.study import explain_stage, mitigate, ptq
 from fqjax.study import workdir as workdir_lib
 from fqjax.study.cache import data_identity, stage_key, train_key
-from fqjax.errors import FqjaxError, InputError, MissingFileError
+from fqjax.study.schemes import ptq_schemes
+from fqjax.study.seed import TrainedSeed
+from fqjax.training import checkpoints, parallel, train
 
 log = logging.getLogger("fqjax")
 
@@ -64,6 +66,7 @@ class _Run:
   trained: dict = dataclasses.field(default_factory=dict)  # seed -> trained variables (loaded once)
   changed: bool = False  # whether results changed in this run (the report is redrawn only then)
   loaded: Optional[str] = None  # results.json as read (_comparable), to tell whether anything changed
+  finalized: bool = False  # summaries and claims are up to date with the entries (computed once per change)
 
   @property
   def seeds(self) -> list[int]:
@@ -100,6 +103,11 @@ class _Run:
       self.trained[seed] = loaded["variables"]
     return self.trained[seed]
 
+  def trained_seed(self, seed: int) -> TrainedSeed:
+    """The seed's trained model as the stages after training receive it."""
+    return TrainedSeed(model=self.model, variables=self.trained_variables(seed), splits=self.splits_of(seed),
+                       layer_names=tuple(self.layer_names), seed=seed, mesh=self.mesh)
+
   def load_trained(self, seeds: Sequence[int]) -> None:
     """Loads (and checks) the trained variables of ``seeds`` before a stage computes anything, so an
     unreadable checkpoint stops the stage before it has written a single entry."""
@@ -108,14 +116,9 @@ class _Run:
 
   def save_progress(self, stage: str) -> None:
     """results.json after one entry (a killed run keeps it); summaries and claims wait for the stage's end."""
+    self.finalized = False
     if self.writer:
-      for key in ("summary", "best", "missing_seeds"):
-        self.results.get(stage, {}).pop(key, None)
-      for entry in self.results.get(stage, {}).get("variants", {}).values():
-        for key in ("summary", "intervals", "theory"):
-          entry.pop(key, None)
-      for key in ("intervals", "theory"):
-        self.results.get(stage, {}).pop(key, None)
+      results.drop_derived(self.results.get(stage, {}))
       self.results.pop("claims", None)
       self.results["updated"] = results.now()
       results.write_json(os.path.join(self.workdir, "results.json"), self.results)
@@ -134,13 +137,13 @@ def _open(config, workdir: str, progress: bool, force: bool) -> _Run:
   data_s = time.perf_counter() - t0
   splits, data_id = next(iter(by_seed.values()))
   _check_same_counts(config, by_seed)
-  model = stages.build_model(config, splits.info)
+  model = models.build_model(config, splits.info)
   mesh = parallel.data_mesh(config.parallel.num_devices) if config.parallel.data_parallel else None
   sample = splits.train.x[:2]
   r = _Run(config=config, workdir=workdir, splits=splits, model=model,
            layer_names=layers.quant_layer_names(model, sample), mesh=mesh, data_id=data_id, progress=progress,
            force=force, by_seed=by_seed)
-  r.results = {"timings": {"data": data_s}, "model": {"num_params": stages.num_params(model, sample)}}
+  r.results = {"timings": {"data": data_s}, "model": {"num_params": models.num_params(model, sample)}}
   return r
 
 
@@ -166,7 +169,7 @@ def _read_results(r: _Run) -> None:
   r.results.update({"config": r.config.to_dict(), "seeds": r.seeds, "dataset": {**r.splits.to_dict(),
                     "identity": r.data_id, "split_identities": {str(s): r.by_seed[s][1] for s in r.seeds},
                     "split_seeds": {str(s): data_lib.split_seed(r.config, s) for s in r.seeds}},
-                    "model": {"name": stages.resolved_model_name(r.config, r.splits.info),
+                    "model": {"name": models.resolved_model_name(r.config, r.splits.info),
                               "num_params": fresh["model"]["num_params"], "layer_names": r.layer_names}})
   _drop_stale(r)
 
@@ -181,7 +184,7 @@ def _comparable(res: Optional[dict]) -> Optional[str]:
 
 def _drop_stale(r: _Run) -> None:
   """Drops entries of seeds no longer configured and entries whose key no longer matches."""
-  for stage in ("train", "ptq", "explain", "mitigate"):
+  for stage in results.STAGE_SECTIONS:
     section = r.results.get(stage)
     if section is None:
       continue
@@ -192,11 +195,7 @@ def _drop_stale(r: _Run) -> None:
       if expected is None or keys.get(seed) != expected:
         why = "not configured" if int(seed) not in r.seeds else "its inputs changed"
         log.info("%s seed %s: dropped from the results (%s)", stage, seed, why)
-        section["per_seed"].pop(seed)
-        keys.pop(seed, None)
-        section.get("sweep_s", {}).pop(seed, None)
-        for entry in section.get("variants", {}).values():
-          entry.get("per_seed", {}).pop(seed, None)
+        results.drop_seed(section, seed)
         r.changed = True
     for seed in list(keys):
       if seed not in section.get("per_seed", {}):
@@ -214,7 +213,7 @@ def _train(r: _Run) -> bool:
   for seed in r.seeds:
     key, folder = r.key("train", seed), r.ckpt_dir(seed)
     entry = section["per_seed"].get(str(seed))
-    finished = train.finished_epochs(folder) == cfg.train.epochs - 1 and workdir_lib.checkpoint_key(folder) == key
+    finished = checkpoints.finished_epochs(folder) == cfg.train.epochs - 1 and workdir_lib.checkpoint_key(folder) == key
     if entry is not None and finished and not r.force:
       log.info("train seed %d: done already, skipped", seed)
       continue
@@ -226,8 +225,8 @@ def _train(r: _Run) -> bool:
     parallel.sync_processes(f"claim {folder}")
     log.info("train seed %d: %d epochs of %s on %s", seed, cfg.train.epochs, r.results["model"]["name"],
              r.splits.info.name)
-    record, r.trained[seed] = stages.train_seed(r.model, r.splits_of(seed), cfg.train, cfg.eval, seed, folder,
-                                                mesh=r.mesh, progress=r.progress)
+    record, r.trained[seed] = train.train_seed(r.model, r.splits_of(seed), cfg, seed, folder, mesh=r.mesh,
+                                               progress=r.progress)
     section["per_seed"][str(seed)], section["keys"][str(seed)] = record, key
     test = record["test"]
     log.info("train seed %d: test accuracy %.4f, worst group %.4f, fairness violation %.4f", seed,
@@ -253,8 +252,7 @@ def _ptq(r: _Run) -> bool:
   r.load_trained(todo)
   for seed in todo:
     key = r.key("ptq", seed)
-    out = stages.ptq_seed(r.model, r.trained_variables(seed), r.splits_of(seed), p, r.config.eval, r.layer_names, seed,
-                          mesh=r.mesh)
+    out = ptq.ptq_seed(r.trained_seed(seed), r.config)
     for variant, entry in others.items():
       entry["per_seed"][str(seed)] = out["variants"][variant]
     section["per_seed"][str(seed)], section["keys"][str(seed)] = out["by_bits"], key
@@ -294,6 +292,7 @@ def _explain(r: _Run) -> bool:
   section["variants"] = {v: section.get("variants", {}).get(v, {"per_seed": {}}) for v in pcfg.variants[1:]}
   entries_of, ran = _entries(r, "explain", [str(b) for b in bit_widths]), False
   holders = {pcfg.variants[0]: section, **section["variants"]}
+  schemes = {scheme.name: scheme for scheme in ptq_schemes(r.config)}
   todo = lambda seed: [(v, b) for b in bit_widths for v, h in holders.items()
                        if str(b) not in h["per_seed"].get(str(seed), {})]
   for seed in r.seeds:
@@ -305,8 +304,7 @@ def _explain(r: _Run) -> bool:
       if bits >= 32 and variant != pcfg.variants[0] and str(bits) in primary:
         entry = primary[str(bits)]  # the model as trained: the same for every variant
       else:
-        entry = stages.explain_entry(r.model, r.trained_variables(seed), r.splits_of(seed), xcfg, pcfg, r.config.eval,
-                                     r.layer_names, bits, seed, variant)
+        entry = explain_stage.explain_entry(r.trained_seed(seed), r.config, bits, schemes[variant])
         log.info("explain seed %d %s %d-bit: %.1f s", seed, variant, bits, entry["wall_s"])
       holders[variant]["per_seed"][str(seed)][str(bits)] = entry
       ran = True
@@ -336,8 +334,7 @@ def _mitigate(r: _Run) -> bool:
         if r.writer:
           workdir_lib.claim_checkpoints(folder, r.key("mitigate", seed), fresh=r.force)
         parallel.sync_processes(f"claim {folder}")
-        out = mitigate.run_entry(r.model, r.trained_variables(seed), fp_test, r.splits_of(seed), m, cfg.ptq, cfg.eval,
-                                 cfg.train, r.layer_names, method, int(bits), seed, folder, mesh=r.mesh,
+        out = mitigate.run_entry(r.trained_seed(seed), cfg, method, int(bits), folder, fp_test=fp_test,
                                  shared=shared)
         entries.setdefault(method, {})[str(bits)] = out
         log.info("mitigate seed %d %s %d-bit: acc %.3f worst %.3f fv %.3f (%.1f s)", seed, method, bits,
@@ -373,28 +370,17 @@ def available_stages() -> list[str]:
 # Summaries, claims and the result files
 # ----------------------------------------------------------------------------
 
-def _summarize(r: _Run) -> list[str]:
-  """Summaries of every complete section over exactly the configured seeds; returns the incomplete stages."""
-  return summaries.summarize_sections(r.results, r.seeds, r.config.eval.bootstrap_resamples)
+def _derive(r: _Run) -> None:
+  """Summaries over exactly the configured seeds and the claims, once per change of the entries."""
+  if not r.finalized:
+    summaries.summarize_sections(r.results, r.seeds, r.config.eval.bootstrap_resamples)
+    r.results["claims"] = claims.check_claims(r.results)
+    r.finalized = True
 
 
-def _claims(r: _Run, incomplete: list[str]) -> dict:
-  """The claims on the complete sections; a claim resting on an incomplete one says which seeds it lacks."""
-  complete = {k: v for k, v in r.results.items() if k not in incomplete}
-  out = claims.check_claims(complete)
-  for stage in incomplete:
-    said = f"the {stage} stage did not run"
-    missing = r.results[stage]["missing_seeds"]
-    for claim in out.values():
-      if isinstance(claim, dict) and claim.get("why") == said:
-        claim["why"] = f"the {stage} stage has no results yet for seeds {missing} (rerun with that stage)"
-  return out
-
-
-def _finalize(r: _Run) -> None:
-  """Summaries, claims, validation, then results.json, results.csv and config.json (atomically)."""
-  incomplete = _summarize(r)
-  r.results["claims"] = _claims(r, incomplete)
+def _write(r: _Run) -> None:
+  """Validation, then results.json, results.csv and config.json (atomically) and TensorBoard scalars."""
+  _derive(r)
   if not r.writer:
     return
   r.results["updated"] = results.now()
@@ -431,7 +417,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, stages: Optional[Sequen
         if stage == "report":
           r.changed = r.changed or _comparable(r.results) != r.loaded
           if r.changed:
-            _finalize(r)  # the report reads the finished summaries and claims
+            _write(r)  # the report reads the finished summaries and claims
         ran = STAGE_FUNCTIONS[stage](r)
       except FqjaxError as e:
         log.error("stage %s: %s", stage, e)
@@ -443,8 +429,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, stages: Optional[Sequen
       else:
         last_run[stage] = "skipped"
     if r.changed or _comparable(r.results) != r.loaded:
-      _finalize(r)
+      _write(r)  # again after the report stage only for its timing: summaries and claims are not recomputed
     else:
-      r.results["claims"] = _claims(r, _summarize(r))  # same as on disk: nothing is written
+      _derive(r)  # same as on disk: nothing is written
   r.results["last_run"] = {"stages": last_run, "total_s": time.perf_counter() - t_start}
   return r.results

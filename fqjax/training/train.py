@@ -1,4 +1,5 @@
-"""Training: TrainState, one train_step for full precision and QAT, eval, the epoch loop, checkpoints.
+"""Training: TrainState, one train_step for full precision and QAT, eval, the epoch loop, and the train stage's
+entry (train_seed); checkpoint files are fqjax.training.checkpoints.
 
 The epoch loop is restartable: after every epoch the state, the epoch number,
 the loss-weight table and the history go to an orbax CheckpointManager, and
@@ -11,7 +12,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
-import hashlib
 import logging
 import os
 import time
@@ -23,7 +23,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 from flax.training import train_state
 from tqdm import tqdm
 
@@ -31,7 +30,8 @@ from fqjax import choices
 from fqjax.training import losses, parallel, sampling
 from fqjax.analysis import metrics
 from fqjax.data.pipeline import DeviceArrays, epoch_batches, padded_batches
-from fqjax.errors import CorruptFileError
+from fqjax.training.checkpoints import (checkpoint_manager, finished_epochs, restore_checkpoint,
+                                        save_checkpoint, tree_digest)
 
 log = logging.getLogger("fqjax")
 
@@ -163,83 +163,6 @@ def evaluate(model: nn.Module, variables: Mapping, split, num_groups: int, *, gr
   logits = predict(model, variables, split.x, batch_size, mesh)
   return metrics.group_metrics(logits, split.y, split.group, num_groups, group_is_label=group_is_label,
                                reference=reference)
-
-
-# ----------------------------------------------------------------------------
-# Checkpoints
-# ----------------------------------------------------------------------------
-
-def checkpoint_manager(directory: str, max_to_keep: int = 2, create: bool = True) -> ocp.CheckpointManager:
-  options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=create)
-  return ocp.CheckpointManager(directory, options=options)
-
-
-def finished_epochs(directory: str) -> Optional[int]:
-  """The latest committed epoch in an orbax checkpoint folder (from its step folders), None if none."""
-  if not os.path.isdir(directory):
-    return None
-  steps = [int(d) for d in os.listdir(directory) if d.isdigit()]
-  return max(steps) if steps else None
-
-
-def _state_tree(state: TrainState) -> dict:
-  return {"step": state.step, "params": state.params, "batch_stats": state.batch_stats,
-          "opt_state": state.opt_state}
-
-
-def tree_digest(tree) -> str:
-  """sha256 over every leaf's dtype, shape and bytes (in tree order): detects silently damaged arrays."""
-  h = hashlib.sha256()
-  for leaf in jax.tree_util.tree_leaves(jax.device_get(tree)):
-    arr = np.ascontiguousarray(np.asarray(leaf))
-    h.update(f"{arr.dtype}{arr.shape}".encode())
-    h.update(arr.tobytes())
-  return h.hexdigest()
-
-
-def _digested(tree: dict) -> dict:
-  # "step" is left out: it is saved from an int32 array but restored as a Python int.
-  return {k: v for k, v in tree.items() if k != "step"}
-
-
-def save_checkpoint(mngr: ocp.CheckpointManager, epoch: int, state: TrainState, meta: dict) -> None:
-  """Saves state and meta (JSON) at ``epoch``; meta gets the state's ``digest``, checked on restore."""
-  tree = _state_tree(state)
-  meta = {**meta, "digest": tree_digest(_digested(tree))}
-  mngr.save(epoch, args=ocp.args.Composite(state=ocp.args.StandardSave(tree), meta=ocp.args.JsonSave(meta)))
-
-
-CHECKPOINT_RECOVERY = ("Nothing was changed. Delete that folder and rerun the same command: the stage that wrote it "
-                       "recomputes it (a training checkpoint: only that seed is retrained, resuming from the "
-                       "previous epoch's checkpoint if one is left).")
-
-
-def restore_checkpoint(mngr: ocp.CheckpointManager, state: TrainState, epoch: Optional[int] = None):
-  """(state, meta) from checkpoint ``epoch`` (default: latest) or None when there is none.
-
-  Raises CorruptFileError naming the step folder when it cannot be read or its arrays do
-  not match the digest written with them.
-  """
-  epoch = mngr.latest_step() if epoch is None else epoch
-  if epoch is None:
-    return None
-  step_dir = os.path.join(str(mngr.directory), str(epoch))
-  abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, _state_tree(state))
-  try:
-    restored = mngr.restore(epoch, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
-                                                           meta=ocp.args.JsonRestore()))
-  except Exception as e:  # orbax / TensorStore raise many types; all mean "this checkpoint is unreadable"
-    raise CorruptFileError(step_dir, f"the checkpoint of epoch {epoch} cannot be read ({type(e).__name__})",
-                           CHECKPOINT_RECOVERY) from e
-  tree, meta = restored["state"], restored["meta"]
-  if not isinstance(meta, dict) or "epoch" not in meta:
-    raise CorruptFileError(step_dir, f"the checkpoint of epoch {epoch} has no valid metadata", CHECKPOINT_RECOVERY)
-  if meta.get("digest") is not None and meta["digest"] != tree_digest(_digested(tree)):
-    raise CorruptFileError(step_dir, f"the arrays of the epoch-{epoch} checkpoint do not match the digest saved "
-                           "with them (the files were damaged after writing)", CHECKPOINT_RECOVERY)
-  state = state.replace(step=tree["step"], params=tree["params"], batch_stats=tree["batch_stats"],
-                        opt_state=tree["opt_state"])
-  return state, meta
 
 
 # ----------------------------------------------------------------------------
@@ -445,3 +368,23 @@ def load_trained(model: nn.Module, splits, tcfg, seed: int, ckpt_dir: str) -> Op
     mngr.close()
   return {"variables": jax.device_get(model_variables(state)), "history": meta["history"],
           "sample_counts": meta.get("sample_counts")}
+
+
+def train_seed(model: nn.Module, splits, config, seed: int, ckpt_dir: str, *, mesh=None,
+               progress: bool = True) -> tuple[dict, dict]:
+  """The train stage's entry: full-precision training of one seed (resuming from ``ckpt_dir``) with
+  config.train, and its val / test metrics (config.eval's batch size).
+
+  Returns (record, variables): record = {"history", "val", "test", "wall_s", "epochs_run",
+  "resumed_from", "sample_counts", "variables_digest"} (JSON-ready; the digest is
+  fqjax.training.checkpoints.tree_digest of the final variables, the identity later stages are keyed on).
+  """
+  out = fit(model, splits, config.train, seed, ckpt_dir, mesh=mesh, progress=progress)
+  info = splits.info
+  kw = dict(group_is_label=info.group_is_label, batch_size=config.eval.batch_size, mesh=mesh)
+  val = evaluate(model, out["variables"], splits.val, info.num_groups, **kw)
+  test = evaluate(model, out["variables"], splits.test, info.num_groups, **kw)
+  record = {"history": out["history"], "val": val, "test": test, "wall_s": out["wall_s"],
+            "epochs_run": out["epochs_run"], "resumed_from": out["resumed_from"],
+            "sample_counts": out["sample_counts"], "variables_digest": tree_digest(out["variables"])}
+  return record, out["variables"]
