@@ -12,8 +12,8 @@ import copy
 import importlib
 
 from fqjax.data.arrays import from_arrays
-from fqjax.data.options import (DATASET_NAMES, TFDS_NAMES, default_data_config,
-                               validate_data_config)
+from fqjax.data.options import (DATASET_NAMES, TFDS_NAMES, default_data_config, seeds_of,
+                                validate_data_config)
 from fqjax.data.imbalance import apply_imbalance
 from fqjax.data.splits import DatasetInfo, Split, Splits, stratified_split
 
@@ -50,7 +50,6 @@ def load(config) -> Splits:
 def split_seed(config, seed: int) -> int:
   """The data seed training seed ``seed`` uses: data.seed + seed when config.data.resplit_per_seed and the
   study has several seeds, else data.seed. ``config`` is a whole study config."""
-  from fqjax.study.config import seeds_of  # fqjax.study.config imports fqjax.data: a module-level import would be a cycle
   data = config.data
   if data.get("resplit_per_seed", True) and len(seeds_of(config)) > 1:
     return int(data.seed) + int(seed)

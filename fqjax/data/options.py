@@ -199,3 +199,8 @@ def validate_data_config(config, *, check_path: bool = True) -> ml_collections.C
     _check(isinstance(rho, (int, float)) and rho >= 1.0,
            f"config.data.imbalance.rho={rho!r} must be a number >= 1 (largest / smallest group).")
   return cfg
+
+
+def seeds_of(config) -> list[int]:
+  """The training seeds of a whole study config: config.seeds as a list (an int is one seed)."""
+  return [config.seeds] if isinstance(config.seeds, int) else list(config.seeds)

@@ -26,7 +26,7 @@ from ml_collections.config_dict import placeholder
 
 from fqjax import choices
 from fqjax.choices import STAGES
-from fqjax.data.options import default_data_config, validate_data_config
+from fqjax.data.options import default_data_config, seeds_of, validate_data_config  # noqa: F401 (seeds_of: public here too)
 from fqjax.errors import InputError
 from fqjax.study.schemes import PTQScheme
 
@@ -328,7 +328,3 @@ def _validate_mitigate(m) -> None:
       _fail(f"mitigate.grid.{field}", values, f"a field of {choices.GRID_FIELDS}")
     if not isinstance(values, (list, tuple)) or not values or not all(_is_number(v) for v in values):
       _fail(f"mitigate.grid.{field}", values, "a non-empty list of numbers, e.g. (0.01, 0.03)")
-
-
-def seeds_of(config) -> list[int]:
-  return [config.seeds] if isinstance(config.seeds, int) else list(config.seeds)
