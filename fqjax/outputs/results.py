@@ -327,3 +327,56 @@ def drop_seed(section: dict, seed) -> None:
     holder.get("per_seed", {}).pop(seed, None)
   section.get("keys", {}).pop(seed, None)
   section.get("sweep_s", {}).pop(seed, None)
+
+
+class Section:
+  """One stage section of results.json addressed by int seeds (and bit-widths), whatever the JSON keys are.
+
+  data: the section dict itself (changed in place). The primary PTQ variant's entries are data["per_seed"];
+  another variant ``v``'s are data["variants"][v]["per_seed"] (``variant=v`` in the methods below).
+  """
+
+  def __init__(self, data: dict):
+    self.data = data
+    data.setdefault("keys", {})
+    data.setdefault("per_seed", {})
+
+  @classmethod
+  def of(cls, results: dict, stage: str) -> "Section":
+    """The section of ``stage``, made empty when absent."""
+    return cls(results.setdefault(stage, {"keys": {}, "per_seed": {}}))
+
+  def holder(self, variant: Any = None) -> dict:
+    """The dict whose "per_seed" holds ``variant``'s entries (None: the primary one), made when absent."""
+    if variant is None:
+      return self.data
+    return self.data.setdefault("variants", {}).setdefault(variant, {"per_seed": {}})
+
+  def keep_variants(self, names) -> None:
+    """Keeps the other variants named (in that order), dropping the rest and making the missing ones."""
+    old = self.data.get("variants") or {}
+    self.data["variants"] = {v: old.get(v, {"per_seed": {}}) for v in names}
+
+  def entry(self, seed: int, variant: Any = None) -> Any:
+    """The seed's entry (None when absent)."""
+    return self.holder(variant).setdefault("per_seed", {}).get(str(seed))
+
+  def set_entry(self, seed: int, value: Any, variant: Any = None) -> None:
+    self.holder(variant).setdefault("per_seed", {})[str(seed)] = value
+
+  def key(self, seed: int) -> Any:
+    """The cache key the seed's entries were computed under (None when absent)."""
+    return self.data["keys"].get(str(seed))
+
+  def set_key(self, seed: int, key: Any) -> None:
+    self.data["keys"][str(seed)] = key
+
+  def seeds(self) -> list[int]:
+    """The seeds with an entry of the primary variant."""
+    return sorted(int(s) for s in self.data["per_seed"])
+
+  def drop_seed(self, seed: int) -> None:
+    drop_seed(self.data, seed)
+
+  def drop_derived(self) -> None:
+    drop_derived(self.data)

@@ -83,9 +83,14 @@ class _Run:
   def ckpt_dir(self, seed: int, *parts: str) -> str:
     return os.path.abspath(os.path.join(self.workdir, "checkpoints", f"seed_{seed}", *(parts or ("train",))))
 
+  def section(self, stage: str) -> results.Section:
+    return results.Section.of(self.results, stage)
+
   def train_entry(self, seed: int) -> tuple[Optional[dict], Optional[str]]:
-    section = self.results.get("train") or {}
-    return section.get("per_seed", {}).get(str(seed)), section.get("keys", {}).get(str(seed))
+    if "train" not in self.results:
+      return None, None
+    train_section = self.section("train")
+    return train_section.entry(seed), train_section.key(seed)
 
   def key(self, stage: str, seed: int) -> Optional[str]:
     if stage == "train":
@@ -203,16 +208,16 @@ def _drop_stale(r: _Run) -> None:
 
 
 # ----------------------------------------------------------------------------
-# Stages: what to compute (the computing is in fqjax.study.stages and fqjax.study.mitigate)
+# Stages: what to compute (each stage's entry point computes it)
 # ----------------------------------------------------------------------------
 
 def _train(r: _Run) -> bool:
   cfg = r.config
-  section = r.results.setdefault("train", {"keys": {}, "per_seed": {}})
+  section = r.section("train")
   ran = False
   for seed in r.seeds:
     key, folder = r.key("train", seed), r.ckpt_dir(seed)
-    entry = section["per_seed"].get(str(seed))
+    entry = section.entry(seed)
     finished = checkpoints.finished_epochs(folder) == cfg.train.epochs - 1 and workdir_lib.checkpoint_key(folder) == key
     if entry is not None and finished and not r.force:
       log.info("train seed %d: done already, skipped", seed)
@@ -227,7 +232,8 @@ def _train(r: _Run) -> bool:
              r.splits.info.name)
     record, r.trained[seed] = train.train_seed(r.model, r.splits_of(seed), cfg, seed, folder, mesh=r.mesh,
                                                progress=r.progress)
-    section["per_seed"][str(seed)], section["keys"][str(seed)] = record, key
+    section.set_entry(seed, record)
+    section.set_key(seed, key)
     test = record["test"]
     log.info("train seed %d: test accuracy %.4f, worst group %.4f, fairness violation %.4f", seed,
              test["accuracy"], test["worst_group_accuracy"], test["fairness_violation"])
@@ -239,46 +245,38 @@ def _train(r: _Run) -> bool:
 
 def _ptq(r: _Run) -> bool:
   p = r.config.ptq
-  section = r.results.setdefault("ptq", {"keys": {}, "per_seed": {}})
-  section.update(bit_widths=[int(b) for b in p.bit_widths], a_bits=p.a_bits, per_channel=p.per_channel,
-                 fold_bn=p.fold_bn, variant=p.variants[0])
-  section.setdefault("sweep_s", {})
-  others = {v: section.get("variants", {}).get(v, {"per_seed": {}}) for v in p.variants[1:]}
-  section["variants"] = others  # the primary variant's entries are per_seed itself; the key covers all
-  todo = [s for s in r.seeds if str(s) not in section["per_seed"] or r.force
-          or section["keys"].get(str(s)) != r.key("ptq", s)]
+  section = r.section("ptq")
+  section.data.update(bit_widths=[int(b) for b in p.bit_widths], a_bits=p.a_bits, per_channel=p.per_channel,
+                      fold_bn=p.fold_bn, variant=p.variants[0])
+  section.data.setdefault("sweep_s", {})
+  section.keep_variants(p.variants[1:])  # the primary variant's entries are per_seed itself; the key covers all
+  todo = [s for s in r.seeds if section.entry(s) is None or r.force or section.key(s) != r.key("ptq", s)]
   for seed in sorted(set(r.seeds) - set(todo)):
     log.info("ptq seed %d: done already, skipped", seed)
   r.load_trained(todo)
   for seed in todo:
-    key = r.key("ptq", seed)
     out = ptq.ptq_seed(r.trained_seed(seed), r.config)
-    for variant, entry in others.items():
-      entry["per_seed"][str(seed)] = out["variants"][variant]
-    section["per_seed"][str(seed)], section["keys"][str(seed)] = out["by_bits"], key
-    section["sweep_s"][str(seed)], section["sweep_mode"] = out["sweep_s"], out["sweep_mode"]
+    for variant in p.variants[1:]:
+      section.set_entry(seed, out["variants"][variant], variant)
+    section.set_entry(seed, out["by_bits"])
+    section.set_key(seed, r.key("ptq", seed))
+    section.data["sweep_s"][str(seed)], section.data["sweep_mode"] = out["sweep_s"], out["sweep_mode"]
     log.info("ptq seed %d: %s", seed, ", ".join(f"{b}b acc {m['accuracy']:.3f} fv {m['fairness_violation']:.3f}"
                                                for b, m in out["by_bits"].items()))
     r.save_progress("ptq")
   return bool(todo)
 
 
-def _entries(r: _Run, stage: str, names: Sequence[str]) -> Callable[[int], dict]:
-  """Per seed, the stage's dict of entries with a matching key, keeping only the configured ``names``; the
-  seed's entries of the section's other variants (section["variants"][v]["per_seed"]) follow the same key."""
-  section = r.results[stage]
-
-  def entries(seed: int) -> dict:
-    key = r.key(stage, seed)
-    stale = section["keys"].get(str(seed)) != key or r.force
-    section["keys"][str(seed)] = key
-    for holder in [section, *section.get("variants", {}).values()]:
-      per_seed = holder.setdefault("per_seed", {})
-      old = {} if stale else per_seed.get(str(seed), {})
-      per_seed[str(seed)] = {k: v for k, v in old.items() if k in names}
-    return section["per_seed"][str(seed)]
-
-  return entries
+def _current_entries(r: _Run, section: results.Section, stage: str, seed: int, names: Sequence[str],
+                     variants: Sequence = (None,)) -> None:
+  """Keeps, of the seed's entries of every variant, those still valid: none when the key changed (or with
+  --force), else only the configured ``names``; the seed's key becomes the current one."""
+  key = r.key(stage, seed)
+  stale = section.key(seed) != key or r.force
+  section.set_key(seed, key)
+  for variant in variants:
+    old = {} if stale else (section.entry(seed, variant) or {})
+    section.set_entry(seed, {k: v for k, v in old.items() if k in names}, variant)
 
 
 def _explain(r: _Run) -> bool:
@@ -286,27 +284,28 @@ def _explain(r: _Run) -> bool:
   variants[v].per_seed. At full precision all variants are the model as trained, so they share one entry."""
   xcfg, pcfg = r.config.explain, r.config.ptq
   bit_widths = [int(b) for b in (xcfg.bit_widths or pcfg.bit_widths)]
-  section = r.results.setdefault("explain", {"keys": {}, "per_seed": {}})
-  section.update(bit_widths=bit_widths, curvature_split=xcfg.curvature_split, forward_split=xcfg.forward_split,
-                 group_sizes=r.splits.info.counts["train"], variant=pcfg.variants[0])
-  section["variants"] = {v: section.get("variants", {}).get(v, {"per_seed": {}}) for v in pcfg.variants[1:]}
-  entries_of, ran = _entries(r, "explain", [str(b) for b in bit_widths]), False
-  holders = {pcfg.variants[0]: section, **section["variants"]}
-  schemes = {scheme.name: scheme for scheme in ptq_schemes(r.config)}
-  todo = lambda seed: [(v, b) for b in bit_widths for v, h in holders.items()
-                       if str(b) not in h["per_seed"].get(str(seed), {})]
-  for seed in r.seeds:
-    entries_of(seed)  # drops the seed's entries whose key no longer matches
+  section = r.section("explain")
+  section.data.update(bit_widths=bit_widths, curvature_split=xcfg.curvature_split,
+                      forward_split=xcfg.forward_split, group_sizes=r.splits.info.counts["train"],
+                      variant=pcfg.variants[0])
+  section.keep_variants(pcfg.variants[1:])
+  schemes = ptq_schemes(r.config)
+  variant_of = lambda scheme: None if scheme == schemes[0] else scheme.name  # the primary one is per_seed itself
+  for seed in r.seeds:  # drops the seed's entries whose key no longer matches
+    _current_entries(r, section, "explain", seed, [str(b) for b in bit_widths], [variant_of(s) for s in schemes])
+  todo = lambda seed: [(scheme, b) for b in bit_widths for scheme in schemes
+                       if str(b) not in section.entry(seed, variant_of(scheme))]
   r.load_trained([s for s in r.seeds if todo(s)])
+  ran = False
   for seed in r.seeds:
-    for variant, bits in todo(seed):
-      primary = section["per_seed"][str(seed)]
-      if bits >= 32 and variant != pcfg.variants[0] and str(bits) in primary:
+    for scheme, bits in todo(seed):
+      primary = section.entry(seed)
+      if bits >= 32 and scheme != schemes[0] and str(bits) in primary:
         entry = primary[str(bits)]  # the model as trained: the same for every variant
       else:
-        entry = explain_stage.explain_entry(r.trained_seed(seed), r.config, bits, schemes[variant])
-        log.info("explain seed %d %s %d-bit: %.1f s", seed, variant, bits, entry["wall_s"])
-      holders[variant]["per_seed"][str(seed)][str(bits)] = entry
+        entry = explain_stage.explain_entry(r.trained_seed(seed), r.config, bits, scheme)
+        log.info("explain seed %d %s %d-bit: %.1f s", seed, scheme.name, bits, entry["wall_s"])
+      section.entry(seed, variant_of(scheme))[str(bits)] = entry
       ran = True
       r.save_progress("explain")
   return ran
@@ -314,37 +313,35 @@ def _explain(r: _Run) -> bool:
 
 def _mitigate(r: _Run) -> bool:
   cfg, m = r.config, r.config.mitigate
-  section = r.results.setdefault("mitigate", {"keys": {}, "per_seed": {}})
-  section.update(bit_widths=list(m.bit_widths), methods=list(m.methods))
-  names = list(m.methods)
-  entries_of, ran, t0 = _entries(r, "mitigate", names), False, time.perf_counter()
-  r.load_trained([s for s in r.seeds if any(str(b) not in entries_of(s).get(mth, {})
-                                            for mth in m.methods for b in m.bit_widths)])
+  section = r.section("mitigate")
+  section.data.update(bit_widths=list(m.bit_widths), methods=list(m.methods))
+  ran, t0 = False, time.perf_counter()
   for seed in r.seeds:
-    entries, fp_test, shared = entries_of(seed), None, {}  # shared: the seed's allocation sensitivity tables
-    for method in m.methods:
-      for bits in m.bit_widths:
-        if str(bits) in entries.get(method, {}):
-          continue
-        if fp_test is None:
-          fp_test = train.evaluate(r.model, r.trained_variables(seed), r.splits_of(seed).test, r.splits.info.num_groups,
-                                   group_is_label=r.splits.info.group_is_label, batch_size=cfg.eval.batch_size,
-                                   mesh=r.mesh)
-        folder = r.ckpt_dir(seed, "mitigate", mitigate.checkpoint_name(method, bits))
-        if r.writer:
-          workdir_lib.claim_checkpoints(folder, r.key("mitigate", seed), fresh=r.force)
-        parallel.sync_processes(f"claim {folder}")
-        out = mitigate.run_entry(r.trained_seed(seed), cfg, method, int(bits), folder, fp_test=fp_test,
-                                 shared=shared)
-        entries.setdefault(method, {})[str(bits)] = out
-        log.info("mitigate seed %d %s %d-bit: acc %.3f worst %.3f fv %.3f (%.1f s)", seed, method, bits,
-                 out["accuracy"], out["worst_group_accuracy"], out["fairness_violation"], out["train_s"])
-        ran = True
-        r.save_progress("mitigate")
+    _current_entries(r, section, "mitigate", seed, list(m.methods))
+  missing = lambda seed: [(method, int(bits)) for method in m.methods for bits in m.bit_widths
+                          if str(bits) not in section.entry(seed).get(method, {})]
+  r.load_trained([s for s in r.seeds if missing(s)])
+  for seed in r.seeds:
+    entries, fp_test, shared = section.entry(seed), None, {}  # shared: the seed's allocation sensitivity tables
+    for method, bits in missing(seed):
+      if fp_test is None:
+        fp_test = train.evaluate(r.model, r.trained_variables(seed), r.splits_of(seed).test, r.splits.info.num_groups,
+                                 group_is_label=r.splits.info.group_is_label, batch_size=cfg.eval.batch_size,
+                                 mesh=r.mesh)
+      folder = r.ckpt_dir(seed, "mitigate", mitigate.checkpoint_name(method, bits))
+      if r.writer:
+        workdir_lib.claim_checkpoints(folder, r.key("mitigate", seed), fresh=r.force)
+      parallel.sync_processes(f"claim {folder}")
+      out = mitigate.run_entry(r.trained_seed(seed), cfg, method, bits, folder, fp_test=fp_test, shared=shared)
+      entries.setdefault(method, {})[str(bits)] = out
+      log.info("mitigate seed %d %s %d-bit: acc %.3f worst %.3f fv %.3f (%.1f s)", seed, method, bits,
+               out["accuracy"], out["worst_group_accuracy"], out["fairness_violation"], out["train_s"])
+      ran = True
+      r.save_progress("mitigate")
     for method in list(entries):  # bit-widths no longer configured
       entries[method] = {b: v for b, v in entries[method].items() if int(b) in m.bit_widths}
   if ran:
-    section["wall_s"] = time.perf_counter() - t0
+    section.data["wall_s"] = time.perf_counter() - t0
   return ran
 
 
