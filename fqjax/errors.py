@@ -19,6 +19,10 @@ class MissingFileError(FqjaxError, FileNotFoundError):
   """A file the study needs is not there (FileNotFoundError for older callers)."""
 
 
+class StaleModelError(FqjaxError):
+  """A stage needs a trained model whose checkpoint was trained on other inputs (data, model, train config)."""
+
+
 class WorkdirError(FqjaxError):
   """The workdir itself is unusable (a file, not writable)."""
 

@@ -106,6 +106,8 @@ def build_model(config, info) -> nn.Module:
       config.model.kwargs or {})
   if config.model.get("compute_dtype", "float32") == "bfloat16":
     kwargs["dtype"] = jax.numpy.bfloat16
+  # A config read back from config.json has lists where tuples were; Flax module fields must be hashable.
+  kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
   name = resolved_model_name(config, info)
   try:
     return get_model(name, info.num_classes, **kwargs)

@@ -353,6 +353,7 @@ def _load_workdir(workdir: str, seed: int):
   import ml_collections
   from fqjax import data as data_lib
   from fqjax.models import build_model
+  from fqjax.study.cache import check_trained_model, data_identity
   from fqjax.study.schemes import quantization_for
   from fqjax.training import train
   from fqjax.errors import MissingFileError
@@ -367,6 +368,7 @@ def _load_workdir(workdir: str, seed: int):
   splits = data_lib.load_for_seed(config, seed)
   model = build_model(config, splits.info)
   ckpt = os.path.abspath(os.path.join(workdir, "checkpoints", f"seed_{seed}", "train"))
+  check_trained_model(ckpt, config, data_identity(splits), seed)
   loaded = train.load_trained(model, splits, config.train, seed, ckpt) if os.path.isdir(ckpt) else None
   if loaded is None:
     raise MissingFileError(f"no finished training checkpoint for seed {seed} in {ckpt}; run the train stage "

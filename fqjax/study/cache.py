@@ -18,7 +18,9 @@ from typing import Optional, Sequence
 import ml_collections
 import numpy as np
 
+from fqjax.errors import StaleModelError
 from fqjax.outputs import results
+from fqjax.study import workdir
 
 # What a stage computes per entry, versioned: bumped when the code adds or changes what an entry holds, so
 # entries computed by older code are recomputed instead of reused (ptq / explain 2: issue 12's paired
@@ -55,6 +57,20 @@ def train_key(config, data_id: str, seed: int) -> str:
   return _hash(results.SCHEMA_VERSION, "train", data_id, _section(config, "model"), _section(config, "train"), seed)
 
 
+def train_key_parts(config, data_id: str, seed: int) -> dict:
+  """What the training key is made of, each hashed on its own (stored beside a training checkpoint), so a
+  stale checkpoint can say what changed: {"data", "model", "train config", "seed", "fqjax version"}."""
+  return {"data": data_id, "model": _hash(_section(config, "model")), "train config": _hash(_section(config, "train")),
+          "seed": str(seed), "fqjax version": str(results.SCHEMA_VERSION)}
+
+
+def changed_parts(stored: Optional[dict], current: dict) -> list[str]:
+  """The names of the parts that differ (all of them unknown: "its inputs")."""
+  if not isinstance(stored, dict):
+    return []
+  return [name for name, value in current.items() if stored.get(name) != value]
+
+
 def stage_key(config, stage: str, train_entry: Optional[dict], train_entry_key: Optional[str]) -> Optional[str]:
   """The key of a downstream stage's entry for one seed; None when the seed has no trained entry."""
   if train_entry is None or train_entry_key is None:
@@ -66,3 +82,16 @@ def stage_key(config, stage: str, train_entry: Optional[dict], train_entry_key: 
     parts["ptq"]["variants"] = list(parts["ptq"].get("variants") or ())[:1]
   return _hash(results.SCHEMA_VERSION, stage, STAGE_VERSIONS[stage], parts, train_entry_key,
                train_entry.get("variables_digest"))
+
+
+def check_trained_model(folder: str, config, data_id: str, seed: int) -> None:
+  """Raises StaleModelError when the training checkpoint in ``folder`` was trained under another key than the
+  current (config, data, seed) gives, naming the parts that changed; nothing when it matches or has no KEY
+  (no finished checkpoint, which the loader reports)."""
+  held = workdir.checkpoint_key(folder)
+  if held is None or held == train_key(config, data_id, seed):
+    return
+  changed = changed_parts(workdir.key_parts(folder), train_key_parts(config, data_id, seed)) or ["its inputs"]
+  raise StaleModelError(
+      f"seed {seed}'s trained model is stale ({', '.join(changed)} changed since it was trained, in {folder}): "
+      "run with the train stage included (no --stages, or add train to --stages) to retrain it.")

@@ -37,7 +37,7 @@ from fqjax.quantization import layers
 from fqjax.study import config as config_lib
 from fqjax.study import explain_stage, mitigate, ptq
 from fqjax.study import workdir as workdir_lib
-from fqjax.study.cache import data_identity, stage_key, train_key
+from fqjax.study.cache import check_trained_model, data_identity, stage_key, train_key, train_key_parts
 from fqjax.study.schemes import ptq_schemes
 from fqjax.study.seed import TrainedSeed
 from fqjax.training import checkpoints, parallel, train
@@ -98,7 +98,10 @@ class _Run:
     return stage_key(self.config, stage, *self.train_entry(seed))
 
   def trained_variables(self, seed: int) -> dict:
+    """The seed's trained variables from its checkpoint, which must have been trained with the current data,
+    model, train config and seed (its KEY), or StaleModelError naming what changed."""
     if seed not in self.trained:
+      check_trained_model(self.ckpt_dir(seed), self.config, self.by_seed[seed][1], seed)
       loaded = train.load_trained(self.model, self.splits_of(seed), self.config.train, seed, self.ckpt_dir(seed))
       if loaded is None:
         raise MissingFileError(
@@ -227,6 +230,7 @@ def _train(r: _Run) -> bool:
                   "this seed (resuming from an earlier epoch's checkpoint if one is left)", seed, folder)
     if r.writer:  # multi-host: one process claims (maybe deletes) the shared folder, the others wait
       workdir_lib.claim_checkpoints(folder, key, fresh=r.force)
+      workdir_lib.write_key_parts(folder, train_key_parts(cfg, r.by_seed[seed][1], seed))
     parallel.sync_processes(f"claim {folder}")
     log.info("train seed %d: %d epochs of %s on %s", seed, cfg.train.epochs, r.results["model"]["name"],
              r.splits.info.name)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import logging
 import os
 import shutil
@@ -21,6 +22,7 @@ from fqjax.errors import WorkdirError
 log = logging.getLogger("fqjax")
 LOCK_FILE = ".fqjax.lock"
 KEY_FILE = "KEY"
+KEY_PARTS_FILE = "KEY.parts.json"
 
 
 @contextlib.contextmanager
@@ -69,6 +71,20 @@ def claim_checkpoints(folder: str, key: str, fresh: bool) -> None:
     shutil.rmtree(folder, ignore_errors=True)
   if not os.path.exists(path):
     results.atomic_write_text(path, key + "\n")
+
+
+def write_key_parts(folder: str, parts: dict) -> None:
+  """The parts of a checkpoint's key (fqjax.study.cache.train_key_parts), beside its KEY file."""
+  results.atomic_write_text(os.path.join(folder, KEY_PARTS_FILE), json.dumps(parts, sort_keys=True) + "\n")
+
+
+def key_parts(folder: str) -> Optional[dict]:
+  """The stored key parts of a checkpoint folder, or None (none written, or unreadable)."""
+  try:
+    with open(os.path.join(folder, KEY_PARTS_FILE)) as f:
+      return json.load(f)
+  except (OSError, ValueError):
+    return None
 
 
 def checkpoint_key(folder: str) -> Optional[str]:
