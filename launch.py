@@ -66,6 +66,28 @@ def config_file_in(argv: Sequence[str]) -> str:
   return path
 
 
+def last_overrides_win(argv: Sequence[str]) -> list[str]:
+  """argv with only the last --config.<path>=value of each path (absl appends a repeated tuple-valued flag:
+  `--config.seeds=(0,) --config.seeds=(1,)` would run seeds (0, 1); here the last value wins, as for every
+  other flag). The two-token form `--config.<path> value` is handled too."""
+  argv = list(argv)
+  spans, i = [], 0  # (path, start, end) of every override
+  while i < len(argv):
+    arg = argv[i]
+    if _OVERRIDE_RE.match(arg):
+      path = arg.split("=", 1)[0].split(".", 1)[1]
+      takes_next = "=" not in arg and not arg.lstrip("-").startswith("no") and i + 1 < len(argv) \
+          and not argv[i + 1].startswith("-")
+      end = i + (2 if takes_next else 1)
+      spans.append((path, i, end))
+      i = end
+    else:
+      i += 1
+  last = {path: start for path, start, _ in spans}
+  dropped = {k for path, start, end in spans if last[path] != start for k in range(start, end)}
+  return [arg for k, arg in enumerate(argv) if k not in dropped]
+
+
 def override_paths(argv: Sequence[str]) -> list[str]:
   """The field paths of every --config.<path>[=value] (and --noconfig.<path>) in argv, in order."""
   return [arg.split("=", 1)[0].split(".", 1)[1] for arg in argv if _OVERRIDE_RE.match(arg)]
@@ -150,10 +172,18 @@ def check_config_overrides(argv: Sequence[str]) -> None:
     return
   file_part = config_file.split(":", 1)[0]  # config_flags passes what follows ':' to get_config
   if not os.path.isfile(file_part):
-    raise ConfigOverrideError(f"--{CONFIG_FLAG}={config_file}: no such file; give a Python file with "
+    what = "is not a regular file" if os.path.exists(file_part) else "no such file"
+    raise ConfigOverrideError(f"--{CONFIG_FLAG}={config_file}: {what}; give a Python file with "
                               "get_config(), e.g. --config=experiments/digits.py")
-  # The same loader as the config flag (a bug inside a config file still shows its traceback).
-  config = config_flags_lib.ConfigFileFlagParser(name=CONFIG_FLAG, lock_config=False).parse(config_file)
+  if not file_part.endswith(".py"):
+    raise ConfigOverrideError(f"--{CONFIG_FLAG}={config_file}: not a Python file (.py); give a Python file with "
+                              "get_config(), e.g. --config=experiments/digits.py")
+  # The same loader as the config flag; an error inside the config file is reported in one line with its place.
+  try:
+    config = config_flags_lib.ConfigFileFlagParser(name=CONFIG_FLAG, lock_config=False).parse(config_file)
+  except Exception as e:  # noqa: BLE001 (user code: any error becomes one line naming the file and line)
+    raise ConfigOverrideError(f"--{CONFIG_FLAG}={config_file}: loading it raised {type(e).__name__}: {e}"
+                              f"{_error_place(e, file_part)}; fix the config file") from e
   if not isinstance(config, config_dict.ConfigDict):
     cause = getattr(config, "_error", None)  # config_flags defers an unreadable file's IOError
     detail = f" ({' '.join(str(cause).split())})" if cause is not None else ""
@@ -162,6 +192,18 @@ def check_config_overrides(argv: Sequence[str]) -> None:
   for path in paths:
     if not _field_exists(config, path) and not _new_key_in_open_section(config, path):
       raise ConfigOverrideError(unknown_field_message(config, path, config_file))
+
+
+def _error_place(error: BaseException, path: str) -> str:
+  """' (at <file>:<line>)' of the deepest traceback frame in ``path`` (or the SyntaxError's line), else ''."""
+  if isinstance(error, SyntaxError) and error.lineno:
+    return f" (at {path}:{error.lineno})"
+  tb, line = error.__traceback__, None
+  while tb is not None:
+    if os.path.abspath(tb.tb_frame.f_code.co_filename) == os.path.abspath(path):
+      line = tb.tb_lineno
+    tb = tb.tb_next
+  return f" (at {path}:{line})" if line else ""
 
 
 def define_flags(flag_values: flags.FlagValues = flags.FLAGS, argv: Optional[Sequence[str]] = None) -> Flags:
@@ -199,7 +241,7 @@ def parse_flags(argv: Sequence[str], flag_values: Optional[flags.FlagValues] = N
   argv[0] is the program name. Returns (Flags, remaining argv); the config is locked
   (no new fields) once parsed. Raises ConfigOverrideError or another flags.Error.
   """
-  argv = list(argv)
+  argv = last_overrides_win(argv)
   flag_values = flags.FlagValues() if flag_values is None else flag_values
   handles = define_flags(flag_values, argv)
   rest = flag_values(argv)
@@ -271,6 +313,12 @@ def main(argv, flags_: Flags):
     sys.stdout.flush()
     print_error(e)
     sys.exit(1)
+  except KeyboardInterrupt:
+    if flags_.traceback.value:
+      raise
+    sys.stdout.flush()
+    sys.stderr.write("fqjax: interrupted; rerun the same command to resume (finished entries are kept)\n")
+    sys.exit(130)
 
 
 def run_cli() -> None:

@@ -24,3 +24,6 @@ BN_MODES = ("train", "freeze", "fold")
 SPLITS = ("train", "val", "test")
 WEIGHT_SCALE_RULES = ("max", "half_step", "mse")
 PTQ_BN_MODES = ("keep", "recalibrate")  # a PTQ variant is "<weight scale rule>/<BatchNorm mode>"
+# Candidate bit-widths of a per-layer bit allocation: 1 bit has no symmetric grid (int_range(1) is {-1, 0}), and
+# above 8 bits a layer's quantization error is below float32 noise for these models.
+ALLOC_BITS_RANGE = (2, 8)

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from fqjax.study import config as config_lib
-from fqjax.study import runner, workdir as workdir_lib
+from fqjax.outputs import workdir as workdir_lib
+from fqjax.study import runner
 from fqjax.errors import WorkdirError
 
 STAGES = ("train", "ptq")
@@ -151,7 +152,7 @@ def test_a_second_run_in_the_same_process_logs_only_into_its_own_workdir(finishe
 
 HOLD_LOCK = """
 import sys, time
-from fqjax.study import workdir
+from fqjax.outputs import workdir
 with workdir.workdir_lock(sys.argv[1]):
   print("locked", flush=True)
   time.sleep(120)

@@ -272,7 +272,8 @@ def test_damaged_checkpoint_is_named_with_the_recovery_and_nothing_changes(tmp_p
       runner.run(c, wd, STAGES, progress=False)
   msg = str(err.value)
   assert msg.startswith(step_dir + ":") and "epoch" in msg
-  assert "Delete that folder and rerun the same command" in msg and "only that seed is retrained" in msg
+  assert "Delete that folder and rerun launch.py" in msg and "--stages=train,ptq" in msg
+  assert "only that seed is retrained" in msg
   assert _snapshot(wd) == before
 
 

@@ -13,6 +13,7 @@ import importlib
 from functools import partial
 from typing import Any, Callable
 
+import flax
 import flax.linen as nn
 import jax
 import numpy as np
@@ -118,11 +119,36 @@ def build_model(config, info) -> nn.Module:
                      "Fix it in the experiment file or with --config.model.kwargs.<field>=...") from e
 
 
+def check_model(model: nn.Module, sample, num_classes: int, name: str) -> list[str]:
+  """Checks, by abstract evaluation only, that the model fits a study before any training: its logits are
+  [batch, num_classes], it trains without an RNG stream fqjax does not give (dropout), and it has layers to
+  quantize. Returns their names (fqjax.quantization.layers.quant_layer_names); InputError naming the model
+  otherwise. ``sample``: [batch, ...] inputs (or their ShapeDtypeStruct)."""
+  where = f"config.model.name={name!r}"
+  try:
+    variables = jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x), sample)
+    logits = jax.eval_shape(lambda v, x: model.apply(v, x, train=False), variables, sample)
+    jax.eval_shape(lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"]), variables, sample)
+  except flax.errors.InvalidRngError as e:
+    raise InputError(f"{where}: the model needs an RNG stream in training ({e}); fqjax trains without one. "
+                     "Remove dropout (or other stochastic layers), or make them deterministic.") from e
+  if not hasattr(logits, "shape") or tuple(logits.shape) != (sample.shape[0], num_classes):
+    got = getattr(logits, "shape", type(logits).__name__)
+    raise InputError(f"{where}: the model's output is {got} for a batch of {sample.shape[0]}, not logits "
+                     f"[{sample.shape[0]}, {num_classes}] for the data's {num_classes} classes; make its last layer "
+                     f"output num_classes={num_classes} (the factory is called with num_classes).")
+  names = layers.quant_layer_names(model, sample)
+  if not names:
+    raise InputError(f"{where}: the model has no Dense or Conv layer to quantize (fqjax quantizes flax.linen "
+                     "Dense / Conv and its own Quant* layers); build it from those.")
+  return names
+
+
 def num_params(model: nn.Module, sample) -> int:
   """Parameter count of ``model`` on inputs shaped like ``sample`` (traced only, nothing computed)."""
   shapes = jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x), sample)
   return int(sum(np.prod(a.shape) for a in jax.tree_util.tree_leaves(shapes["params"])))
 
 
-__all__ = ["MLP", "SmallCNN", "ResNet", "VGG", "resnet", "vgg", "get_model", "build_model", "num_params",
+__all__ = ["MLP", "SmallCNN", "ResNet", "VGG", "resnet", "vgg", "get_model", "build_model", "check_model", "num_params",
            "resolved_model_name", "MODELS", "MODEL_NAMES"]

@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import csv
 import datetime
+import hashlib
 import io
 import json
 import math
@@ -118,9 +119,25 @@ def read_json(path: str) -> dict:
     return json.load(f)
 
 
-RESULTS_RECOVERY = ("Nothing was changed. Move it away (e.g. mv results.json results.json.bad) and rerun the same "
-                    "command: finished training checkpoints are reused, and the other stages are recomputed "
-                    "from them.")
+DIGEST_KEY = "digest"
+
+
+def content_digest(payload: Mapping) -> str:
+  """sha256 of the results' content (every key but the digest itself, canonical JSON): what fqjax wrote."""
+  body = {k: v for k, v in _clean(payload).items() if k != DIGEST_KEY}
+  return hashlib.sha256(json.dumps(body, sort_keys=True, allow_nan=False).encode()).hexdigest()
+
+
+def write_results_file(path: str, payload: dict) -> None:
+  """results.json, atomically, with "digest": the content's sha256, so a later run can tell a file changed
+  outside fqjax (reformatting keeps it; a changed number does not)."""
+  payload[DIGEST_KEY] = content_digest(payload)
+  write_json(path, payload)
+
+
+RESULTS_RECOVERY = ("Nothing was changed. Move it away (e.g. mv results.json results.json.bad) and rerun launch.py "
+                    "with the same --config and --workdir and no --stages (every stage): finished training "
+                    "checkpoints are reused, and the other stages are recomputed from them.")
 
 
 def read_results_file(path: str) -> dict:
@@ -135,6 +152,9 @@ def read_results_file(path: str) -> dict:
     raise CorruptFileError(path, f"cannot be read as text ({type(e).__name__})", RESULTS_RECOVERY) from e
   if not isinstance(results, dict):
     raise CorruptFileError(path, f"holds a JSON {type(results).__name__}, not an object", RESULTS_RECOVERY)
+  if DIGEST_KEY in results and results[DIGEST_KEY] != content_digest(results):
+    raise CorruptFileError(path, "was changed outside fqjax after fqjax wrote it (its content no longer matches "
+                           "its \"digest\"), so its numbers cannot be trusted", RESULTS_RECOVERY)
   try:
     validate(results)
   except (ValueError, KeyError, TypeError, AttributeError) as e:

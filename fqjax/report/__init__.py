@@ -27,6 +27,7 @@ from typing import Mapping, Optional, Sequence
 
 from fqjax.outputs import results as results_lib
 from fqjax.errors import FqjaxError
+from fqjax.outputs import workdir as workdir_lib
 from fqjax.report.common import ABLATION_COLUMNS, FIGURE_NAMES, FIGURES_DIR, FULL, _dig, _write_text
 from fqjax.report.common import _bits_label, _Ctx  # noqa: F401  (kept at fqjax.report.* for callers and tests)
 from fqjax.report.figures import (DPI, figure_explain_curvature, figure_explain_logits, figure_explain_weights,
@@ -90,11 +91,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                    description="Write report.md, report.html and figures/ for a study workdir.")
   parser.add_argument("workdir", help="a study workdir holding results.json")
   args = parser.parse_args(argv)
-  if not os.path.isdir(args.workdir):
-    parser.error(f"workdir {args.workdir!r} does not exist; give the --workdir of a study run by launch.py.")
-  if not os.path.isfile(os.path.join(args.workdir, "results.json")):
-    parser.error(f"no results.json in {args.workdir!r}; run a study there first "
-                 f"(python launch.py --workdir {args.workdir}).")
+  try:
+    workdir_lib.check_finished_workdir(args.workdir, "results.json")
+  except FqjaxError as e:
+    parser.error(str(e))
   try:
     out = write_report(args.workdir)
   except FqjaxError as e:

@@ -43,7 +43,7 @@ from flax import traverse_util
 
 from fqjax.quantization import layers, quant
 from fqjax.quantization.bitspec import BitSpec
-from fqjax.choices import ALLOC_OBJECTIVES
+from fqjax.choices import ALLOC_BITS_RANGE, ALLOC_OBJECTIVES
 from fqjax.explain import curvature, lanczos, theory
 
 DEFAULT_BITS = (2, 3, 4, 8)
@@ -83,11 +83,14 @@ def _sensitivity_step(model: nn.Module, paths: tuple):
 
 
 def _check_candidates(candidate_bits) -> list[int]:
+  """The sorted distinct candidate bit-widths; ValueError unless they are ints in ALLOC_BITS_RANGE (2..8)."""
+  lo, hi = ALLOC_BITS_RANGE
   bits = sorted({int(b) for b in candidate_bits}) if candidate_bits is not None else []
   if not bits:
     raise ValueError(f"candidate_bits must name at least one bit-width, got {candidate_bits!r}.")
-  for b in bits:
-    quant.check_bits(b, name="candidate bits")
+  bad = [b for b in bits if not lo <= b <= hi]
+  if bad:
+    raise ValueError(f"candidate bits {bad} are outside {lo}..{hi} (allowed: ints {lo} to {hi}, e.g. 2,3,4,8).")
   return bits
 
 
@@ -356,15 +359,20 @@ def _load_workdir(workdir: str, seed: int):
   from fqjax.study.cache import check_trained_model, data_identity
   from fqjax.study.schemes import quantization_for
   from fqjax.training import train
-  from fqjax.errors import MissingFileError
+  from fqjax.errors import CorruptFileError, MissingFileError
+  from fqjax.outputs.workdir import check_finished_workdir
   path = os.path.join(workdir, "config.json")
-  if not os.path.isdir(workdir):
-    raise MissingFileError(f"workdir {workdir!r} does not exist; give the --workdir of a study run by launch.py.")
-  if not os.path.isfile(path):
-    raise MissingFileError(f"no config.json in {workdir!r}; run a study there first (python launch.py --workdir "
-                           f"{workdir} --stages=train).")
-  with open(path) as fh:
-    config = ml_collections.ConfigDict(json.load(fh))
+  check_finished_workdir(workdir, "config.json")
+  try:
+    with open(path) as fh:
+      raw = json.load(fh)
+    if not isinstance(raw, dict):
+      raise ValueError(f"it holds a JSON {type(raw).__name__}, not an object")
+    config = ml_collections.ConfigDict(raw)
+  except (ValueError, TypeError, UnicodeDecodeError) as e:
+    raise CorruptFileError(path, f"not a JSON config ({type(e).__name__}: {e})",
+                           f"Rerun the study's launch.py command with --workdir {workdir}: it rewrites "
+                           "config.json.") from e
   splits = data_lib.load_for_seed(config, seed)
   model = build_model(config, splits.info)
   ckpt = os.path.abspath(os.path.join(workdir, "checkpoints", f"seed_{seed}", "train"))
@@ -391,7 +399,7 @@ def _parse_args(argv):
   try:
     args.bits = _check_candidates([int(b) for b in args.bits.split(",") if b.strip()])
   except ValueError as e:
-    parser.error(f"--bits: {e}")
+    parser.error(f"--bits={args.bits}: {e}")
   return args
 
 

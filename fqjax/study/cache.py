@@ -20,7 +20,7 @@ import numpy as np
 
 from fqjax.errors import StaleModelError
 from fqjax.outputs import results
-from fqjax.study import workdir
+from fqjax.outputs import workdir
 
 # What a stage computes per entry, versioned: bumped when the code adds or changes what an entry holds, so
 # entries computed by older code are recomputed instead of reused (ptq / explain 2: issue 12's paired

@@ -168,7 +168,19 @@ def _mitigate_defaults() -> ml_collections.ConfigDict:
 
 def _fail(field: str, given, allowed: str) -> None:
   raise InputError(f"config.{field} is invalid: got {given!r}; allowed: {allowed}. "
-                   f"Fix it in the experiment file or with --config.{field}=...")
+                   f"Fix it in the experiment file or with --config.{field}=...{_quoting_hint(field, given)}")
+
+
+def _quoting_hint(field: str, given) -> str:
+  """How to quote a tuple of strings on the command line, when the value looks like an unquoted one: a shell
+  turns --config.x=(a,b) into the one string '(a,b)'."""
+  items = given if isinstance(given, (list, tuple)) else (given,)
+  text = next((x for x in items if isinstance(x, str) and (x[:1] in "([" or "," in x)), None)
+  if text is None:
+    return ""
+  names = [n.strip(" '\"") for n in text.strip("()[]").split(",") if n.strip(" '\"")]
+  quoted = ",".join(f"'{n}'" for n in names) + ("," if len(names) == 1 else "")
+  return f" Strings in a tuple need quotes, and the tuple needs shell quotes: --config.{field}=\"({quoted})\""
 
 
 def _is_int(v) -> bool:
@@ -189,6 +201,11 @@ def check_stages(stages: Iterable[str]) -> list[str]:
 
 def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Checks every field the runner uses; raises InputError (a ValueError) naming the field."""
+  name = config.get("name")
+  # The default workdir is runs/<name>: a name is one folder name, never a path out of runs/.
+  if not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name or "\0" in name:
+    _fail("name", name, "a non-empty folder name without path separators, e.g. 'digits' (the default workdir "
+          "is runs/<name>; give --workdir=PATH to write elsewhere)")
   seeds = config.seeds
   if isinstance(seeds, int) and not isinstance(seeds, bool):
     seeds = (seeds,)
@@ -235,8 +252,8 @@ def _validate_model(m) -> None:
 def _validate_training(section: str, t) -> None:
   """The optimizer and fair-training fields that config.train and config.mitigate share."""
   _one_of(f"{section}.optimizer", t.optimizer, choices.OPTIMIZERS)
-  if not float(t.learning_rate) > 0:
-    _fail(f"{section}.learning_rate", t.learning_rate, "a number > 0")
+  if not _is_number(t.learning_rate) or not 0 < float(t.learning_rate) < float("inf"):
+    _fail(f"{section}.learning_rate", t.learning_rate, "a finite number > 0")
   _one_of(f"{section}.sampling", t.sampling, choices.SAMPLING_METHODS)
   _one_of(f"{section}.loss_weights", t.loss_weights, choices.WEIGHT_SCHEMES)
   _one_of(f"{section}.weight_target", t.weight_target, choices.WEIGHT_TARGETS)
@@ -317,7 +334,7 @@ def _validate_mitigate(m) -> None:
   if m.a_bits is not None and not (_is_int(m.a_bits) and 1 <= m.a_bits <= 32):
     _fail("mitigate.a_bits", m.a_bits, "None or an int in 1..32")
   _one_of("mitigate.budget", m.budget, choices.BUDGETS)
-  _bit_list("mitigate.alloc_bits", m.alloc_bits, 1, 32, "(2, 3, 4, 8)")
+  _bit_list("mitigate.alloc_bits", m.alloc_bits, *choices.ALLOC_BITS_RANGE, "(2, 3, 4, 8)")
   _one_of("mitigate.alloc_objective", m.alloc_objective, choices.ALLOC_OBJECTIVES)
   _one_of("mitigate.alloc_budget", m.alloc_budget, choices.ALLOC_BUDGETS)
   _one_of("mitigate.alloc_split", m.alloc_split, ("train", "val"))

@@ -33,10 +33,9 @@ from fqjax import models, report
 from fqjax.analysis import claims, summaries
 from fqjax.errors import FqjaxError, InputError, MissingFileError
 from fqjax.outputs import results
-from fqjax.quantization import layers
 from fqjax.study import config as config_lib
 from fqjax.study import explain_stage, mitigate, ptq
-from fqjax.study import workdir as workdir_lib
+from fqjax.outputs import workdir as workdir_lib
 from fqjax.study.cache import check_trained_model, data_identity, stage_key, train_key, train_key_parts
 from fqjax.study.schemes import ptq_schemes
 from fqjax.study.seed import TrainedSeed
@@ -129,7 +128,7 @@ class _Run:
       results.drop_derived(self.results.get(stage, {}))
       self.results.pop("claims", None)
       self.results["updated"] = results.now()
-      results.write_json(os.path.join(self.workdir, "results.json"), self.results)
+      results.write_results_file(os.path.join(self.workdir, "results.json"), self.results)
 
 
 def _open(config, workdir: str, progress: bool, force: bool) -> _Run:
@@ -148,8 +147,9 @@ def _open(config, workdir: str, progress: bool, force: bool) -> _Run:
   model = models.build_model(config, splits.info)
   mesh = parallel.data_mesh(config.parallel.num_devices) if config.parallel.data_parallel else None
   sample = splits.train.x[:2]
-  r = _Run(config=config, workdir=workdir, splits=splits, model=model,
-           layer_names=layers.quant_layer_names(model, sample), mesh=mesh, data_id=data_id, progress=progress,
+  layer_names = models.check_model(model, sample, splits.info.num_classes,
+                                   models.resolved_model_name(config, splits.info))
+  r = _Run(config=config, workdir=workdir, splits=splits, model=model, layer_names=layer_names, mesh=mesh, data_id=data_id, progress=progress,
            force=force, by_seed=by_seed)
   r.results = {"timings": {"data": data_s}, "model": {"num_params": models.num_params(model, sample)}}
   return r
@@ -186,7 +186,7 @@ def _comparable(res: Optional[dict]) -> Optional[str]:
   """The results as JSON text without the times of day and the wall times: equal when nothing else changed."""
   if res is None:
     return None
-  return json.dumps({k: v for k, v in res.items() if k not in ("timings", "updated", "last_run")},
+  return json.dumps({k: v for k, v in res.items() if k not in ("timings", "updated", "last_run", results.DIGEST_KEY)},
                     sort_keys=True, default=str)
 
 
@@ -388,11 +388,28 @@ def _write(r: _Run) -> None:
   results.validate(r.results)
   # config.json is written with the results, so it always describes what the workdir holds.
   results.atomic_write_text(os.path.join(r.workdir, "config.json"), r.config.to_json_best_effort(indent=1) + "\n")
-  results.write_json(os.path.join(r.workdir, "results.json"), r.results)
+  results.write_results_file(os.path.join(r.workdir, "results.json"), r.results)
   results.write_csv(os.path.join(r.workdir, "results.csv"), results.csv_rows(r.results))
   if r.config.get("tensorboard", True):  # scalars for TensorBoard under workdir/tensorboard (fqjax.outputs.tensorboard)
     from fqjax.outputs import tensorboard
     tensorboard.write_scalars(r.workdir, r.results)
+
+
+def _restore_config_json(r: _Run) -> None:
+  """Rewrites config.json when it is missing or is not the config of the results (deleted or damaged by
+  hand); the CLIs that read a workdir (allocate, report) need it."""
+  if not r.writer:
+    return
+  path = os.path.join(r.workdir, "config.json")
+  text = r.config.to_json_best_effort(indent=1) + "\n"
+  try:
+    with open(path) as f:
+      if f.read() == text:
+        return
+  except (OSError, UnicodeDecodeError):
+    pass
+  log.warning("config.json in %s was missing or changed outside fqjax; rewritten from this run's config", r.workdir)
+  results.atomic_write_text(path, text)
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, stages: Optional[Sequence[str]] = None, *,
@@ -433,5 +450,6 @@ def run(config: ml_collections.ConfigDict, workdir: str, stages: Optional[Sequen
       _write(r)  # again after the report stage only for its timing: summaries and claims are not recomputed
     else:
       _derive(r)  # same as on disk: nothing is written
+      _restore_config_json(r)
   r.results["last_run"] = {"stages": last_run, "total_s": time.perf_counter() - t_start}
   return r.results

@@ -57,9 +57,10 @@ def save_checkpoint(mngr: ocp.CheckpointManager, epoch: int, state: Any, meta: d
   mngr.save(epoch, args=ocp.args.Composite(state=ocp.args.StandardSave(tree), meta=ocp.args.JsonSave(meta)))
 
 
-CHECKPOINT_RECOVERY = ("Nothing was changed. Delete that folder and rerun the same command: the stage that wrote it "
-                       "recomputes it (a training checkpoint: only that seed is retrained, resuming from the "
-                       "previous epoch's checkpoint if one is left).")
+CHECKPOINT_RECOVERY = ("Nothing was changed. Delete that folder and rerun launch.py with the same --config and "
+                       "--workdir and the stage that wrote it in --stages (no --stages runs every stage; a training "
+                       "checkpoint needs the train stage, e.g. --stages=train,ptq, and without --force: only that "
+                       "seed is retrained, resuming from the previous epoch's checkpoint if one is left).")
 
 
 def restore_checkpoint(mngr: ocp.CheckpointManager, state: Any, epoch: Optional[int] = None):

@@ -16,6 +16,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from fqjax.errors import InputError
+
 DATA_AXIS = "data"
 
 
@@ -28,7 +30,13 @@ def maybe_initialize_distributed(dcfg) -> bool:
   if not dcfg.initialize:
     return False
   kwargs = {k: dcfg[k] for k in ("coordinator_address", "num_processes", "process_id") if dcfg[k] is not None}
-  jax.distributed.initialize(**kwargs)
+  try:
+    jax.distributed.initialize(**kwargs)
+  except (ValueError, RuntimeError) as e:  # no cluster to detect, or a coordinator that cannot be reached
+    raise InputError(f"config.distributed.initialize=True, but jax.distributed.initialize({kwargs}) failed ({e}). "
+                     "Outside a detected cluster (TPU pod, SLURM, Open MPI) give --config.distributed."
+                     "coordinator_address=HOST:PORT, num_processes and process_id, or set "
+                     "--config.distributed.initialize=False for one process.") from e
   return True
 
 
@@ -37,7 +45,8 @@ def data_mesh(num_devices: Optional[int] = None) -> Mesh:
   devices = jax.devices()
   if num_devices is not None:
     if not 1 <= num_devices <= len(devices):
-      raise ValueError(f"num_devices must be in 1..{len(devices)} (devices visible), got {num_devices}.")
+      raise InputError(f"config.parallel.num_devices is invalid: got {num_devices}; allowed: 1..{len(devices)} (the "
+                       f"devices visible: {[str(d) for d in devices]}), or None for all of them.")
     devices = devices[:num_devices]
   return Mesh(np.asarray(devices), (DATA_AXIS,))
 

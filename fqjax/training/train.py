@@ -30,6 +30,7 @@ from fqjax import choices
 from fqjax.training import losses, parallel, sampling
 from fqjax.analysis import metrics
 from fqjax.data.pipeline import DeviceArrays, epoch_batches, padded_batches
+from fqjax.errors import FqjaxError
 from fqjax.training.checkpoints import (checkpoint_manager, finished_epochs, restore_checkpoint,
                                         save_checkpoint, tree_digest)
 
@@ -43,8 +44,8 @@ class TrainState(train_state.TrainState):
   batch_stats: Any = None
 
 
-class TrainingDiverged(RuntimeError):
-  """The loss became NaN or infinite; the last good checkpoint is kept."""
+class TrainingDiverged(FqjaxError, RuntimeError):
+  """The loss became NaN or infinite; the last good checkpoint is kept (an fqjax error: one line, logged)."""
 
 
 def make_optimizer(tcfg: ml_collections.ConfigDict, steps_per_epoch: int) -> optax.GradientTransformation:

@@ -1,4 +1,5 @@
-"""The workdir's own files, for fqjax.study.runner (the only caller): the lock, the log, checkpoint folders' keys.
+"""The workdir's own files: the lock, the log, checkpoint folders' keys (written by fqjax.study.runner only), and
+the checks the CLIs that read a finished workdir (report, allocate) make first.
 
   .fqjax.lock   an OS file lock (flock) held for a whole run; it holds the pid and start time of
                 its holder, so a second process is refused with a message naming them
@@ -32,7 +33,11 @@ def workdir_lock(workdir: str):
   Raises WorkdirError at once, naming the holder's pid and start time, when another process holds it.
   """
   path = os.path.join(workdir, LOCK_FILE)
-  fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+  try:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+  except OSError as e:
+    raise WorkdirError(f"--workdir {workdir} cannot be written to ({e.strerror}: {path}); choose a folder you can "
+                       "write to.") from e
   try:
     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
   except OSError:
@@ -47,6 +52,41 @@ def workdir_lock(workdir: str):
   finally:
     fcntl.flock(fd, fcntl.LOCK_UN)
     os.close(fd)
+
+
+def in_use_by(workdir: str) -> Optional[str]:
+  """The holder ("pid N, started T") of ``workdir``'s lock when another process runs a study there, else None.
+  Probes with a shared non-blocking lock, released at once."""
+  path = os.path.join(workdir, LOCK_FILE)
+  try:
+    fd = os.open(path, os.O_RDONLY)
+  except OSError:
+    return None  # no lock file: no run has held it
+  try:
+    fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    fcntl.flock(fd, fcntl.LOCK_UN)
+    return None
+  except OSError:
+    return os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown process"
+  finally:
+    os.close(fd)
+
+
+def check_finished_workdir(workdir: str, needs: str) -> None:
+  """Refuses, in one line, a path that is no study workdir for a CLI reading one: missing, a file, without
+  the file ``needs`` (e.g. "results.json"), or in use by a running study (its results are half-written)."""
+  if not os.path.exists(workdir):
+    raise WorkdirError(f"workdir {workdir!r} does not exist; give the --workdir of a study run by launch.py.")
+  if not os.path.isdir(workdir):
+    raise WorkdirError(f"workdir {workdir!r} is a file, not a folder; give the --workdir of a study run by "
+                       "launch.py.")
+  holder = in_use_by(workdir)
+  if holder:
+    raise WorkdirError(f"{workdir} is in use by a running fqjax study ({holder}); wait for it to finish: its "
+                       "results are not complete yet.")
+  if not os.path.isfile(os.path.join(workdir, needs)):
+    raise WorkdirError(f"no {needs} in {workdir!r}; rerun the study's launch.py command with --workdir {workdir} "
+                       f"(it writes {needs}), or run a study there first.")
 
 
 @contextlib.contextmanager
@@ -101,6 +141,10 @@ def check_workdir(workdir: str) -> None:
 def make_workdir(workdir: str) -> None:
   try:
     os.makedirs(workdir, exist_ok=True)
+    probe = os.path.join(workdir, ".fqjax.write_probe")
+    with open(probe, "w"):
+      pass
+    os.remove(probe)
   except OSError as e:
     raise WorkdirError(f"--workdir {workdir} cannot be created ({e.strerror}); choose a folder you can write "
                        "to.") from e

@@ -1,0 +1,219 @@
+"""Rough inputs through the real command lines (launch.py, python -m fqjax.study.allocate, python -m fqjax.report):
+one clear line (no traceback), and nothing in the workdir changed where it should not (issue 26)."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LAUNCH = os.path.join(ROOT, "launch.py")
+
+
+def _data(path, n=120):
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(n, 5)).astype(np.float32)
+  y = rng.integers(0, 3, n)
+  np.savez(path, x=x + y[:, None], y=y, group=rng.integers(0, 3, n))
+  return str(path)
+
+
+def _launch(tmp_path, *args, stages="train", timeout=300):
+  base = ["--config=" + os.path.join(ROOT, "experiments", "arrays.py"), f"--config.data.path={_data(tmp_path / 'd.npz')}",
+          "--config.seeds=(0,)", "--config.train.epochs=1", "--no_progress", f"--stages={stages}"]
+  return subprocess.run([sys.executable, LAUNCH, *base, *args], capture_output=True, text=True, cwd=ROOT,
+                        timeout=timeout)
+
+
+def _one_line_error(proc, prefix="fqjax: error: "):
+  assert proc.returncode != 0, proc.stdout[-2000:]
+  assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+  errors = [line for line in proc.stderr.splitlines() if line.startswith(prefix)]
+  assert len(errors) == 1, proc.stderr[-3000:]
+  return errors[0]
+
+
+def _files(folder):
+  return {os.path.relpath(os.path.join(d, f), folder): open(os.path.join(d, f), "rb").read()
+          for d, _, files in os.walk(folder) for f in files if f not in ("fqjax.log", ".fqjax.lock")}
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+  """One finished train + ptq run of a tiny MLP, for the CLIs that read a workdir."""
+  root = tmp_path_factory.mktemp("rough")
+  proc = _launch(root, f"--workdir={root / 'wd'}", "--config.ptq.bit_widths=(32,4)", "--config.model.kwargs.hidden=(8,)",
+                 stages="train,ptq")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return root
+
+
+@pytest.mark.parametrize("factory,message", [
+    ("six_logits", "the model's output is (2, 6) for a batch of 2, not logits [2, 3]"),
+    ("too_few_logits", "the model's output is (2, 2) for a batch of 2, not logits [2, 3]"),
+    ("no_layers", "the model has no Dense or Conv layer to quantize"),
+    ("with_dropout", "the model needs an RNG stream in training"),
+])
+def test_a_model_that_cannot_be_studied_is_refused_before_training(tmp_path, factory, message):
+  proc = _launch(tmp_path, f"--workdir={tmp_path / 'wd'}", f"--config.model.name=tests.rough_models:{factory}")
+  line = _one_line_error(proc)
+  assert message in line and f"tests.rough_models:{factory}" in line
+  assert not (tmp_path / "wd").exists()  # refused before the workdir is made
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--config.train.learning_rate=inf"], "config.train.learning_rate is invalid: got inf; allowed: a finite number > 0"),
+    (["--config.parallel.data_parallel=True", "--config.parallel.num_devices=5"],
+     "config.parallel.num_devices is invalid: got 5; allowed: 1..1"),
+    (["--config.distributed.initialize=True"], "config.distributed.initialize=True, but jax.distributed.initialize"),
+    (["--config.name=../../x"], "config.name is invalid: got '../../x'"),
+    (["--config.mitigate.methods=(ptq,qat)"],
+     "Strings in a tuple need quotes, and the tuple needs shell quotes: --config.mitigate.methods=\"('ptq','qat')\""),
+])
+def test_bad_settings_get_one_line(tmp_path, args, message):
+  proc = _launch(tmp_path, *args)  # no --workdir: the default runs/<name> must not be made either
+  assert message in _one_line_error(proc)
+
+
+def test_divergence_is_an_fqjax_error_and_logged(tmp_path, monkeypatch):
+  """TrainingDiverged is an fqjax error: launch.py prints its one line, and the runner logs it to fqjax.log."""
+  from fqjax.errors import FqjaxError
+  from fqjax.study import runner
+  from fqjax.study.config import base_config
+  from fqjax.training import train
+  assert issubclass(train.TrainingDiverged, FqjaxError)
+
+  def diverge(*args, **kwargs):
+    raise train.TrainingDiverged("loss became nan at step 1 (epoch 0, batch 1); training stopped.")
+
+  monkeypatch.setattr(train, "fit", diverge)
+  c = base_config()
+  c.data.name, c.data.path, c.seeds, c.model.name = "arrays", _data(tmp_path / "d.npz"), (0,), "mlp"
+  with pytest.raises(train.TrainingDiverged):
+    runner.run(c, str(tmp_path / "wd"), ["train"], progress=False)
+  assert "stage train: loss became nan at step 1" in (tmp_path / "wd" / "fqjax.log").read_text()
+
+
+def test_config_file_that_is_not_python_is_refused(tmp_path):
+  (tmp_path / "hostname").write_text("vm\n")
+  proc = subprocess.run([sys.executable, LAUNCH, f"--config={tmp_path / 'hostname'}"], capture_output=True, text=True,
+                        cwd=tmp_path, timeout=120)
+  assert "not a Python file (.py)" in _one_line_error(proc, "launch.py: error: ")
+  (tmp_path / "bad.py").write_text("def get_config():\n  return undefined_name\n")
+  proc = subprocess.run([sys.executable, LAUNCH, f"--config={tmp_path / 'bad.py'}"], capture_output=True, text=True,
+                        cwd=tmp_path, timeout=120)
+  line = _one_line_error(proc, "launch.py: error: ")
+  assert "NameError: name 'undefined_name' is not defined" in line and f"{tmp_path / 'bad.py'}:2" in line
+
+
+def test_a_repeated_tuple_flag_keeps_its_last_value(tmp_path):
+  proc = _launch(tmp_path, f"--workdir={tmp_path / 'wd'}", "--config.ptq.bit_widths=(32,4)",
+                 "--config.ptq.bit_widths=(8,)", "--config.seeds=(3,)")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  config = json.loads((tmp_path / "wd" / "config.json").read_text())
+  assert config["ptq"]["bit_widths"] == [8] and config["seeds"] == [3]
+
+
+def test_a_workdir_that_cannot_be_written_is_one_line(tmp_path):
+  proc = _launch(tmp_path, "--workdir=/proc/1")  # exists, is a folder, and nobody (not even root) writes there
+  assert "--workdir /proc/1 cannot be" in _one_line_error(proc)
+
+
+def test_ctrl_c_prints_one_line(tmp_path):
+  cmd = [sys.executable, LAUNCH, "--config=" + os.path.join(ROOT, "experiments", "arrays.py"),
+         f"--config.data.path={_data(tmp_path / 'd.npz', n=3000)}", "--config.seeds=(0,)", "--config.train.epochs=200",
+         "--no_progress", "--stages=train", f"--workdir={tmp_path / 'wd'}"]
+  proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+  log = tmp_path / "wd" / "fqjax.log"
+  deadline = time.time() + 120
+  while time.time() < deadline and not (log.exists() and "train seed 0" in log.read_text()):
+    time.sleep(0.2)
+  proc.send_signal(signal.SIGINT)
+  _, err = proc.communicate(timeout=120)
+  assert proc.returncode == 130, err[-3000:]
+  assert "Traceback" not in err and "fqjax: interrupted; rerun the same command to resume" in err, err[-3000:]
+
+
+def test_a_hand_edited_results_file_is_not_trusted(study, tmp_path):
+  wd = tmp_path / "wd"
+  os.system(f"cp -r {study / 'wd'} {wd}")
+  path = wd / "results.json"
+  res = json.loads(path.read_text())
+  json.dumps(res)
+  path.write_text(json.dumps(res, indent=4))  # reformatted by hand: still fqjax's content
+  again = _launch(tmp_path, f"--workdir={wd}", "--config.ptq.bit_widths=(32,4)", "--config.model.kwargs.hidden=(8,)",
+                  stages="train,ptq")
+  assert again.returncode == 0, again.stderr[-3000:]
+  res = json.loads(path.read_text())
+  res["ptq"]["per_seed"]["0"]["4"]["accuracy"] = 0.999  # a number changed by hand
+  path.write_text(json.dumps(res))
+  before = _files(wd)
+  proc = _launch(tmp_path, f"--workdir={wd}", "--config.ptq.bit_widths=(32,4)", "--config.model.kwargs.hidden=(8,)",
+                 stages="train,ptq")
+  line = _one_line_error(proc)
+  assert "results.json: was changed outside fqjax after fqjax wrote it" in line
+  assert _files(wd) == before
+  report = subprocess.run([sys.executable, "-m", "fqjax.report", str(wd)], capture_output=True, text=True,
+                          timeout=300, cwd=ROOT)
+  assert "was changed outside fqjax" in _one_line_error(report)
+
+
+def test_a_deleted_or_garbage_config_json_is_named_and_restored_by_a_rerun(study, tmp_path):
+  wd = tmp_path / "wd"
+  os.system(f"cp -r {study / 'wd'} {wd}")
+  good = (wd / "config.json").read_text()
+  (wd / "config.json").write_text("garbage")
+  proc = subprocess.run([sys.executable, "-m", "fqjax.study.allocate", str(wd), "--budget_kb", "1"],
+                        capture_output=True, text=True, timeout=300, cwd=ROOT)
+  line = _one_line_error(proc, "fqjax.study.allocate: error: ")
+  assert f"{wd}/config.json: not a JSON config" in line and "rewrites config.json" in line
+  (wd / "config.json").unlink()
+  proc = subprocess.run([sys.executable, "-m", "fqjax.study.allocate", str(wd), "--budget_kb", "1"],
+                        capture_output=True, text=True, timeout=300, cwd=ROOT)
+  assert "no config.json in" in _one_line_error(proc, "fqjax.study.allocate: error: ")
+  rerun = _launch(tmp_path, f"--workdir={wd}", "--config.ptq.bit_widths=(32,4)", "--config.model.kwargs.hidden=(8,)",
+                  stages="train,ptq")
+  assert rerun.returncode == 0 and "train skipped" in rerun.stdout and "ptq skipped" in rerun.stdout
+  restored, before = json.loads((wd / "config.json").read_text()), json.loads(good)
+  restored["data"].pop("path"), before["data"].pop("path")  # this rerun's copy of the same data file
+  assert restored == before
+
+
+@pytest.mark.parametrize("bits", ["1,33", "100,8", "0"])
+def test_allocate_bits_outside_2_to_8_are_refused(study, bits):
+  proc = subprocess.run([sys.executable, "-m", "fqjax.study.allocate", str(study / "wd"), "--budget_kb", "1",
+                         f"--bits={bits}"], capture_output=True, text=True, timeout=300, cwd=ROOT)
+  line = _one_line_error(proc, "python -m fqjax.study.allocate: error: ")
+  assert f"--bits={bits}:" in line and "outside 2..8" in line
+
+
+@pytest.mark.parametrize("tool", [["-m", "fqjax.report"], ["-m", "fqjax.study.allocate", "--budget_kb", "1"]])
+def test_the_read_only_clis_call_a_file_a_file_and_refuse_a_running_study(study, tmp_path, tool):
+  prefix = "python -m fqjax.report: error: " if "fqjax.report" in tool else "fqjax.study.allocate: error: "
+  a_file = tmp_path / "f.txt"
+  a_file.write_text("x")
+  proc = subprocess.run([sys.executable, *tool[:2], str(a_file), *tool[2:]], capture_output=True, text=True,
+                        timeout=300, cwd=ROOT)
+  assert "is a file, not a folder" in _one_line_error(proc, prefix)
+  # A study running in the workdir holds its lock: the CLI refuses, naming the process.
+  import fcntl
+  fd = os.open(study / "wd" / ".fqjax.lock", os.O_RDWR)
+  holder = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys, time\n"
+                             f"fd = os.open({str(study / 'wd' / '.fqjax.lock')!r}, os.O_RDWR)\n"
+                             "fcntl.flock(fd, fcntl.LOCK_EX); os.ftruncate(fd, 0); os.pwrite(fd, b'pid 4242, started now', 0)\n"
+                             "print('held', flush=True); time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+  os.close(fd)
+  try:
+    assert holder.stdout.readline().strip() == "held"
+    proc = subprocess.run([sys.executable, *tool[:2], str(study / "wd"), *tool[2:]], capture_output=True, text=True,
+                          timeout=300, cwd=ROOT)
+    line = _one_line_error(proc, prefix)
+    assert "is in use by a running fqjax study (pid 4242, started now)" in line
+  finally:
+    holder.kill()
+    holder.wait()
+  del fcntl
