@@ -217,3 +217,53 @@ def test_the_read_only_clis_call_a_file_a_file_and_refuse_a_running_study(study,
     holder.kill()
     holder.wait()
   del fcntl
+
+
+@pytest.mark.parametrize("labels,message", [
+    ([0, 1, 10**9], "K would be 1000000001 and ids 2, 3, 4, 5, 6, 7, 8, 9, 10, 11 and 999999988 more"),
+    ([0, 1, 2**40], "K would be 1099511627777"),
+    ([0, 1, 2**31], "K would be 2147483649"),
+    ([0, 0, 0], "the labels hold 1 class (0); a classifier needs at least two"),
+])
+def test_huge_or_single_label_ids_are_refused_at_once(labels, message):
+  from fqjax.data import from_arrays
+  from fqjax.errors import InputError
+  x = np.random.default_rng(0).normal(size=(30, 4)).astype(np.float32)
+  t0 = time.perf_counter()
+  with pytest.raises(InputError) as err:
+    from_arrays(x, np.asarray(labels * 10, np.int64))
+  assert message in str(err.value) and time.perf_counter() - t0 < 2.0  # no np.arange(10^9)
+
+
+def test_huge_ids_never_wrap_to_small_ones():
+  """int64 ids are checked before any int32 cast: 2^40 stays its own class when remapped, and group 2^32 + 1 is
+  not group 1."""
+  from fqjax.data import from_arrays
+  from fqjax.data.options import default_data_config
+  from fqjax.errors import InputError
+  x = np.random.default_rng(0).normal(size=(30, 4)).astype(np.float32)
+  c = default_data_config()
+  c.remap_labels = True
+  splits = from_arrays(x, np.asarray([0, 1, 2**40] * 10, np.int64), config=c)
+  assert splits.info.class_names == ("0", "1", "1099511627776") and splits.info.num_classes == 3
+  with pytest.raises(InputError, match="groups must be ids 0..K-1 with every id used: K would be 4294967298"):
+    from_arrays(x, np.asarray([0, 1] * 15), np.asarray([0, 2**32 + 1] * 15, np.int64))
+
+
+def test_complex_inputs_are_refused():
+  from fqjax.data import from_arrays
+  from fqjax.errors import InputError
+  with pytest.raises(InputError, match="x has complex dtype complex64; fqjax needs real inputs"):
+    from_arrays(np.ones((30, 4), np.complex64), np.asarray([0, 1] * 15))
+
+
+@pytest.mark.parametrize("kind", ["device", "fifo"])
+def test_a_special_file_as_data_path_is_refused_without_hanging(tmp_path, kind):
+  path = "/dev/zero" if kind == "device" else str(tmp_path / "fifo")
+  if kind == "fifo":
+    os.mkfifo(path)
+  proc = subprocess.run([sys.executable, LAUNCH, "--config=" + os.path.join(ROOT, "experiments", "arrays.py"),
+                         f"--config.data.path={path}", f"--workdir={tmp_path / 'wd'}", "--no_progress"],
+                        capture_output=True, text=True, cwd=ROOT, timeout=120)
+  assert f"config.data.path='{path}' is not a regular file" in _one_line_error(proc)
+  assert not (tmp_path / "wd").exists()

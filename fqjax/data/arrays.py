@@ -37,6 +37,10 @@ def _check_x(x, name: str) -> np.ndarray:
   if x.dtype == object or not (np.issubdtype(x.dtype, np.number) or x.dtype == bool):
     raise InputError(f"{name} has dtype {x.dtype}; it must be numeric. Convert it with "
                      f"{name}.astype(np.float32).")
+  if np.issubdtype(x.dtype, np.complexfloating):
+    raise InputError(f"{name} has complex dtype {x.dtype}; fqjax needs real inputs (casting would drop the "
+                     f"imaginary part). Use np.abs({name}), or stack {name}.real and {name}.imag as features or "
+                     "channels.")
   if x.ndim == 3:
     raise InputError(f"{name} has shape {x.shape} (3 axes); images must be NHWC. Add the "
                      f"channel axis: {name}[..., None].")
@@ -62,17 +66,21 @@ def _check_ints(values, name: str, n: int, limit: Optional[int], limit_source: s
   if len(values) != n:
     raise InputError(f"{name} has {len(values)} entries but x has {n} rows; they must match.")
   if values.dtype == bool:
-    values = values.astype(np.int32)
+    values = values.astype(np.int64)
   if not np.issubdtype(values.dtype, np.integer):
     raise InputError(f"{name} has dtype {values.dtype}; it must hold integers. If the values "
                      f"are whole numbers, convert with {name}.astype(np.int64).")
   if values.min() < 0:
     raise InputError(f"{name} has negative values (min {values.min()}); ids must be "
                      f"0..K-1. Remap with np.unique({name}, return_inverse=True)[1].")
+  if values.max() > np.iinfo(np.int64).max:  # uint64 beyond int64: never cast it (it would wrap)
+    raise InputError(f"{name} has value {values.max()}, beyond int64; ids must be 0..K-1. Remap with "
+                     f"np.unique({name}, return_inverse=True)[1].")
   if limit is not None and values.max() >= limit:
     raise InputError(f"{name} has value {values.max()} but {limit_source} has only {limit} "
                      f"entries (ids 0..{limit - 1}); add names or remap the ids.")
-  return values.astype(np.int32)
+  # int64 until the ids are checked to be 0..K-1 (or remapped): an early int32 cast would wrap 2^32 + 1 to 1.
+  return values.astype(np.int64)
 
 
 def _names(names, name: str) -> Optional[Tuple[str, ...]]:
@@ -90,17 +98,32 @@ def _distinct(checked, column: int) -> np.ndarray:
 
 def _check_ids(checked, column: int, names, what: str, option: str) -> None:
   """Ids must be 0..K-1 with none unused, so every class (output unit) or group has examples."""
-  values = _distinct(checked, column)
+  values = _distinct(checked, column)  # sorted, distinct, in [0, count)
   count = len(names) if names else int(values.max()) + 1
-  unused = np.setdiff1d(np.arange(count), values)
-  if unused.size:
+  if values.size < count:  # some id unused; found from the gaps, never by listing 0..count-1 (count may be 10^9)
+    unused = _first_unused(values, 10)
     shown = ", ".join(str(v) for v in values[:20]) + (", ..." if values.size > 20 else "")
     key = "y" if what == "label" else "group"
+    more = count - values.size - len(unused)
     raise InputError(
         f"{key} holds {values.size} distinct {what}s ({shown}), but {what}s must be ids 0..K-1 with every id "
-        f"used: K would be {count} and ids {_few(unused)} have no example. Remap them with "
+        f"used: K would be {count} and ids {_few(unused)}{f' and {more} more' if more > 0 else ''} have no "
+        f"example. Remap them with "
         f"np.unique({key}, return_inverse=True)[1], or set config.data.{option}=True "
         f"(--config.data.{option}=True) to map the sorted distinct values to 0..K-1.")
+
+
+def _first_unused(values: np.ndarray, limit: int) -> list[int]:
+  """The first ``limit`` ids in 0..max(values) missing from the sorted distinct ``values``."""
+  out, expected = [], 0
+  for v in values.tolist():
+    while expected < v and len(out) < limit:
+      out.append(expected)
+      expected += 1
+    if len(out) >= limit:
+      break
+    expected = v + 1
+  return out
 
 
 def _remap_ids(checked, column: int, names):
@@ -205,6 +228,8 @@ def _read_npz(path: str) -> Dict[str, np.ndarray]:
                            "np.savez(path, x=..., y=..., group=...).")
   if os.path.isdir(path):
     raise InputError(f"config.data.path={path!r} is a folder; give the path of an .npz file.")
+  if not os.path.isfile(path):  # a device, FIFO or socket: reading it could block forever
+    raise InputError(f"config.data.path={path!r} is not a regular file; give the path of an .npz file.")
   recovery = "Write it again with np.savez(path, x=..., y=..., group=...) (no object arrays)."
   if not zipfile.is_zipfile(path):
     with open(path, "rb") as f:

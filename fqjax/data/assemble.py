@@ -119,6 +119,9 @@ def assemble(*, name: str, pools: Mapping[str, Pool], cfg, scale: float,
       splits["train"], cfg.get("imbalance"), group_names, seed=cfg.seed + 1)
   splits["train"] = train
   check_split_sizes(splits, class_names, group_names)
+  if num_classes < 2:
+    raise InputError(f"{name}: the labels hold {num_classes} class ({', '.join(map(str, class_names))}); a "
+                     "classifier needs at least two. Check the label array (or config.data's label attribute).")
   shape = splits["train"].x.shape[1:]
   check_memory(sum(len(s) for s in splits.values()), shape, cfg.get("max_gib", 8.0), name)
   splits, norm_meta = normalize_splits(splits, cfg.normalize, scale)
