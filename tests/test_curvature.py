@@ -231,7 +231,7 @@ def test_group_gradient_norms_equal_a_per_group_loop(quantized, batch_size):
 def test_group_plan_is_homogeneous_and_covers_every_sample_once():
   group = np.random.default_rng(0).permutation(np.repeat(np.arange(4), [300, 41, 7, 1]))
   counts = np.bincount(group)
-  plan = curvature._group_plan(group, counts, 256)
+  plan = curvature.group_batch_plan(group, counts, 256)
   # 300 = 256 + 32 + 8 + 4 (+4 padding); 41 = 32 + 8 + 1 (+7); 7 (+1); 1 (+7)
   assert [[len(i) for i, _ in batches] for batches in plan] == [[256, 32, 8, 8], [32, 8, 8], [8], [8]]
   seen = np.concatenate([i[w > 0] for batches in plan for i, w in batches])

@@ -18,7 +18,7 @@ from PIL import Image
 from fqjax.analysis import claims
 from fqjax import report
 from fqjax.outputs import results
-from fqjax.analysis.tables import dig as _dig
+from fqjax.analysis.tables import dig
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SECTIONS = ("Full-precision training", "PTQ sweep", "Explain: forward chain", "Explain: curvature",
@@ -80,10 +80,10 @@ def workdirs(tiny_study, tmp_path_factory):
   early = {k: v for k, v in res.items() if k not in ("explain", "mitigate", "claims")}
   early["claims"] = claims.check_claims(early)
   early["timings"] = {k: v for k, v in res["timings"].items() if k in ("data", "train", "ptq")}
-  results.write_json(os.path.join(partial, "results.json"), early)
+  results.write_results_file(os.path.join(partial, "results.json"), early)
   res["explain"] = fake_explain(res)
   os.makedirs(explained)
-  results.write_json(os.path.join(explained, "results.json"), res)
+  results.write_results_file(os.path.join(explained, "results.json"), res)
   return {"full": full, "partial": partial, "explained": explained, "results": res}
 
 
@@ -184,7 +184,7 @@ def test_report_reads_the_stored_summaries(workdirs, tmp_path):
   ptq_section = md.split("## PTQ sweep")[1].split("## Explain")[0]
   row = next(line for line in ptq_section.splitlines() if line.startswith("| 4 | "))
   assert "| 0.123 ± 0.046 |" in row and "| [0.011, 0.022] |" in row
-  label = report._Ctx(res, "").group_label(0)
+  label = report.Ctx(res, "").group_label(0)
   group_row = next(line for line in ptq_section.splitlines() if line.startswith(f"| {label} |"))
   assert group_row.split("|")[4].strip() == "empty"  # columns 32 (FP), 8, 4, 2: no data stored at 4 bits
   ablation = md.split("## Mitigation ablation")[1].split("## Claims")[0]
@@ -199,7 +199,7 @@ def test_report_numbers_come_from_results(workdirs):
   md = open(report.write_report(wd)["markdown"]).read()
   for b in res["ptq"]["bit_widths"]:  # PTQ summary table: mean ± std over seeds as the runner summarized them
     s = res["ptq"]["summary"][str(b)]
-    row = next(line for line in md.splitlines() if line.startswith(f"| {report._bits_label(b)} | "))
+    row = next(line for line in md.splitlines() if line.startswith(f"| {report.bits_label(b)} | "))
     for key in ("accuracy", "worst_group_accuracy", "fairness_violation"):
       assert f"{s[key]['mean']:.3f} ± {s[key]['std']:.3f}" in row, (b, key, row)
   # Ablation: the bold fairness-violation cell is the method that mitigate.summarize found best.
@@ -255,7 +255,7 @@ def test_ablation_names_used_bits_and_unequal_steps(workdirs, tmp_path):
   assert any(line.startswith("| 4 | qat (5b) |") for line in ablation.splitlines())
   common = m["summary"]["lsq_qat"]["4"]["steps"]["mean"]
   assert f"most ran {common:.0f}, but `fairqat` 8 at 4 bits." in ablation
-  w = _dig(m, "summary", "qat_equal_size", "4", "w_bits")  # the tiny study's own, where it runs the method
+  w = dig(m, "summary", "qat_equal_size", "4", "w_bits")  # the tiny study's own, where it runs the method
   if isinstance(w, int) and w != 4:
     assert f"| 4 | qat_equal_size ({w}b) |" in ablation
   for method in set(m["methods"]) - {"qat", "qat_equal_size"}:  # bits as the target or mixed: the name alone
@@ -263,11 +263,11 @@ def test_ablation_names_used_bits_and_unequal_steps(workdirs, tmp_path):
 
 
 def test_mitigate_pareto_figure(workdirs, tmp_path):
-  from fqjax.report.figures import _save_png, figure_mitigate_pareto, pareto_front
+  from fqjax.report.figures import save_png, figure_mitigate_pareto, pareto_front
   assert pareto_front([1, 2, 2, 3, 4, float("nan")], [0.5, 0.4, 0.7, 0.6, 0.9, 1.0]) == [0, 2, 4]
   assert pareto_front([1, 2, 3], [0.3, 0.2, 0.25], maximize=False) == [0, 1]
   res = json.loads(json.dumps(workdirs["results"]))
-  ctx = report._Ctx(res, workdirs["explained"])
+  ctx = report.Ctx(res, workdirs["explained"])
   assert figure_mitigate_pareto(ctx, None) is None
   methods = res["mitigate"]["methods"]
   fig = figure_mitigate_pareto(ctx, res["mitigate"]["summary"])
@@ -280,7 +280,7 @@ def test_mitigate_pareto_figure(workdirs, tmp_path):
   res["mitigate"]["summary"]["qat"]["4"]["w_bits"] = 32
   fig = figure_mitigate_pareto(ctx, res["mitigate"]["summary"])
   assert fig.axes[0].get_xscale() == "log" and "4→32b" in [t.get_text() for t in fig.axes[0].texts]
-  _save_png(fig, str(tmp_path / "pareto.png"))
+  save_png(fig, str(tmp_path / "pareto.png"))
   _check_png(str(tmp_path / "pareto.png"))
 
 
@@ -288,7 +288,7 @@ def test_minority_groups_are_dashed(workdirs):
   res = workdirs["results"]
   minority = claims.minority_mask(res)
   assert minority is not None and minority.any() and not minority.all()
-  fig = report.figure_ptq_group_accuracy(report._Ctx(res, workdirs["explained"]))
+  fig = report.figure_ptq_group_accuracy(report.Ctx(res, workdirs["explained"]))
   lines = fig.axes[0].get_lines()
   assert len(lines) == res["dataset"]["num_groups"]
   for g, line in enumerate(lines):
@@ -296,7 +296,7 @@ def test_minority_groups_are_dashed(workdirs):
     assert ("minority" in line.get_label()) == bool(minority[g])
     mean_acc = np.mean([res["ptq"]["per_seed"][str(s)]["2"]["groups"]["accuracy"][g] for s in res["seeds"]])
     assert line.get_ydata()[-1] == pytest.approx(mean_acc)  # last point: 2 bits, mean over seeds
-  fig = report.figure_explain_curvature(report._Ctx(res, workdirs["explained"]))
+  fig = report.figure_explain_curvature(report.Ctx(res, workdirs["explained"]))
   assert all(ax.get_xscale() == "log" and ax.get_yscale() == "log" for ax in fig.axes)
 
 
@@ -306,7 +306,7 @@ def test_minority_sentence_and_curvature_shading_follow_the_rule(workdirs):
   res["dataset"]["counts"]["train"] = [100, 60, 45, 20]  # median 52.5, threshold 26.25: only 20 (45 < median)
   res["dataset"]["num_groups"], res["dataset"]["group_names"] = 4, ["a", "b", "c", "d"]
   res["explain"] = fake_explain(res)
-  ctx = report._Ctx(res, workdirs["explained"])
+  ctx = report.Ctx(res, workdirs["explained"])
   assert ctx.minority.tolist() == [False, False, False, True] and ctx.minority_threshold == 26.25
   from fqjax.report.sections import _minority_sentence
   assert _minority_sentence(ctx) == "Minority: train count below half the median group size (below 26.25 here)."
@@ -317,9 +317,9 @@ def test_minority_sentence_and_curvature_shading_follow_the_rule(workdirs):
     assert box.x1 == pytest.approx(26.25) and box.x0 < 20
     assert "half the median" in band.get_label()
   even = {**res, "dataset": {**res["dataset"], "counts": {"train": [50, 40, 45, 30]}}}  # 30 < median 42.5, not < half
-  assert "none here: no group is below 21.25" in _minority_sentence(report._Ctx(even, ""))
-  assert report.figure_explain_curvature(report._Ctx(even, "")) is not None
-  assert not [p for ax in report.figure_explain_curvature(report._Ctx(even, "")).axes for p in ax.patches]
+  assert "none here: no group is below 21.25" in _minority_sentence(report.Ctx(even, ""))
+  assert report.figure_explain_curvature(report.Ctx(even, "")) is not None
+  assert not [p for ax in report.figure_explain_curvature(report.Ctx(even, "")).axes for p in ax.patches]
 
 
 def test_partial_workdir_says_what_is_missing(workdirs):

@@ -77,7 +77,7 @@ def _bits(model, x, w_bits, a_bits=None):
 
 def _deq(model, variables, x, bits_tree):
   """curvature's jitted dequantized params (eager ``dequantized_params`` is slow; tested in test_curvature)."""
-  return curvature._theta(model, variables, x, bits_tree, "error")[0]
+  return curvature.derivative_point(model, variables, x, bits_tree, "error")[0]
 
 
 @functools.lru_cache(maxsize=None)

@@ -31,7 +31,7 @@ from jax.flatten_util import ravel_pytree
 from fqjax.quantization import layers, quant
 from fqjax.data.pipeline import padded_batches
 from fqjax.explain import lanczos
-from fqjax.explain.hvp import _per_sample_loss, _weighted_hvp, group_hvp  # noqa: F401 (re-exported)
+from fqjax.explain.hvp import group_hvp, model_per_sample_loss, weighted_hvp
 
 ACTIVATION_MODES = ("error", "ignore")
 
@@ -103,7 +103,7 @@ def dequantized_params(model: nn.Module, variables: Mapping, bits_tree: Mapping,
 # Per-group gradient norms: group-homogeneous batches, each sample once
 # ----------------------------------------------------------------------------
 
-def _check_data(x, y, group, num_groups: int) -> np.ndarray:
+def check_group_data(x, y, group, num_groups: int) -> np.ndarray:
   """Validates shapes and groups; returns counts [G] (ValueError on an empty group)."""
   if not isinstance(num_groups, (int, np.integer)) or num_groups < 1:
     raise ValueError(f"num_groups must be an int >= 1, got {num_groups!r}.")
@@ -121,7 +121,7 @@ def _check_data(x, y, group, num_groups: int) -> np.ndarray:
   return counts
 
 
-def _group_plan(group: np.ndarray, counts: np.ndarray, batch_size: int) -> list:
+def group_batch_plan(group: np.ndarray, counts: np.ndarray, batch_size: int) -> list:
   """Group-homogeneous batches: full batches of b, then the remainder in binary pieces.
 
   Sizes are b and the powers of two below it down to 8 (b = 256: 256, 128, ..., 8). Each
@@ -153,7 +153,7 @@ def _grad_step(model: nn.Module):
   of sum_i w_i l_i over rows idx; ``acc`` = (params-shaped pytree, [] loss) is donated."""
 
   def step(acc, params, batch_stats, x, y, idx, w):
-    loss_fn = lambda p: jnp.sum(w * _per_sample_loss(model, p, batch_stats, x[idx], y[idx]))
+    loss_fn = lambda p: jnp.sum(w * model_per_sample_loss(model, p, batch_stats, x[idx], y[idx]))
     loss, grads = jax.value_and_grad(loss_fn)(params)
     return jax.tree_util.tree_map(jnp.add, acc, (grads, loss))
 
@@ -177,7 +177,7 @@ def group_gradient_norms(model: nn.Module, variables: Mapping, x, y, group, num_
                          activations: str = "error") -> dict:
   """||grad L_g|| for every group g, with every sample's forward and backward pass done once.
 
-  The data are cut into group-homogeneous batches (``_group_plan``: b, then powers of two
+  The data are cut into group-homogeneous batches (``group_batch_plan``: b, then powers of two
   down to 8); one compiled step (per batch size, so at most log2(b / 8) + 2 compilations
   for all groups and all bit-widths) adds a batch's gradient of sum_i w_i l_i, with
   w_i = 1/n_g, to its group's accumulator; after a group's batches its per-leaf squared
@@ -197,13 +197,13 @@ def group_gradient_norms(model: nn.Module, variables: Mapping, x, y, group, num_
      "counts": [G] int, "loss": [G] mean cross-entropy per group}.
   Raises ValueError on bad shapes, group ids outside [0, G), empty groups or bad options.
   """
-  counts = _check_data(x, y, group, num_groups)
-  lanczos._check_positive("batch_size", batch_size)
-  params, batch_stats = _theta(model, variables, x, bits_tree, activations)
+  counts = check_group_data(x, y, group, num_groups)
+  lanczos.check_positive("batch_size", batch_size)
+  params, batch_stats = derivative_point(model, variables, x, bits_tree, activations)
   step = _grad_step(model)
   xd, yd = jnp.asarray(x), jnp.asarray(y, jnp.int32)
   results = []
-  for batches in _group_plan(np.asarray(group), counts, batch_size):
+  for batches in group_batch_plan(np.asarray(group), counts, batch_size):
     acc = _zeros_acc(params)
     for idx, w in batches:
       acc = step(acc, params, batch_stats, xd, yd, idx, w)
@@ -230,7 +230,7 @@ def _sample_norm_step(model: nn.Module):
 
   def step(acc, params, batch_stats, x, y, group, idx, mask):
     def loss(p, xi, yi):  # one sample: BatchNorm in inference mode, so rows are independent
-      return _per_sample_loss(model, p, batch_stats, xi[None], yi[None])[0]
+      return model_per_sample_loss(model, p, batch_stats, xi[None], yi[None])[0]
     grads = jax.vmap(jax.grad(loss), in_axes=(None, 0, 0))(params, x[idx], y[idx])  # leaves [B, ...]
     sq = sum(jnp.sum(jnp.square(g).reshape(len(idx), -1), axis=1) for g in jax.tree_util.tree_leaves(grads))
     norms = jnp.sqrt(sq).astype(acc.dtype) * mask  # [B]; padding rows weigh 0
@@ -265,9 +265,9 @@ def group_mean_sample_gradient_norms(model: nn.Module, variables: Mapping, x, y,
   Returns (host NumPy): {"mean_norms": [G] float64, "counts": [G] int}.
   Raises ValueError on bad shapes, group ids outside [0, G), empty groups or bad options.
   """
-  counts = _check_data(x, y, group, num_groups)
-  lanczos._check_positive("batch_size", batch_size)
-  params, batch_stats = _theta(model, variables, x, bits_tree, activations)
+  counts = check_group_data(x, y, group, num_groups)
+  lanczos.check_positive("batch_size", batch_size)
+  params, batch_stats = derivative_point(model, variables, x, bits_tree, activations)
   num_params = sum(int(np.prod(np.shape(a))) for a in jax.tree_util.tree_leaves(params))
   b = max(1, min(batch_size, _MAX_GRAD_FLOATS // max(num_params, 1)))
   dtype = jnp.result_type(*jax.tree_util.tree_leaves(params))  # float64 params accumulate in float64
@@ -285,7 +285,7 @@ def group_mean_sample_gradient_norms(model: nn.Module, variables: Mapping, x, y,
 # Hessian-vector products and per-group curvature
 # ----------------------------------------------------------------------------
 
-def _theta(model, variables, x, bits_tree, activations):
+def derivative_point(model, variables, x, bits_tree, activations):
   """(params, batch_stats): full precision, or the dequantized params at ``bits_tree``."""
   check_weight_only(bits_tree, activations)
   variables = _fp_variables(variables)
@@ -303,7 +303,7 @@ def quantized_params(model: nn.Module, variables: Mapping, bits_tree: Mapping, x
   any clone of the model that differs only in its weight rule (at full precision they compute the same
   function), so the compiled gradient / HVP programs are shared across PTQ variants.
   """
-  return _theta(model, variables, x, bits_tree, "ignore")[0]
+  return derivative_point(model, variables, x, bits_tree, "ignore")[0]
 
 
 @functools.lru_cache(maxsize=16)
@@ -326,9 +326,9 @@ def make_hvp(model: nn.Module, variables: Mapping, x, y, *, bits_tree: Optional[
   n = np.shape(x)[0] if np.ndim(x) else 0
   if n == 0 or np.shape(y) != (n,):
     raise ValueError(f"make_hvp needs x [N >= 1, ...] and y [N]; got {np.shape(x)} and {np.shape(y)}.")
-  lanczos._check_positive("batch_size", batch_size)
-  params, batch_stats = _theta(model, variables, x, bits_tree, activations)
-  hvp = _weighted_hvp(model, params, batch_stats, np.asarray(x), np.asarray(y), np.full(n, 1.0 / n),
+  lanczos.check_positive("batch_size", batch_size)
+  params, batch_stats = derivative_point(model, variables, x, bits_tree, activations)
+  hvp = weighted_hvp(model, params, batch_stats, np.asarray(x), np.asarray(y), np.full(n, 1.0 / n),
                       min(batch_size, n))
   return hvp, ravel_pytree(params)[0]
 
@@ -352,12 +352,12 @@ def group_top_eigenvalues(model: nn.Module, variables: Mapping, x, y, group, num
     "num_hvps": [G], "converged": [G] bool, "counts": [G], "grad_norm": [G] float64,
     "loss": [G] float64, and with trace_probes: "trace": [G], "trace_std": [G] (standard errors)}.
   """
-  counts = _check_data(x, y, group, num_groups)
-  lanczos._check_positive("k", k)
-  lanczos._check_positive("batch_size", batch_size)
+  counts = check_group_data(x, y, group, num_groups)
+  lanczos.check_positive("k", k)
+  lanczos.check_positive("batch_size", batch_size)
   if not isinstance(trace_probes, (int, np.integer)) or trace_probes < 0:
     raise ValueError(f"trace_probes must be an int >= 0, got {trace_probes!r}.")
-  params, batch_stats = _theta(model, variables, x, bits_tree, activations)
+  params, batch_stats = derivative_point(model, variables, x, bits_tree, activations)
   flat = ravel_pytree(params)[0]
   x, y, group = np.asarray(x), np.asarray(y), np.asarray(group)
   hvps = []

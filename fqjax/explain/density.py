@@ -30,7 +30,7 @@ import flax.linen as nn
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
-from fqjax.explain import curvature, lanczos
+from fqjax.explain import curvature, hvp, lanczos
 
 SIGMA_FRACTION = 0.01  # default sigma / (max - min node)
 
@@ -64,8 +64,8 @@ def slq_nodes_many(matvecs, dim_or_params, *, num_iters: int = 30, num_starts: i
   """``slq_nodes`` of each operator in ``matvecs`` (same P and starts), all runs in lock step (one host
   sync per Lanczos round for every operator and start). Returns one dict per operator, in order."""
   dim, _ = lanczos._dim_dtype(dim_or_params)
-  lanczos._check_positive("num_iters", num_iters)
-  lanczos._check_positive("num_starts", num_starts)
+  lanczos.check_positive("num_iters", num_iters)
+  lanczos.check_positive("num_starts", num_starts)
   m = min(num_iters, dim)
   tris = lanczos.lanczos_tridiagonal_many([(mv, seed + r) for mv in matvecs for r in range(num_starts)],
                                           dim_or_params, num_iters)
@@ -113,7 +113,7 @@ def default_grid(nodes, num: int = 200, pad: float = 0.1) -> tuple[np.ndarray, f
   distinct node) takes spread = 1e-3 max(|node|) (or 1 for a zero node), so the grid and
   sigma stay positive.
   """
-  lanczos._check_positive("num", num)
+  lanczos.check_positive("num", num)
   if num < 2 or not (np.isfinite(pad) and pad >= 0):
     raise ValueError(f"default_grid needs num >= 2 and pad >= 0, got num={num!r}, pad={pad!r}.")
   real = np.asarray(nodes, np.float64)
@@ -150,18 +150,18 @@ def group_densities(model: nn.Module, variables: Mapping, x, y, group, num_group
     "num_hvps": [G] int, "counts": [G] int}. G * R * m products in all.
   Raises ValueError on bad shapes, group ids outside [0, G), empty groups or bad options.
   """
-  counts = curvature._check_data(x, y, group, num_groups)
+  counts = curvature.check_group_data(x, y, group, num_groups)
   for name, value in (("batch_size", batch_size), ("num_iters", num_iters), ("num_starts", num_starts)):
-    lanczos._check_positive(name, value)
+    lanczos.check_positive(name, value)
   if not isinstance(num_grid, (int, np.integer)) or num_grid < 2:
     raise ValueError(f"num_grid must be an int >= 2, got {num_grid!r}.")
-  params, batch_stats = curvature._theta(model, variables, x, bits_tree, activations)
+  params, batch_stats = curvature.derivative_point(model, variables, x, bits_tree, activations)
   flat = ravel_pytree(params)[0]
   x, y, group = np.asarray(x), np.asarray(y), np.asarray(group)
   hvps = []
   for g in range(num_groups):
     rows = np.flatnonzero(group == g)
-    hvps.append(curvature.group_hvp(model, params, batch_stats, x[rows], y[rows], batch_size))
+    hvps.append(hvp.group_hvp(model, params, batch_stats, x[rows], y[rows], batch_size))
   runs = slq_nodes_many(hvps, flat, num_iters=num_iters, num_starts=num_starts, seed=seed)
   grid, sigma = default_grid(np.concatenate([r["nodes"].ravel() for r in runs]), num_grid)
   return {"grid": grid.tolist(), "sigma": float(sigma),

@@ -20,7 +20,7 @@ from jax.flatten_util import ravel_pytree
 from fqjax.data.pipeline import padded_batches
 
 
-def _per_sample_loss(model, params, batch_stats, x, y):
+def model_per_sample_loss(model, params, batch_stats, x, y):
   """l_i: [b] cross-entropy of the model in inference mode on x [b, ...], y [b]."""
   logits = model.apply({"params": params, "batch_stats": batch_stats}, x, train=False)
   return optax.softmax_cross_entropy_with_integer_labels(
@@ -37,7 +37,7 @@ def _hvp_program(model: nn.Module):
 
   def hvp(params, batch_stats, v, x, y, w):
     _, unravel = ravel_pytree(params)
-    grad = jax.grad(lambda p: jnp.sum(w * _per_sample_loss(model, p, batch_stats, x, y)))
+    grad = jax.grad(lambda p: jnp.sum(w * model_per_sample_loss(model, p, batch_stats, x, y)))
     return ravel_pytree(jax.jvp(grad, (params,), (unravel(v),))[1])[0]
 
   return jax.jit(hvp)
@@ -49,7 +49,7 @@ def _grad_program(model: nn.Module):
 
   def grad(params, batch_stats, x, y, w):
     flat, _ = ravel_pytree(params)
-    value, g = jax.value_and_grad(lambda p: jnp.sum(w * _per_sample_loss(model, p, batch_stats, x, y)))(params)
+    value, g = jax.value_and_grad(lambda p: jnp.sum(w * model_per_sample_loss(model, p, batch_stats, x, y)))(params)
     return ravel_pytree(g)[0], value.astype(flat.dtype)
 
   return jax.jit(grad)
@@ -79,7 +79,7 @@ class BatchedHvp:
     return grad, value
 
 
-def _weighted_hvp(model: nn.Module, params, batch_stats, x: np.ndarray, y: np.ndarray, w: np.ndarray,
+def weighted_hvp(model: nn.Module, params, batch_stats, x: np.ndarray, y: np.ndarray, w: np.ndarray,
                   b: int) -> BatchedHvp:
   """H v of sum_i w_i l_i over x [n, ...], y [n], w [n], in batches of b rows (padding weight 0)."""
   dtype = np.dtype(jnp.result_type(*jax.tree_util.tree_leaves(params)))  # float64 params: float64 weights
@@ -99,4 +99,4 @@ def group_hvp(model: nn.Module, params, batch_stats, x: np.ndarray, y: np.ndarra
   of curvature, density and theory compile a few programs."""
   n = len(x)
   b = min(batch_size, max(8, 1 << int(np.ceil(np.log2(n)))))
-  return _weighted_hvp(model, params, batch_stats, x, y, np.full(n, 1.0 / n), b)
+  return weighted_hvp(model, params, batch_stats, x, y, np.full(n, 1.0 / n), b)

@@ -49,7 +49,7 @@ def _dim_dtype(dim_or_params: Union[int, Any]) -> tuple[int, Any]:
   return dim, dtype
 
 
-def _check_positive(name: str, value, integer: bool = True) -> None:
+def check_positive(name: str, value, integer: bool = True) -> None:
   ok = (isinstance(value, (int, np.integer)) and not isinstance(value, bool)) if integer else \
       isinstance(value, (int, float, np.number))
   if not ok or not value > 0:
@@ -138,9 +138,9 @@ def _lock_step(runs: list, dim: int, on_step: Callable[[_Krylov, float, float], 
 
 
 def _check_top_options(dim: int, k, max_iters, tol, which: str, stop: str) -> None:
-  _check_positive("k", k)
-  _check_positive("max_iters", max_iters)
-  _check_positive("tol", tol, integer=False)
+  check_positive("k", k)
+  check_positive("max_iters", max_iters)
+  check_positive("tol", tol, integer=False)
   if k > dim:
     raise ValueError(f"k={k} eigenvalues requested but the operator has dimension {dim}.")
   if which not in WHICH:
@@ -257,7 +257,7 @@ def lanczos_tridiagonal(matvec: Matvec, dim_or_params, num_iters: int, seed: int
 def lanczos_tridiagonal_many(runs: Sequence[tuple], dim_or_params, num_iters: int) -> list:
   """``lanczos_tridiagonal`` of each (matvec, seed) in ``runs``, in lock step (one host sync per round)."""
   dim, dtype = _dim_dtype(dim_or_params)
-  _check_positive("num_iters", num_iters)
+  check_positive("num_iters", num_iters)
   m = min(num_iters, dim)
   krylov = [_Krylov(mv, dim, dtype, seed, m + 1) for mv, seed in runs]
   eps, tiny = float(jnp.finfo(dtype).eps), np.finfo(np.float64).tiny
@@ -284,8 +284,8 @@ def power_iteration(matvec: Matvec, dim_or_params, *, tol: float = 1e-3, max_ite
   One host sync per product, as in PyHessian.
   """
   dim, dtype = _dim_dtype(dim_or_params)
-  _check_positive("max_iters", max_iters)
-  _check_positive("tol", tol, integer=False)
+  check_positive("max_iters", max_iters)
+  check_positive("tol", tol, integer=False)
   v = _start_vector(seed, dim, dtype)
   history: list[float] = []
   converged = False
@@ -314,7 +314,7 @@ def hutchinson_trace(matvec: Matvec, dim_or_params, *, num_probes: int = 100, se
   The probes stay on device; one host transfer at the end.
   """
   dim, dtype = _dim_dtype(dim_or_params)
-  _check_positive("num_probes", num_probes)
+  check_positive("num_probes", num_probes)
   key = jax.random.PRNGKey(seed)
   values = []
   for i in range(num_probes):

@@ -33,7 +33,8 @@ from jax.flatten_util import ravel_pytree
 
 from fqjax.data.pipeline import padded_batches
 from fqjax.explain import lanczos
-from fqjax.explain.curvature import _check_data, _per_sample_loss, _theta, group_hvp
+from fqjax.explain.curvature import check_group_data, derivative_point
+from fqjax.explain.hvp import group_hvp, model_per_sample_loss
 from fqjax.analysis.metrics import group_mean, pearson, spearman
 
 
@@ -46,8 +47,8 @@ def _reduce_terms(grad, hd, d):
 def _group_terms(model: nn.Module, params, params_q, batch_stats, x, y, group, num_groups: int,
                  batch_size: int) -> dict:
   """``second_order_terms`` at given theta (params) and theta + d (params_q) pytrees."""
-  counts = _check_data(x, y, group, num_groups)
-  lanczos._check_positive("batch_size", batch_size)
+  counts = check_group_data(x, y, group, num_groups)
+  lanczos.check_positive("batch_size", batch_size)
   flat = ravel_pytree(params)[0]
   d = ravel_pytree(params_q)[0] - flat
   x, y, group = np.asarray(x), np.asarray(y), np.asarray(group)
@@ -89,10 +90,10 @@ def second_order_terms(model: nn.Module, variables: Mapping, bits_tree: Optional
     g_a . d + d . H_a d / 2, "grad_norm" ||g_a||, "counts" [G] int; "d_norm" ||d|| (float).
   Raises ValueError on bad shapes, group ids outside [0, G), empty groups or batch_size < 1.
   """
-  _check_data(x, y, group, num_groups)
-  params, batch_stats = _theta(model, variables, x, None, "ignore")
+  check_group_data(x, y, group, num_groups)
+  params, batch_stats = derivative_point(model, variables, x, None, "ignore")
   if params_q is None:
-    params_q, _ = _theta(model, variables, x, bits_tree, "ignore")
+    params_q, _ = derivative_point(model, variables, x, bits_tree, "ignore")
   return _group_terms(model, params, params_q, batch_stats, x, y, group, num_groups, batch_size)
 
 
@@ -101,7 +102,7 @@ def _loss_program(model: nn.Module):
   """jitted (params, params_q, batch_stats, x [N, ...], y [N], idx [b]) -> [2, b] per-sample losses."""
 
   def losses(params, params_q, batch_stats, x, y, idx):
-    return jnp.stack([_per_sample_loss(model, p, batch_stats, x[idx], y[idx]) for p in (params, params_q)])
+    return jnp.stack([model_per_sample_loss(model, p, batch_stats, x[idx], y[idx]) for p in (params, params_q)])
 
   return jax.jit(losses)
 
@@ -116,11 +117,11 @@ def excess_loss(model: nn.Module, variables: Mapping, bits_tree: Optional[Mappin
   Args: as ``second_order_terms``.
   Returns (host NumPy): "loss_fp", "loss_quantized", "excess_loss" [G] float64, "counts" [G] int.
   """
-  counts = _check_data(x, y, group, num_groups)
-  lanczos._check_positive("batch_size", batch_size)
-  params, batch_stats = _theta(model, variables, x, None, "ignore")
+  counts = check_group_data(x, y, group, num_groups)
+  lanczos.check_positive("batch_size", batch_size)
+  params, batch_stats = derivative_point(model, variables, x, None, "ignore")
   if params_q is None:
-    params_q, _ = _theta(model, variables, x, bits_tree, "ignore")
+    params_q, _ = derivative_point(model, variables, x, bits_tree, "ignore")
   program = _loss_program(model)
   xd, yd = jnp.asarray(x), jnp.asarray(y, jnp.int32)
   chunks = [program(params, params_q, batch_stats, xd, yd, jnp.asarray(idx, jnp.int32))[:, :real]

@@ -12,7 +12,7 @@ from typing import Callable, Iterable, Mapping, NamedTuple, Optional, Sequence
 import jax.numpy as jnp
 from flax import traverse_util
 
-from fqjax.quantization.quant import Array, _normalize_axis, tensor_range
+from fqjax.quantization.quant import Array, normalize_axis, tensor_range
 
 
 class RangeState(NamedTuple):
@@ -57,7 +57,7 @@ def percentile_range(x: Array, lower: float = 0.01, upper: float = 99.99,
   if not 0.0 <= lower < upper <= 100.0:
     raise ValueError(f"need 0 <= lower < upper <= 100, got lower={lower!r}, upper={upper!r}.")
   x = jnp.asarray(x, jnp.float32)
-  axis = _normalize_axis(axis, x.ndim)
+  axis = normalize_axis(axis, x.ndim)
   if axis is None:
     flat = x.reshape(-1)
     lo, hi = jnp.percentile(flat, lower), jnp.percentile(flat, upper)

@@ -42,9 +42,9 @@ _RUNNING_PLAIN = contextvars.ContextVar("fqjax_intercept_running_plain", default
 def _quantized_call(tap: nn.Module, x, *args, **kwargs):
   """What both taps do: quantize input and kernel as an fqjax layer does, then run the plain layer's code."""
   params = dict(tap.variables.get("params", {}))
-  w_bits, a_bits = layers._read_bits(tap)  # noqa: SLF001 (same package: the fqjax layers' own helpers)
-  x = layers._quantize_input(tap, x, a_bits)  # noqa: SLF001
-  params["kernel"] = layers._quantize_kernel(tap, params["kernel"], w_bits)  # noqa: SLF001
+  w_bits, a_bits = layers.read_bits(tap)
+  x = layers.quantize_module_input(tap, x, a_bits)
+  params["kernel"] = layers.quantize_module_kernel(tap, params["kernel"], w_bits)
   params.pop("w_scale", None)  # LSQ's step size belongs to the quantizer, not to the plain layer
   token = _RUNNING_PLAIN.set(True)
   try:  # the plain layer's own code, a pure function of its params, on the quantized kernel

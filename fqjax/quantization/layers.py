@@ -124,7 +124,7 @@ def configured(model: nn.Module, **options: Any) -> nn.Module:
 # Reading bits and quantizing inputs and weights inside a layer
 # ----------------------------------------------------------------------------
 
-def _read_bits(module: nn.Module) -> tuple[Optional[jax.Array], Optional[jax.Array]]:
+def read_bits(module: nn.Module) -> tuple[Optional[jax.Array], Optional[jax.Array]]:
   """(w_bits, a_bits) from the "bits" collection, or (None, None) when absent."""
   w = module.get_variable(BITS, "w") if module.has_variable(BITS, "w") else None
   a = module.get_variable(BITS, "a") if module.has_variable(BITS, "a") else None
@@ -150,7 +150,7 @@ def quantize_input(x: jax.Array, a_bits, ste: str, lo: Optional[jax.Array] = Non
   return quant.fake_quant(x, a_bits, symmetric=False, scale=scale, zero_point=zp, ste=ste)
 
 
-def _quantize_input(module: nn.Module, x: jax.Array, a_bits) -> jax.Array:
+def quantize_module_input(module: nn.Module, x: jax.Array, a_bits) -> jax.Array:
   """``quantize_input`` of a Linen layer's input, on its calibrated "quant_stats" range when there is one."""
   _sow(module, ACT_INPUTS, "x", x)
   if a_bits is None:
@@ -161,7 +161,7 @@ def _quantize_input(module: nn.Module, x: jax.Array, a_bits) -> jax.Array:
   return quantize_input(x, a_bits, module.quant.ste)
 
 
-def _quantize_kernel(module: nn.Module, kernel: jax.Array, w_bits) -> jax.Array:
+def quantize_module_kernel(module: nn.Module, kernel: jax.Array, w_bits) -> jax.Array:
   """The kernel the layer multiplies by: ``quantize_weights`` at ``w_bits`` (None: unchanged), sown."""
   rule: QuantRule = module.quant
   w_scale = None
@@ -174,7 +174,7 @@ def _quantize_kernel(module: nn.Module, kernel: jax.Array, w_bits) -> jax.Array:
   return kernel
 
 
-def _compute_cast(dtype, x: jax.Array, kernel: jax.Array):
+def compute_cast(dtype, x: jax.Array, kernel: jax.Array):
   """Casts the matmul/conv operands to the compute dtype, after quantization (done in float32)."""
   if dtype is None:
     return x, kernel
@@ -189,7 +189,7 @@ def _conv_padding(padding: Padding, ndim: int):
   return [tuple(p) for p in padding]
 
 
-def _conv(x, kernel, strides, padding):
+def conv_general(x, kernel, strides, padding):
   ndim = kernel.ndim - 2
   strides = (strides,) * ndim if isinstance(strides, int) else tuple(strides)
   dn = jax.lax.conv_dimension_numbers(x.shape, kernel.shape, ("NHWC", "HWIO", "NHWC"))
@@ -205,9 +205,9 @@ def _quantized_operands(module: nn.Module, x: jax.Array, kernel_shape) -> tuple[
   """The (input, kernel) a QuantDense / QuantConv multiplies: both quantized at the layer's bits
   (in float32), then cast to its compute dtype."""
   kernel = module.param("kernel", module.kernel_init, kernel_shape, jnp.float32)
-  w_bits, a_bits = _read_bits(module)
-  x = _quantize_input(module, x, a_bits)
-  return _compute_cast(module.dtype, x, _quantize_kernel(module, kernel, w_bits))
+  w_bits, a_bits = read_bits(module)
+  x = quantize_module_input(module, x, a_bits)
+  return compute_cast(module.dtype, x, quantize_module_kernel(module, kernel, w_bits))
 
 
 def _add_bias(module: nn.Module, y: jax.Array) -> jax.Array:
@@ -265,7 +265,7 @@ class QuantConv(_BiasedQuantLayer):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     x, kernel = _quantized_operands(self, x, tuple(self.kernel_size) + (jnp.shape(x)[-1], self.features))
-    return _add_bias(self, _conv(x, kernel, self.strides, self.padding))
+    return _add_bias(self, conv_general(x, kernel, self.strides, self.padding))
 
 
 def bn_fold_scale(gamma: jax.Array, var: jax.Array, eps: float) -> jax.Array:
@@ -311,12 +311,12 @@ class QuantConvBN(_QuantLayer):
     beta = self.param("bias", nn.initializers.zeros_init(), (self.features,), jnp.float32)
     ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((self.features,), jnp.float32))
     ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((self.features,), jnp.float32))
-    w_bits, a_bits = _read_bits(self)
-    x = _quantize_input(self, x, a_bits)
+    w_bits, a_bits = read_bits(self)
+    x = quantize_module_input(self, x, a_bits)
     if not train and self.fold_bn:
       return self._folded(x, kernel, gamma, beta, ra_mean.value, ra_var.value, w_bits)
 
-    y = _conv(*_compute_cast(self.dtype, x, _quantize_kernel(self, kernel, w_bits)), self.strides, self.padding)
+    y = conv_general(*compute_cast(self.dtype, x, quantize_module_kernel(self, kernel, w_bits)), self.strides, self.padding)
     out_dtype = y.dtype
     y = y.astype(jnp.float32)
     if train:
@@ -339,7 +339,7 @@ class QuantConvBN(_QuantLayer):
                        "fold_bn=True (the folded kernel's range differs); use fold_bn=False with LSQ.")
     folded, bias = fold_bn(kernel, None, gamma, beta, mean, var, self.epsilon)
     _sow(self, KERNELS, "fold_scale", bn_fold_scale(gamma, var, self.epsilon))
-    y = _conv(*_compute_cast(self.dtype, x, _quantize_kernel(self, folded, w_bits)), self.strides, self.padding)
+    y = conv_general(*compute_cast(self.dtype, x, quantize_module_kernel(self, folded, w_bits)), self.strides, self.padding)
     return y + bias.astype(y.dtype)
 
 

@@ -125,7 +125,7 @@ class _QuantLayer(nnx.Module):
     """(input, kernel), both quantized in float32, then cast to the compute dtype."""
     w_bits, a_bits = self._bits()
     x = self._input(x, a_bits)
-    return layers._compute_cast(self.dtype, x, self._quant_kernel(self.kernel[...], w_bits))
+    return layers.compute_cast(self.dtype, x, self._quant_kernel(self.kernel[...], w_bits))
 
 
 def _add_bias(bias: Optional[nnx.Param], y: jax.Array) -> jax.Array:
@@ -176,7 +176,7 @@ class QuantConv(_QuantLayer):
     self.bias = _bias_param(use_bias, bias_init, out_features, rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    return _add_bias(self.bias, layers._conv(*self._operands(x), self.strides, self.padding))
+    return _add_bias(self.bias, layers.conv_general(*self._operands(x), self.strides, self.padding))
 
 
 class QuantConvBN(_QuantLayer):
@@ -216,11 +216,11 @@ class QuantConvBN(_QuantLayer):
     gamma, beta = self.scale[...], self.bias[...]
     if not train and self.fold_bn:
       folded, bias = fold_bn(self.kernel[...], None, gamma, beta, self.mean[...], self.var[...], self.epsilon)
-      y = layers._conv(*layers._compute_cast(self.dtype, x, self._quant_kernel(folded, w_bits)),
+      y = layers.conv_general(*layers.compute_cast(self.dtype, x, self._quant_kernel(folded, w_bits)),
                        self.strides, self.padding)
       return y + bias.astype(y.dtype)
     kernel = self._quant_kernel(self.kernel[...], w_bits)
-    y = layers._conv(*layers._compute_cast(self.dtype, x, kernel), self.strides, self.padding)
+    y = layers.conv_general(*layers.compute_cast(self.dtype, x, kernel), self.strides, self.padding)
     out_dtype, y = y.dtype, y.astype(jnp.float32)
     if train:
       axes = tuple(range(y.ndim - 1))

@@ -65,7 +65,7 @@ def _check_ste(ste: str) -> None:
     raise ValueError(f"ste must be one of {STE_MODES}, got {ste!r}.")
 
 
-def _normalize_axis(axis: Optional[int], ndim: int) -> Optional[int]:
+def normalize_axis(axis: Optional[int], ndim: int) -> Optional[int]:
   if axis is None:
     return None
   if not isinstance(axis, numbers.Integral) or isinstance(axis, bool):
@@ -147,7 +147,7 @@ def scale_zero_point_from_range(lo: Array, hi: Array, bits: Bits, *, symmetric: 
 def tensor_range(x: Array, axis: Optional[int] = None) -> tuple[Array, Array]:
   """(min, max) of ``x`` over all axes except ``axis`` (shape [] or [C]), float32."""
   x = jnp.asarray(x, jnp.float32)
-  axis = _normalize_axis(axis, x.ndim)
+  axis = normalize_axis(axis, x.ndim)
   axes = _reduce_axes(x.ndim, axis)
   return jnp.min(x, axis=axes), jnp.max(x, axis=axes)
 
@@ -173,7 +173,7 @@ def weight_scale(w: Array, bits: Bits, rule: str = "max", *, narrow_range: bool 
   if rule not in WEIGHT_SCALE_RULES:
     raise ValueError(f"weight scale rule must be one of {WEIGHT_SCALE_RULES}, got {rule!r}.")
   w = jnp.asarray(w, jnp.float32)
-  axis = _normalize_axis(axis, w.ndim)
+  axis = normalize_axis(axis, w.ndim)
   lo, hi = tensor_range(w, axis)
   absmax = jnp.maximum(jnp.abs(lo), jnp.abs(hi))
   qmin, qmax = int_range(bits, symmetric=True, narrow_range=narrow_range)
@@ -205,7 +205,7 @@ def compute_scale_zero_point(x: Array, bits: Bits, *, symmetric: bool = True, na
 # ----------------------------------------------------------------------------
 
 def _prepare_params(x, bits, symmetric, narrow_range, axis, scale, zero_point):
-  axis = _normalize_axis(axis, x.ndim)
+  axis = normalize_axis(axis, x.ndim)
   if scale is None or (zero_point is None and not symmetric):
     auto_scale, auto_zp = compute_scale_zero_point(
         x, bits, symmetric=symmetric, narrow_range=narrow_range, axis=axis)
@@ -252,7 +252,7 @@ def fake_quant(x: Array, bits: Bits, *, symmetric: bool = True, narrow_range: bo
   _check_ste(ste)
   check_bits(bits)
   if is_full_precision(bits):
-    _normalize_axis(axis, jnp.ndim(x))
+    normalize_axis(axis, jnp.ndim(x))
     return x
   x = jnp.asarray(x)
   axis, scale, zero_point = _prepare_params(x, bits, symmetric, narrow_range, axis, scale, zero_point)
@@ -341,7 +341,7 @@ def scale_gradient(x: Array, g) -> Array:
 def lsq_init_scale(w: Array, bits: Bits, axis: Optional[int] = None) -> Array:
   """LSQ's initial step size s = 2 mean|w| / sqrt(qmax), per tensor ([]) or per slice along ``axis`` ([C])."""
   w = jnp.asarray(w, jnp.float32)
-  axis = _normalize_axis(axis, w.ndim)
+  axis = normalize_axis(axis, w.ndim)
   _, qmax = int_range(bits, symmetric=True)
   mean_abs = jnp.mean(jnp.abs(w), axis=_reduce_axes(w.ndim, axis))
   return jnp.maximum(2.0 * mean_abs / jnp.sqrt(jnp.maximum(qmax, 1.0)), 1e-8)
@@ -360,7 +360,7 @@ def lsq_fake_quant(x: Array, scale: Array, bits: Bits, *, axis: Optional[int] = 
   if is_full_precision(bits):
     return x
   xf = jnp.asarray(x).astype(jnp.float32)
-  axis = _normalize_axis(axis, xf.ndim)
+  axis = normalize_axis(axis, xf.ndim)
   qmin, qmax = int_range(bits, symmetric=True)
   n_per_scale = xf.size // max(int(np.size(scale)), 1)
   s = scale_gradient(jnp.asarray(scale, jnp.float32), jax.lax.rsqrt(n_per_scale * jnp.maximum(qmax, 1.0)))

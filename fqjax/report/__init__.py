@@ -28,13 +28,13 @@ from typing import Mapping, Optional, Sequence
 from fqjax.outputs import results as results_lib
 from fqjax.errors import FqjaxError
 from fqjax.outputs import workdir as workdir_lib
-from fqjax.report.common import ABLATION_COLUMNS, FIGURE_NAMES, FIGURES_DIR, FULL, _dig, _write_text
-from fqjax.report.common import _bits_label, _Ctx  # noqa: F401  (kept at fqjax.report.* for callers and tests)
+from fqjax.report.common import ABLATION_COLUMNS, FIGURE_NAMES, FIGURES_DIR, FULL, dig, write_text
+from fqjax.report.common import bits_label, Ctx  # noqa: F401  (kept at fqjax.report.* for callers and tests)
 from fqjax.report.figures import (DPI, figure_explain_curvature, figure_explain_logits, figure_explain_weights,
                                   figure_mitigate_ablation, figure_ptq_fairness, figure_ptq_group_accuracy)
-from fqjax.report.sections import _Report
+from fqjax.report.sections import Report
 
-# Layout: common.py (constants, numbers over seeds, _Ctx), figures.py (matplotlib figures),
+# Layout: common.py (constants, numbers over seeds, Ctx), figures.py (matplotlib figures),
 # document.py (Markdown / HTML blocks), sections.py (one method per report section); here the entry points.
 
 __all__ = ["write_report", "main", "FULL", "FIGURES_DIR", "FIGURE_NAMES", "DPI", "ABLATION_COLUMNS",
@@ -65,7 +65,7 @@ def write_report(workdir: str, results: Optional[Mapping] = None) -> dict:
     results = results_lib.read_results_file(path)  # CorruptFileError naming the file if unreadable
   fig_dir = os.path.join(workdir, FIGURES_DIR)
   os.makedirs(fig_dir, exist_ok=True)
-  rep = _Report(_Ctx(results, workdir), fig_dir)
+  rep = Report(Ctx(results, workdir), fig_dir)
   rep.overview()
   body_start = len(rep.doc.blocks)
   for section in (rep.train, rep.ptq, rep.explain, rep.mitigate, rep.claims, rep.run_info):
@@ -80,9 +80,9 @@ def write_report(workdir: str, results: Optional[Mapping] = None) -> dict:
     if name not in rep.figures and os.path.exists(stale):
       os.remove(stale)
   md_path, html_path = os.path.join(workdir, "report.md"), os.path.join(workdir, "report.html")
-  _write_text(md_path, rep.doc.markdown())
-  title = f"fqjax report: {_dig(results, 'config', 'name') or 'study'}"
-  _write_text(html_path, rep.doc.html(title))
+  write_text(md_path, rep.doc.markdown())
+  title = f"fqjax report: {dig(results, 'config', 'name') or 'study'}"
+  write_text(html_path, rep.doc.html(title))
   return {"markdown": md_path, "html": html_path, "figures": dict(rep.figures), "sections": dict(rep.sections)}
 
 

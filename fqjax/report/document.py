@@ -17,7 +17,7 @@ def _slug(text: str) -> str:
   return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
 
 
-class _Doc:
+class Doc:
   def __init__(self):
     self.blocks: list[tuple] = []
 

@@ -1,4 +1,4 @@
-"""The report's sections, each reading its stage from results.json into a _Doc (tables, figures, notes)."""
+"""The report's sections, each reading its stage from results.json into a Doc (tables, figures, notes)."""
 from __future__ import annotations
 
 import json
@@ -9,13 +9,13 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from fqjax.analysis import claims as claims_lib
-from fqjax.report.common import (ABLATION_COLUMNS, EMPTY, FIGURES_DIR, FULL, _bits_label, _cell, _Ctx, _dig,
-                                 _explain_bits, _explain_ms, _ms, _nanmean, _num, _pm, _ptq_summary, _rel,
-                                 _sorted_bits)
+from fqjax.report.common import (ABLATION_COLUMNS, EMPTY, FIGURES_DIR, FULL, bits_label, summary_cell, Ctx, dig,
+                                 explain_bits, explain_ms, mean_std_at, finite_mean, num, pm, ptq_summary, rel,
+                                 sorted_bits)
 from fqjax.report import verdicts
-from fqjax.report.document import _Doc
+from fqjax.report.document import Doc
 from fqjax.analysis.tables import ptq_size_bytes
-from fqjax.report.figures import (_save_png, figure_explain_curvature, figure_explain_logits,
+from fqjax.report.figures import (save_png, figure_explain_curvature, figure_explain_logits,
                                   figure_explain_weights, figure_mitigate_ablation, figure_mitigate_pareto,
                                   figure_ptq_fairness, figure_ptq_group_accuracy, figure_ptq_variants,
                                   ptq_variant_summaries)
@@ -24,18 +24,18 @@ from fqjax.report.figures import (_save_png, figure_explain_curvature, figure_ex
 _REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def _rerun_hint(ctx: _Ctx, stage: str) -> str:
-  name = str(_dig(ctx.results, "config", "name") or "")
+def _rerun_hint(ctx: Ctx, stage: str) -> str:
+  name = str(dig(ctx.results, "config", "name") or "")
   exp = f"experiments/{name}.py" if name and os.path.exists(os.path.join(_REPO, "experiments", f"{name}.py")) \
       else "<this study's experiment file>"
   return (f"run `python launch.py --config {exp} --stages={stage} --workdir {ctx.workdir}` "
           "(with the same --config overrides as this run), then rerun the report")
 
 
-class _Report:
-  def __init__(self, ctx: _Ctx, fig_dir: str):
+class Report:
+  def __init__(self, ctx: Ctx, fig_dir: str):
     self.ctx, self.fig_dir = ctx, fig_dir
-    self.doc = _Doc()
+    self.doc = Doc()
     self.figures: dict[str, str] = {}
     self.sections: dict[str, str] = {}
 
@@ -43,7 +43,7 @@ class _Report:
     if fig is None:
       return
     path = os.path.join(self.fig_dir, name + ".png")
-    _save_png(fig, path)
+    save_png(fig, path)
     self.figures[name] = path
     self.doc.figure(f"{FIGURES_DIR}/{name}.png", caption)
 
@@ -62,7 +62,7 @@ class _Report:
   def overview(self) -> None:
     ctx, r = self.ctx, self.ctx.results
     ds, model = r.get("dataset", {}), r.get("model", {})
-    self.doc.h(1, f"fqjax report: {_dig(r, 'config', 'name') or 'study'}")
+    self.doc.h(1, f"fqjax report: {dig(r, 'config', 'name') or 'study'}")
     self.doc.p(f"Dataset **{ds.get('name', '?')}** ({ctx.num_groups} groups by `{ds.get('group_attribute', '?')}`, "
                f"{ds.get('num_classes', '?')} classes), model **{model.get('name', '?')}** "
                f"({model.get('num_params', '?')} parameters, {len(model.get('layer_names', []))} quantizable "
@@ -87,9 +87,9 @@ class _Report:
       rec = t.get("per_seed", {}).get(s)
       if rec:
         test = rec.get("test", {})
-        rows.append([s, str(rec.get("epochs_run", "–")), _num(test.get("accuracy")),
-                     _num(test.get("worst_group_accuracy")), _num(test.get("fairness_violation")),
-                     _num(_dig(rec, "val", "accuracy")), _num(rec.get("wall_s"), "{:.1f}")])
+        rows.append([s, str(rec.get("epochs_run", "–")), num(test.get("accuracy")),
+                     num(test.get("worst_group_accuracy")), num(test.get("fairness_violation")),
+                     num(dig(rec, "val", "accuracy")), num(rec.get("wall_s"), "{:.1f}")])
     self.doc.table(["seed", "epochs", "test accuracy", "worst group", "fairness violation", "val accuracy",
                     "wall s"], rows)
 
@@ -109,24 +109,24 @@ class _Report:
     self.fig("ptq_fairness", figure_ptq_fairness(ctx),
              "Left: fairness violation (mean ± std over seeds; band: bootstrap CI). Right: overall and worst-group "
              "accuracy.")
-    bits = _sorted_bits(p.get("bit_widths", []))
+    bits = sorted_bits(p.get("bit_widths", []))
     self.doc.p("**PTQ sweep summary** (test split, mean ± std over seeds as stored in `ptq.summary`):")
     self.doc.table(["bits", "size KB", "accuracy", "worst group", "fairness violation", "FV bootstrap CI",
                     "accuracy drop"], [_ptq_row(ctx, b) for b in bits])
-    groups = {b: _dig(_ptq_summary(ctx, b), "groups", "accuracy") for b in bits}
+    groups = {b: dig(ptq_summary(ctx, b), "groups", "accuracy") for b in bits}
 
     def group_cell(b, g):
       if not isinstance(groups[b], list) or g >= len(groups[b]):
         return "–"
-      low, high = (_dig(p, "intervals", b, "group_accuracy", side) or [None] * (g + 1) for side in ("low", "high"))
-      cell = _cell(groups[b][g])
-      interval = f" [{_num(low[g])}, {_num(high[g])}]" if g < len(low) and low[g] is not None else ""
+      low, high = (dig(p, "intervals", b, "group_accuracy", side) or [None] * (g + 1) for side in ("low", "high"))
+      cell = summary_cell(groups[b][g])
+      interval = f" [{num(low[g])}, {num(high[g])}]" if g < len(low) and low[g] is not None else ""
       return cell if cell == EMPTY else cell + interval
 
     rows = [[ctx.group_label(g)] + [group_cell(b, g) for b in bits] for g in ctx.size_order()]
     self.doc.p("**Per-group accuracy** (mean ± std over seeds [95% hierarchical paired bootstrap interval]; groups "
                f"by train count, smallest first; {EMPTY}: the group has no test rows):")
-    self.doc.table(["group"] + [f"{_bits_label(b)} bits" for b in bits], rows)
+    self.doc.table(["group"] + [f"{bits_label(b)} bits" for b in bits], rows)
     self.ptq_variants(bits)
     self.ptq_intervals()
 
@@ -137,7 +137,7 @@ class _Report:
       return
     self.fig("ptq_variants", figure_ptq_variants(self.ctx),
              "PTQ variants (weight scale rule / BatchNorm statistics): fairness violation and worst-group accuracy.")
-    rows = [[name, _bits_label(b)] + [_cell(_dig(s, str(b), key)) for key in
+    rows = [[name, bits_label(b)] + [summary_cell(dig(s, str(b), key)) for key in
                                        ("accuracy", "worst_group_accuracy", "fairness_violation")]
             for name, s in summaries.items() for b in bits]
     self.doc.p(f"**PTQ variants** (the first, `{next(iter(summaries))}`, is the primary one the other sections use; "
@@ -171,19 +171,19 @@ class _Report:
     self.fig("explain_logits_softmax", figure_explain_logits(ctx),
              "Per-group logit variance, true-class probability and margin at full precision and each bit-width "
              "(mean over seeds); shaded: minority groups.")
-    bits = [b for b in _explain_bits(ctx) if b < FULL]
+    bits = [b for b in explain_bits(ctx) if b < FULL]
     rows = []
     for b in bits:
-      w = lambda key: _explain_ms(ctx, b, "weights", "model", key)[0]
-      acts = [_explain_ms(ctx, b, "activations", name)[0] for name in
-              (_dig(e, "per_seed", ctx.seeds[0] if ctx.seeds else "", b, "activations") or {})]
-      act = _nanmean(np.stack(acts), axis=0) if acts and all(np.shape(a) == (ctx.num_groups,) for a in acts) \
+      w = lambda key: explain_ms(ctx, b, "weights", "model", key)[0]
+      acts = [explain_ms(ctx, b, "activations", name)[0] for name in
+              (dig(e, "per_seed", ctx.seeds[0] if ctx.seeds else "", b, "activations") or {})]
+      act = finite_mean(np.stack(acts), axis=0) if acts and all(np.shape(a) == (ctx.num_groups,) for a in acts) \
           else None
-      rows.append([str(b), _num(w("rel_l2")), _num(w("induced_sparsity")), _num(w("total_sparsity")),
-                   _rel(ctx.minority, act), _rel(ctx.minority, _explain_ms(ctx, b, "logits", "abs_shift")[0]),
-                   _rel(ctx.minority, _explain_ms(ctx, b, "logits", "variance_change")[0]),
-                   _rel(ctx.minority, _explain_ms(ctx, b, "softmax", "true_prob_shift")[0]),
-                   _rel(ctx.minority, _explain_ms(ctx, b, "softmax", "margin_shift")[0])])
+      rows.append([str(b), num(w("rel_l2")), num(w("induced_sparsity")), num(w("total_sparsity")),
+                   rel(ctx.minority, act), rel(ctx.minority, explain_ms(ctx, b, "logits", "abs_shift")[0]),
+                   rel(ctx.minority, explain_ms(ctx, b, "logits", "variance_change")[0]),
+                   rel(ctx.minority, explain_ms(ctx, b, "softmax", "true_prob_shift")[0]),
+                   rel(ctx.minority, explain_ms(ctx, b, "softmax", "margin_shift")[0])])
     self.doc.p("**Forward chain** (whole-model weight error and sparsity; per-group quantities as "
                "minority / majority means, mean over seeds; shifts are quantized − full precision):")
     self.doc.table(["bits", "weight rel. L2", "induced sparsity", "total sparsity", "activation rel. error",
@@ -198,11 +198,11 @@ class _Report:
              "(log scales where all values are positive; mean ± std over seeds); shaded: group sizes below half the "
              "median, the minority rule.")
     rows = []
-    for b in _explain_bits(ctx):
-      c = lambda key: _explain_ms(ctx, b, "curvature", key)
-      rows.append([_bits_label(b), _pm(*c("spearman_size_grad_norm"), "{:.2f}"),
-                   _pm(*c("spearman_size_top_eigenvalue"), "{:.2f}"), _rel(ctx.minority, c("grad_norm")[0]),
-                   _rel(ctx.minority, c("top_eigenvalue")[0]), _rel(ctx.minority, c("trace")[0])])
+    for b in explain_bits(ctx):
+      c = lambda key: explain_ms(ctx, b, "curvature", key)
+      rows.append([bits_label(b), pm(*c("spearman_size_grad_norm"), "{:.2f}"),
+                   pm(*c("spearman_size_top_eigenvalue"), "{:.2f}"), rel(ctx.minority, c("grad_norm")[0]),
+                   rel(ctx.minority, c("top_eigenvalue")[0]), rel(ctx.minority, c("trace")[0])])
     self.doc.p("**Curvature** (Spearman correlation with group size per seed, mean ± std; per-group values as "
                "minority / majority means):")
     self.doc.table(["bits", "ρ(size, grad norm)", "ρ(size, top eigenvalue)", "grad norm", "top eigenvalue",
@@ -261,7 +261,7 @@ class _Report:
       if grid_size > 1:
         self.doc.p(f"Each training method's setting was chosen from `mitigate.grid` ({grid_size} settings) on {on}; "
                    "test numbers are of the chosen setting only. **Chosen setting** (the most frequent over seeds):")
-        self.doc.table(["method"] + [f"{b} bits" for b in _sorted_bits(m.get("bit_widths", []))], rows)
+        self.doc.table(["method"] + [f"{b} bits" for b in sorted_bits(m.get("bit_widths", []))], rows)
       else:
         self.doc.p(f"Settings: one grid setting per method (no choice made on {on}).")
     self.fig("mitigate_ablation", figure_mitigate_ablation(ctx, summary),
@@ -305,10 +305,10 @@ class _Report:
     r = self.ctx.results
     self.doc.h(2, "Run")
     timings = r.get("timings") or {}
-    rows = [[k, _num(v, "{:.1f}")] for k, v in timings.items()]
+    rows = [[k, num(v, "{:.1f}")] for k, v in timings.items()]
     total = sum(float(v) for v in timings.values() if isinstance(v, (int, float)))
     self.doc.p("**Wall times** of each stage's last run:")
-    self.doc.table(["stage", "seconds"], rows + [["total", _num(total, "{:.1f}")]])
+    self.doc.table(["stage", "seconds"], rows + [["total", num(total, "{:.1f}")]])
     files = [f for f in ("results.json", "results.csv", "config.json", "fqjax.log")
              if os.path.exists(os.path.join(self.ctx.workdir, f))]
     if files:
@@ -316,7 +316,7 @@ class _Report:
     self.doc.details("Config of this run", json.dumps(r.get("config", {}), indent=1, sort_keys=True), "json")
 
 
-def _minority_sentence(ctx: _Ctx) -> str:
+def _minority_sentence(ctx: Ctx) -> str:
   """The minority rule as fqjax.analysis.claims applies it: train count below half the median group size."""
   rule = "Minority: train count below half the median group size"
   if ctx.minority is not None:
@@ -326,26 +326,26 @@ def _minority_sentence(ctx: _Ctx) -> str:
   return f"{rule} (none here: no group is below {ctx.minority_threshold:g})."
 
 
-def _ptq_row(ctx: _Ctx, b: int) -> list:
+def _ptq_row(ctx: Ctx, b: int) -> list:
   """One row of the PTQ summary table from ptq.summary[b] (and the size, ``tables.ptq_size_bytes``)."""
-  s = _ptq_summary(ctx, b)
-  lo, hi = (_num(_ms(_dig(s, "fairness_violation_ci", side))[0]) for side in ("low", "high"))
+  s = ptq_summary(ctx, b)
+  lo, hi = (num(mean_std_at(dig(s, "fairness_violation_ci", side))[0]) for side in ("low", "high"))
   size = ptq_size_bytes(ctx.results, b)
-  return [_bits_label(b), _num(None if size is None else size / 1024, "{:.1f}"), _cell(s.get("accuracy")),
-          _cell(s.get("worst_group_accuracy")), _cell(s.get("fairness_violation")),
-          "–" if "–" in (lo, hi) else f"[{lo}, {hi}]", _cell(s.get("accuracy_drop"))]
+  return [bits_label(b), num(None if size is None else size / 1024, "{:.1f}"), summary_cell(s.get("accuracy")),
+          summary_cell(s.get("worst_group_accuracy")), summary_cell(s.get("fairness_violation")),
+          "–" if "–" in (lo, hi) else f"[{lo}, {hi}]", summary_cell(s.get("accuracy_drop"))]
 
 
-def _seeds_without(ctx: _Ctx, p: Mapping) -> list[int]:
+def _seeds_without(ctx: Ctx, p: Mapping) -> list[int]:
   """The study's seeds that lack a ptq.per_seed entry at some bit-width."""
   bits = [str(b) for b in p.get("bit_widths", [])]
-  return [int(s) for s in ctx.seeds if any(_dig(p, "per_seed", s, b) is None for b in bits)]
+  return [int(s) for s in ctx.seeds if any(dig(p, "per_seed", s, b) is None for b in bits)]
 
 
-def _finished_entries(ctx: _Ctx, m: Mapping) -> dict:
+def _finished_entries(ctx: Ctx, m: Mapping) -> dict:
   """{(method, bits): how many of the study's seeds have an entry in mitigate.per_seed}."""
-  return {(method, b): sum(_dig(m, "per_seed", s, method, b) is not None for s in ctx.seeds)
-          for b in [str(b) for b in _sorted_bits(m.get("bit_widths", []))] for method in m.get("methods", [])}
+  return {(method, b): sum(dig(m, "per_seed", s, method, b) is not None for s in ctx.seeds)
+          for b in [str(b) for b in sorted_bits(m.get("bit_widths", []))] for method in m.get("methods", [])}
 
 
 def _method_label(method: str, b: str, s: Mapping) -> str:
@@ -357,13 +357,13 @@ def _method_label(method: str, b: str, s: Mapping) -> str:
 def _ablation_rows(m: Mapping) -> list:
   """The ablation table from mitigate.summary; the cell of mitigate.best's method per column in bold."""
   rows = []
-  for b in [str(b) for b in _sorted_bits(m.get("bit_widths", []))]:
-    best = _dig(m, "best", b) or {}
+  for b in [str(b) for b in sorted_bits(m.get("bit_widths", []))]:
+    best = dig(m, "best", b) or {}
     for method in m.get("methods", []):
-      s = _dig(m, "summary", method, b) or {}
+      s = dig(m, "summary", method, b) or {}
       row = [b, _method_label(method, b, s)]
       for key, _, scale, fmt in ABLATION_COLUMNS:
-        cell = _cell(s.get(key), fmt, scale)
+        cell = summary_cell(s.get(key), fmt, scale)
         row.append(f"**{cell}**" if best.get(key) == method and cell not in (EMPTY, "–") else cell)
       rows.append(row)
   return rows
@@ -377,9 +377,9 @@ def _steps_sentence(m: Mapping) -> str:
   """Whether every training method ran the same optimizer steps (mitigate.summary steps, mean over seeds);
   else the (method, bit-width) entries that differ from the most common count."""
   steps = {}
-  for b in [str(b) for b in _sorted_bits(m.get("bit_widths", []))]:
+  for b in [str(b) for b in sorted_bits(m.get("bit_widths", []))]:
     for method in m.get("methods", []):
-      mean = _ms(_dig(m, "summary", method, b, "steps"))[0]
+      mean = mean_std_at(dig(m, "summary", method, b, "steps"))[0]
       if np.isfinite(mean) and mean > 0:  # 0 steps: a method that does not train (ptq)
         steps[(method, b)] = float(mean)
   if not steps:
@@ -394,14 +394,14 @@ def _steps_sentence(m: Mapping) -> str:
           f"{_steps_text(common)}, but {odd}.")
 
 
-def _selection_rows(ctx: _Ctx, m: Mapping) -> tuple:
+def _selection_rows(ctx: Ctx, m: Mapping) -> tuple:
   """(selection metric, rows, largest grid): per trained method, the grid setting chosen most often over the
   seeds at each bit-width, e.g. 'learning_rate=0.03 (2/3 seeds)'; '–' where no seed has a selection."""
   metric, rows, grid_size = None, [], 0
   for method in m.get("methods", []):
     cells = []
-    for b in [str(b) for b in _sorted_bits(m.get("bit_widths", []))]:
-      sels = [x for x in (_dig(m, "per_seed", s, method, b, "selection") for s in ctx.seeds) if isinstance(x, Mapping)]
+    for b in [str(b) for b in sorted_bits(m.get("bit_widths", []))]:
+      sels = [x for x in (dig(m, "per_seed", s, method, b, "selection") for s in ctx.seeds) if isinstance(x, Mapping)]
       if not sels:
         cells.append("–")
         continue
@@ -422,22 +422,22 @@ def _claim_numbers(c: Mapping) -> str:
                                     else "")
   parts = []
   if "spearman_bits_vs_fairness_violation" in c:
-    parts.append(f"Spearman(bits, FV) = {_num(c['spearman_bits_vs_fairness_violation'], '{:.2f}')}; FV lowest − "
-                 f"highest bits = {_num(c.get('increase_lowest_vs_highest_bits'))} (std at lowest "
-                 f"{_num(c.get('std_at_lowest_bits'))})")
+    parts.append(f"Spearman(bits, FV) = {num(c['spearman_bits_vs_fairness_violation'], '{:.2f}')}; FV lowest − "
+                 f"highest bits = {num(c.get('increase_lowest_vs_highest_bits'))} (std at lowest "
+                 f"{num(c.get('std_at_lowest_bits'))})")
   per_bits = c.get("per_bits") or {}
   for b in sorted(per_bits, key=lambda k: -int(k)):
     v = per_bits[b]
     mark = "✓" if v.get("holds") else "✗"
     if "minority_mean" in v:
-      rho = f", ρ(size) {_num(v['spearman_size'], '{:.2f}')}" if "spearman_size" in v else ""
-      parts.append(f"{b}-bit: minority {_num(v['minority_mean'], '{:.3g}')} vs majority "
-                   f"{_num(v.get('majority_mean'), '{:.3g}')}{rho} {mark}")
+      rho = f", ρ(size) {num(v['spearman_size'], '{:.2f}')}" if "spearman_size" in v else ""
+      parts.append(f"{b}-bit: minority {num(v['minority_mean'], '{:.3g}')} vs majority "
+                   f"{num(v.get('majority_mean'), '{:.3g}')}{rho} {mark}")
     elif isinstance(v.get("fairness_violation"), Mapping):
       fv = v["fairness_violation"]
-      parts.append(f"{b}-bit: FV " + " / ".join(f"{k} {_num(fv.get(k))}" for k in ("fairqat", "ptq", "qat"))
-                   + f", accuracy loss vs qat {_num(v.get('accuracy_loss_vs_qat'))} (qat std "
-                   f"{_num(v.get('qat_accuracy_std'))}) {mark}")
+      parts.append(f"{b}-bit: FV " + " / ".join(f"{k} {num(fv.get(k))}" for k in ("fairqat", "ptq", "qat"))
+                   + f", accuracy loss vs qat {num(v.get('accuracy_loss_vs_qat'))} (qat std "
+                   f"{num(v.get('qat_accuracy_std'))}) {mark}")
   for b, why in (c.get("not_tested_at") or {}).items():
     parts.append(f"{b}-bit: not tested ({why})")
   if c.get("groups_without_data"):

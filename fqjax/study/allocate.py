@@ -17,7 +17,7 @@ solves min_b objective(S(b)) s.t. storage <= budget exactly as a MILP (scipy.opt
 The group-blind allocation (HAWQ-style, but with the same second-order estimate) is the same problem on ONE
 group holding every row, i.e. the whole training loss: ``allocate_bits(..., fair=False)``.
 
-Cost of ``sensitivity``: per group-homogeneous batch (``curvature._group_plan``) one jitted program gives
+Cost of ``sensitivity``: per group-homogeneous batch (``curvature.group_batch_plan``) one jitted program gives
 every (l, b) at once: with k_l = layer l's kernel and f(k_l) the batch's weighted loss as a function of
 it alone, a nested jvp along d_lb (forward-over-forward, vmapped over b) yields g.d_lb and d_lb.H.d_lb.
 Tangents start at layer l and no backward pass is taken, so each candidate costs less than one HVP
@@ -44,7 +44,7 @@ from flax import traverse_util
 from fqjax.quantization import layers, quant
 from fqjax.quantization.bitspec import BitSpec
 from fqjax.choices import ALLOC_BITS_RANGE, ALLOC_OBJECTIVES
-from fqjax.explain import curvature, lanczos, theory
+from fqjax.explain import curvature, hvp, lanczos, theory
 
 DEFAULT_BITS = (2, 3, 4, 8)
 
@@ -68,7 +68,7 @@ def _sensitivity_step(model: nn.Module, paths: tuple):
 
     def loss_at(path, kernel):
       p = traverse_util.unflatten_dict({**flat, path: kernel})
-      return jnp.sum(w * curvature._per_sample_loss(model, p, batch_stats, xb, yb))
+      return jnp.sum(w * hvp.model_per_sample_loss(model, p, batch_stats, xb, yb))
 
     rows = []
     for path, d in zip(paths, deltas):
@@ -133,12 +133,12 @@ def sensitivity(model: nn.Module, variables: Mapping, x, y, group, num_groups: i
     {l: b_l} = base_bytes + sum_l sizes[l, b_l]}.
   Raises ValueError on bad shapes, empty groups, unknown layers or bad bit-widths.
   """
-  counts = curvature._check_data(x, y, group, num_groups)
-  lanczos._check_positive("batch_size", batch_size)
+  counts = curvature.check_group_data(x, y, group, num_groups)
+  lanczos.check_positive("batch_size", batch_size)
   bits, names = _check_candidates(candidate_bits), list(layer_names)
   if not names:
     raise ValueError("sensitivity needs at least one quantizable layer name.")
-  params, batch_stats = curvature._theta(model, variables, x, None, "ignore")
+  params, batch_stats = curvature.derivative_point(model, variables, x, None, "ignore")
   flat = traverse_util.flatten_dict(params)
   paths = tuple(_kernel_path(n, flat) for n in names)
   # A layer's quantized kernel depends only on its own bits: one dequantization per bit-width serves every layer.
@@ -152,7 +152,7 @@ def sensitivity(model: nn.Module, variables: Mapping, x, y, group, num_groups: i
   step = _sensitivity_step(model, paths)
   xd, yd = jnp.asarray(x), jnp.asarray(y, jnp.int32)
   rows = []
-  for batches in curvature._group_plan(np.asarray(group), counts, batch_size):
+  for batches in curvature.group_batch_plan(np.asarray(group), counts, batch_size):
     acc = (jnp.zeros((len(names), len(bits), 2), dtype), jnp.zeros((), dtype))
     for idx, w in batches:
       acc = step(acc, params, batch_stats, xd, yd, idx, w.astype(np.dtype(dtype)), tuple(deltas))
