@@ -92,9 +92,10 @@ def test_fit_steps_under_a_row_budget(tabular, tmp_path):
   over = _tcfg(sampling="oversample", rows_per_epoch=n, **common)
   draw = train._epoch_rows(splits.train, 3, splits.train.group, _tcfg(sampling="oversample"), 0, 0)
   assert math.ceil(len(draw) / 16) > math.ceil(n / 16)  # without the budget it would take more steps
-  out = train.fit(model, splits, over, 0, str(tmp_path / "over"), init_variables=variables, progress=False)
-  plain = train.fit(model, splits, _tcfg(**common), 0, str(tmp_path / "plain"), init_variables=variables,
-                    progress=False)
+  out = train.fit(model, splits, over, 0, str(tmp_path / "over"), train.FineTuning(init_variables=variables),
+                  progress=False)
+  plain = train.fit(model, splits, _tcfg(**common), 0, str(tmp_path / "plain"),
+                    train.FineTuning(init_variables=variables), progress=False)
   assert out["steps"] == 2 * math.ceil(n / 16) == plain["steps"]
   assert [h["steps"] for h in out["history"]] == [math.ceil(n / 16)] * 2
   assert sum(out["sample_counts"]) == n
@@ -314,9 +315,9 @@ def test_selection_tie_breaks_with_stubbed_training(tabular, monkeypatch, tmp_pa
   fp_test = train.evaluate(model, variables, splits.test, info.num_groups, group_is_label=info.group_is_label)
 
   def run(scores):
-    def fake_fit(model, splits, tcfg, seed, folder, **kw):
+    def fake_fit(model, splits, tcfg, seed, folder, start, **kw):
       wga, acc, steps = scores[tcfg.learning_rate]
-      return {"variables": dict(kw["init_variables"]), "steps": steps,
+      return {"variables": dict(start.init_variables), "steps": steps,
               "history": [{"val_worst_group_accuracy": wga, "val_accuracy": acc}]}
     monkeypatch.setattr(train, "fit", fake_fit)
     trained = TrainedSeed(model=model, variables=variables, splits=splits, layer_names=tuple(names), seed=0)

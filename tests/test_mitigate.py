@@ -70,8 +70,8 @@ def test_qat_lowers_the_quantized_training_loss(run, tiny_config, tmp_path):
   bits = BitSpec.uniform(2).bits_tree(names)
   tcfg = mitigate.qat_train_config("qat", cfg.mitigate, cfg.train)
   tcfg.epochs, tcfg.learning_rate = 3, 0.05
-  out = train.fit(study_model, splits, tcfg, 0, str(tmp_path / "qat_probe"), bits_tree=bits, init_variables=fp_vars,
-                  progress=False)
+  out = train.fit(study_model, splits, tcfg, 0, str(tmp_path / "qat_probe"),
+                  train.FineTuning(init_variables=fp_vars, bits_tree=bits), progress=False)
 
   def quantized_loss(variables):
     logits = train.predict(study_model, {**variables, "bits": bits}, splits.train.x)

@@ -223,10 +223,11 @@ def _select(trained: TrainedSeed, qmodel, start, bits_tree, config, method: str,
   for setting in grid_settings(mcfg):
     tcfg = qat_train_config(method, mcfg, base_train, setting, len(splits.train))
     folder = os.path.join(ckpt_dir, setting_label(setting))
-    out = train.fit(qmodel, splits, tcfg, trained.seed, folder, bits_tree=bits_tree, init_variables=start,
-                    bn_train_epochs=None if mcfg.bn == "train" else mcfg.bn_train_epochs, progress=False,
-                    extra_variables={k: v for k, v in start.items() if k == layers.QUANT_STATS},
-                    init_group_losses=hardness, mesh=mesh)
+    tuning = train.FineTuning(init_variables=start, bits_tree=bits_tree,
+                              extra_variables={k: v for k, v in start.items() if k == layers.QUANT_STATS},
+                              bn_train_epochs=None if mcfg.bn == "train" else mcfg.bn_train_epochs,
+                              init_group_losses=hardness)
+    out = train.fit(qmodel, splits, tcfg, trained.seed, folder, tuning, mesh=mesh, progress=False)
     last = out["history"][-1]
     row = {"setting": dict(setting), "val_worst_group_accuracy": last["val_worst_group_accuracy"],
            "val_accuracy": last["val_accuracy"], "steps": out["steps"]}

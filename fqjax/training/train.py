@@ -213,10 +213,28 @@ class _Plan:
   mesh: Optional[parallel.Mesh]
 
 
-def fit(model: nn.Module, splits, tcfg: ml_collections.ConfigDict, seed: int, ckpt_dir: str, *,
-        bits_tree: Optional[Mapping] = None, init_variables: Optional[Mapping] = None,
-        bn_train_epochs: Optional[int] = None, extra_variables: Optional[Mapping] = None,
-        init_group_losses: Optional[np.ndarray] = None, mesh: Optional[parallel.Mesh] = None,
+@dataclasses.dataclass(frozen=True)
+class FineTuning:
+  """What a fine-tuning run (QAT, or full-precision fine-tuning) starts from and changes; the default is
+  training from scratch at full precision.
+
+  init_variables: start from these (e.g. the trained model) instead of a fresh init.
+  bits_tree: a "bits" tree for quantization-aware training, None for full precision.
+  extra_variables: more collections for the forward pass (e.g. "quant_stats").
+  bn_train_epochs: BatchNorm trains (batch statistics) for this many epochs, then is frozen (running
+    statistics; folded when the model has fold_bn). None: never frozen.
+  init_group_losses: [G] per-group losses for the first epoch's hardness weights (the starting model's
+    validation losses); None: uniform first epoch.
+  """
+  init_variables: Optional[Mapping] = None
+  bits_tree: Optional[Mapping] = None
+  extra_variables: Optional[Mapping] = None
+  bn_train_epochs: Optional[int] = None
+  init_group_losses: Optional[Any] = None
+
+
+def fit(model: nn.Module, splits, tcfg: ml_collections.ConfigDict, seed: int, ckpt_dir: str,
+        start: FineTuning = FineTuning(), *, mesh: Optional[parallel.Mesh] = None,
         on_epoch_end: Optional[Callable[[int, dict], None]] = None, progress: bool = True) -> dict:
   """Trains ``model`` on splits.train, validating each epoch; resumes from ``ckpt_dir``.
 
@@ -224,13 +242,8 @@ def fit(model: nn.Module, splits, tcfg: ml_collections.ConfigDict, seed: int, ck
     tcfg: config.train (epochs, batch_size, optimizer, learning_rate, momentum,
       weight_decay, warmup_epochs, sampling, sampling_target, loss_weights,
       weight_target, effective_beta, hardness_power, hardness_floor, eval_batch_size).
-    bits_tree: a "bits" tree for quantization-aware training, None for full precision.
-    init_variables: start from these (fine-tuning) instead of a fresh init.
-    bn_train_epochs: BatchNorm trains (batch statistics) for this many epochs, then
-      is frozen (running statistics; folded when the model has fold_bn). None: never frozen.
-    extra_variables: more collections for the forward pass (e.g. "quant_stats").
-    init_group_losses: [G] per-group losses for the first epoch's hardness weights
-      (fine-tuning: the starting model's validation losses); None: uniform first epoch.
+    start: a FineTuning (initial variables, bits for QAT, BatchNorm freezing, first-epoch hardness);
+      the default trains from scratch at full precision.
     mesh: a data-parallel mesh (fqjax.training.parallel.data_mesh): batches split over its
       devices, state replicated; tcfg.batch_size must be a multiple of its size.
     on_epoch_end: called with (epoch, history entry) after each checkpoint.
@@ -249,16 +262,16 @@ def fit(model: nn.Module, splits, tcfg: ml_collections.ConfigDict, seed: int, ck
   plan = _Plan(model=model, splits=splits, tcfg=tcfg, seed=seed, ckpt_dir=ckpt_dir,
                ids=train.group if by_group else train.y,
                num_ids=splits.info.num_groups if by_group else splits.info.num_classes, by_group=by_group,
-               bn_train_epochs=bn_train_epochs, mesh=mesh)
+               bn_train_epochs=start.bn_train_epochs, mesh=mesh)
   steps_per_epoch = -(-len(_epoch_rows(train, plan.num_ids, plan.ids, tcfg, seed, 0)) // tcfg.batch_size)
   state = create_train_state(model, jax.random.PRNGKey(seed), train.x[:2], make_optimizer(tcfg, steps_per_epoch),
-                             init_variables)
+                             start.init_variables)
   if mesh is not None:
     parallel.check_divisible(tcfg.batch_size, mesh, "batch_size")
-  extra = {**(extra_variables or {}), **({"bits": bits_tree} if bits_tree is not None else {})} or None
+  extra = {**(start.extra_variables or {}), **({"bits": start.bits_tree} if start.bits_tree is not None else {})} or None
   mngr = checkpoint_manager(ckpt_dir)
   try:
-    return _fit_loop(plan, mngr, state, extra, init_group_losses, on_epoch_end, progress)
+    return _fit_loop(plan, mngr, state, extra, start.init_group_losses, on_epoch_end, progress)
   finally:
     mngr.close()  # also on errors: an open manager's threads print noise at interpreter exit
 
