@@ -15,7 +15,7 @@ import logging
 import os
 import zipfile
 import zlib
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -143,6 +143,23 @@ def _few(ids) -> str:
   return ", ".join(map(str, ids[:10])) + (f" and {len(ids) - 10} more" if len(ids) > 10 else "")
 
 
+def _check_split(split: str, triple, suffix: Mapping[str, str], class_names, group_names,
+                 group_from_label: bool) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """One split's (x, y, group), each checked (group = y when the label is the group)."""
+  if len(triple) != 3:
+    raise InputError(f"{split} must be an (x, y, group) triple; group may be None.")
+  sx, sy, sg = triple
+  xs = _check_x(sx, "x" + suffix[split])
+  ys = _check_ints(sy, "y" + suffix[split], len(xs), len(class_names) if class_names else None, "class_names")
+  if group_from_label:
+    return xs, ys, ys
+  if sg is None:
+    raise InputError(f"group{suffix[split]} is missing but group{suffix['train']} was given; "
+                     "give a group array for every split.")
+  gs = _check_ints(sg, "group" + suffix[split], len(xs), len(group_names) if group_names else None, "group_names")
+  return xs, ys, gs
+
+
 def from_arrays(x, y, group=None, *, val: Optional[Triple] = None,
                 test: Optional[Triple] = None, class_names: Optional[Sequence[str]] = None,
                 group_names: Optional[Sequence[str]] = None, config=None,
@@ -172,25 +189,8 @@ def from_arrays(x, y, group=None, *, val: Optional[Triple] = None,
                 "give group=... (an .npz key 'group') to study other groups.", name)
   raw = {"train": (x, y, group), "val": val, "test": test}
   suffix = {"train": "" if test is None else "_train", "val": "_val", "test": "_test"}
-  checked: Dict[str, Tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
-  for split, triple in raw.items():
-    if triple is None:
-      continue
-    if len(triple) != 3:
-      raise InputError(f"{split} must be an (x, y, group) triple; group may be None.")
-    sx, sy, sg = triple
-    xs = _check_x(sx, "x" + suffix[split])
-    ys = _check_ints(sy, "y" + suffix[split], len(xs),
-                     len(class_names) if class_names else None, "class_names")
-    if group_from_label:
-      gs = ys
-    elif sg is None:
-      raise InputError(f"group{suffix[split]} is missing but group{suffix['train']} was given; "
-                       "give a group array for every split.")
-    else:
-      gs = _check_ints(sg, "group" + suffix[split], len(xs),
-                       len(group_names) if group_names else None, "group_names")
-    checked[split] = (xs, ys, gs)
+  checked = {split: _check_split(split, triple, suffix, class_names, group_names, group_from_label)
+             for split, triple in raw.items() if triple is not None}
   first = checked["train"][0]
   for split, (xs, _, _) in checked.items():
     if xs.shape[1:] != first.shape[1:] or (xs.dtype == np.uint8) != (first.dtype == np.uint8):

@@ -250,6 +250,30 @@ def scan_manual_dir(manual_dir: str, extract_root: str) -> Scan:
   if not os.path.isdir(manual_dir):
     raise FileNotFoundError(
         f"UTKFace manual dir {manual_dir!r} does not exist.\n{MANUAL_DOWNLOAD_INSTRUCTIONS}")
+  sources, files = _source_files(manual_dir, extract_root)
+  by_name, malformed, ignored, duplicates = _parse_names(files)
+  for reason in malformed:
+    log.warning("UTKFace: skipping malformed file name %s", reason)
+  if ignored:
+    log.info("UTKFace: ignoring %d non-JPEG file(s), e.g. %s", len(ignored), ignored[:3])
+  if not by_name:
+    raise FileNotFoundError(
+        f"No UTKFace images with valid names found in {manual_dir!r} (sources: {sources or 'none'}; "
+        f"{len(malformed)} malformed JPEG name(s), {len(ignored)} other file(s)).\n"
+        f"{MANUAL_DOWNLOAD_INSTRUCTIONS}")
+  stats = {
+      "sources": sources,
+      "skipped_malformed": len(malformed),
+      "skipped_malformed_names": malformed[:MAX_LISTED],
+      "duplicates": duplicates,
+      "ignored_files": len(ignored),
+  }
+  return Scan(examples=[by_name[k] for k in sorted(by_name)], stats=stats)
+
+
+def _source_files(manual_dir: str, extract_root: str) -> Tuple[list, list]:
+  """(source names, file paths) of a manual dir: its folders, its archives (extracted; skipped when a folder
+  of the same stem exists) and its loose files, in that order."""
   entries = sorted(e for e in os.listdir(manual_dir) if not e.startswith("."))
   folders = [e for e in entries if os.path.isdir(os.path.join(manual_dir, e))]
   sources, files = [], []
@@ -270,7 +294,11 @@ def scan_manual_dir(manual_dir: str, extract_root: str) -> Scan:
   if any(is_jpeg_name(p) for p in loose):
     sources.append("./")
   files.extend(loose)
+  return sources, files
 
+
+def _parse_names(files) -> Tuple[Dict[str, Tuple[str, Attributes]], list, list, int]:
+  """(first path and attributes per JPEG base name, malformed-name reasons, ignored non-JPEG names, duplicates)."""
   by_name: Dict[str, Tuple[str, Attributes]] = {}
   malformed, ignored, duplicates = [], [], 0
   for path in files:
@@ -287,23 +315,7 @@ def scan_manual_dir(manual_dir: str, extract_root: str) -> Scan:
       duplicates += 1
       continue
     by_name[base] = (path, attributes)
-  for reason in malformed:
-    log.warning("UTKFace: skipping malformed file name %s", reason)
-  if ignored:
-    log.info("UTKFace: ignoring %d non-JPEG file(s), e.g. %s", len(ignored), ignored[:3])
-  if not by_name:
-    raise FileNotFoundError(
-        f"No UTKFace images with valid names found in {manual_dir!r} (sources: {sources or 'none'}; "
-        f"{len(malformed)} malformed JPEG name(s), {len(ignored)} other file(s)).\n"
-        f"{MANUAL_DOWNLOAD_INSTRUCTIONS}")
-  stats = {
-      "sources": sources,
-      "skipped_malformed": len(malformed),
-      "skipped_malformed_names": malformed[:MAX_LISTED],
-      "duplicates": duplicates,
-      "ignored_files": len(ignored),
-  }
-  return Scan(examples=[by_name[k] for k in sorted(by_name)], stats=stats)
+  return by_name, malformed, ignored, duplicates
 
 
 def load_image(path: str, image_size: int) -> np.ndarray:
