@@ -27,7 +27,7 @@ def _set_env(devices: int) -> None:
 def tiny_config():
   """tests/conftest.py's tiny study, cut to train + ptq (32, 4) with batches that split over 8 devices."""
   sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-  from conftest import tiny_study_config  # noqa: E402 (sets the fast-compile XLA flags; JAX is already configured)
+  from studies import tiny_study_config  # noqa: E402 (the XLA flags come with the environment the test passes)
   c = tiny_study_config()
   c.seeds = (0,)
   c.train.epochs = 1

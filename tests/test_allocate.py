@@ -153,7 +153,7 @@ def test_allocate_bits_returns_a_bitspec_within_budget():
 
 @pytest.fixture(scope="module")
 def trained_workdir(tmp_path_factory):
-  from conftest import tiny_study_config  # the module-scoped fixture cannot use the function-scoped tiny_config
+  from studies import tiny_study_config  # the module-scoped fixture cannot use the function-scoped tiny_config
   config = tiny_study_config()
   config.seeds = (0,)
   workdir = str(tmp_path_factory.mktemp("alloc_study"))

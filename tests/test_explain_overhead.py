@@ -6,7 +6,7 @@ import json
 import numpy as np
 
 from benchmarks import explain_overhead
-from conftest import tiny_study_config
+from studies import tiny_study_config
 
 
 def test_recorded_products_are_the_ones_the_results_report(tmp_path):

@@ -8,13 +8,8 @@ from fqjax.outputs import results
 from fqjax.study import runner
 
 
-@pytest.fixture(scope="module")
-def run(tiny_study):
-  return tiny_study["workdir"], tiny_study["results"]
-
-
-def test_explain_section(run):
-  workdir, res = run
+def test_explain_section(tiny_run):
+  workdir, res = tiny_run
   e = res["explain"]
   assert e["bit_widths"] == [32, 2] and e["curvature_split"] == "train"
   assert e["missing_seeds"] == [] and sorted(e["per_seed"]) == ["0", "1"]
@@ -61,8 +56,8 @@ def test_explain_section(run):
   results.validate(res)
 
 
-def test_claims_use_explain(run):
-  _, res = run
+def test_claims_use_explain(tiny_run):
+  _, res = tiny_run
   for name in ("logit_variance_drops_more_for_minority", "logits_shift_more_for_minority",
                "minority_moves_toward_decision_boundary", "minority_gradient_norm_larger",
                "minority_top_eigenvalue_larger", "second_order_estimate_orders_excess_loss"):
@@ -71,23 +66,23 @@ def test_claims_use_explain(run):
     assert all(name.startswith("max/keep | ") for name in claim["judgements"])
 
 
-def test_csv_has_explain_rows(run):
-  workdir, _ = run
+def test_csv_has_explain_rows(tiny_run):
+  workdir, _ = tiny_run
   with open(f"{workdir}/results.csv") as f:
     rows = [r for r in csv.DictReader(f) if r["variant"] == "explain"]
   assert len(rows) == 2 * 2 * 3  # seeds x bit-widths x groups
   assert all(r["grad_norm"] and r["logit_variance"] and r["margin"] for r in rows)
 
 
-def test_explain_skips_when_done(run, tiny_study_copy, tiny_config):
-  _, res = run
+def test_explain_skips_when_done(tiny_run, tiny_study_copy, tiny_config):
+  _, res = tiny_run
   again = runner.run(tiny_config(), tiny_study_copy, ["explain"], progress=False)
   assert again["last_run"]["stages"]["explain"] == "skipped"
   assert again["explain"]["per_seed"] == res["explain"]["per_seed"]
 
 
-def test_explain_drops_a_bit_width_no_longer_configured_and_keeps_the_rest(run, tiny_study_copy, tiny_config):
-  _, res = run
+def test_explain_drops_a_bit_width_no_longer_configured_and_keeps_the_rest(tiny_run, tiny_study_copy, tiny_config):
+  _, res = tiny_run
   c = tiny_config()
   c.explain.bit_widths = (2,)
   fewer = runner.run(c, tiny_study_copy, ["explain"], progress=False)
@@ -102,7 +97,7 @@ def test_another_bit_width_traces_and_compiles_nothing_new(tiny_study):
   arguments, group batch shapes repeat, and the Lanczos basis stays at its first size (20 products, 21 rows)."""
   import jax
 
-  from conftest import tiny_study_config
+  from studies import tiny_study_config
   from fqjax.study import explain_stage
   config = tiny_study_config()
   config.explain.lanczos_max_iters = 20

@@ -15,13 +15,8 @@ from fqjax.quantization.layers import BitSpec, QuantRule
 from fqjax.models import SmallCNN
 
 
-@pytest.fixture(scope="module")
-def run(tiny_study):
-  return tiny_study["workdir"], tiny_study["results"]
-
-
-def test_ablation_section(run):
-  workdir, res = run
+def test_ablation_section(tiny_run):
+  workdir, res = tiny_run
   m = res["mitigate"]
   assert m["methods"] == ["ptq", "qat", "lsq_qat", "mp_qat", "fairqat"]
   for method in m["methods"]:
@@ -47,15 +42,15 @@ def test_ablation_section(run):
   assert "fairqat" in table and "*" in table
 
 
-def test_mitigate_is_restartable_and_skips_done_entries(run, tiny_study_copy, tiny_config):
-  _, res = run
+def test_mitigate_is_restartable_and_skips_done_entries(tiny_run, tiny_study_copy, tiny_config):
+  _, res = tiny_run
   again = runner.run(tiny_config(), tiny_study_copy, ["mitigate"], progress=False)
   assert again["mitigate"]["per_seed"] == res["mitigate"]["per_seed"]
   assert again["last_run"]["stages"]["mitigate"] == "skipped"
   assert again["timings"]["mitigate"] == res["timings"]["mitigate"]  # the timing of the real run is kept
 
 
-def test_qat_lowers_the_quantized_training_loss(run, tiny_config, tmp_path):
+def test_qat_lowers_the_quantized_training_loss(tiny_run, tiny_config, tmp_path):
   # QAT minimizes the loss of the quantized forward pass: after fine-tuning, that loss on the
   # training set is below the one of the post-training-quantized start.
   from fqjax import data
@@ -63,7 +58,7 @@ def test_qat_lowers_the_quantized_training_loss(run, tiny_config, tmp_path):
   cfg = tiny_config()
   splits = data.load(cfg)
   study_model = SmallCNN(num_classes=splits.info.num_classes, width=4)
-  workdir, _ = run
+  workdir, _ = tiny_run
   fp_vars = runner.train.load_trained(study_model, splits, cfg.train, 0, f"{workdir}/checkpoints/seed_0/train")
   fp_vars = fp_vars["variables"]
   names = layers.quant_layer_names(study_model, splits.train.x[:2])
