@@ -1,5 +1,9 @@
 """Rough inputs through the real command lines (launch.py, python -m fqjax.study.allocate, python -m fqjax.report):
-one clear line (no traceback), and nothing in the workdir changed where it should not (issue 26)."""
+one clear line (no traceback), and nothing in the workdir changed where it should not (issue 26).
+
+Most commands run in this process through the same code a shell runs (``Cli``: launch.py's flag parsing and
+main, the CLIs' main) to keep the suite fast; a few run as real subprocesses (Ctrl-C, a special file, the
+allocate and report CLIs)."""
 import json
 import os
 import signal
@@ -22,11 +26,39 @@ def _data(path, n=120):
   return str(path)
 
 
-def _launch(tmp_path, *args, stages="train", timeout=300):
+class Done:
+  """What a command left: its exit code and its output (subprocess.CompletedProcess's fields)."""
+
+  def __init__(self, returncode, stdout, stderr):
+    self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
+
+
+def _in_process(argv, capsys):
+  """``python launch.py argv...`` in this process: launch.py's run_cli minus absl's process setup (the same
+  flag parsing, one-line usage errors with exit 2, and main's error handling)."""
+  import launch
+  from absl import flags
+  capsys.readouterr()
+  code = 0
+  try:
+    try:
+      handles, rest = launch.parse_flags(["launch.py", *argv])
+    except flags.Error as e:
+      launch._usage_error(str(e))
+    launch.main(rest, handles)
+  except SystemExit as e:
+    code = e.code if isinstance(e.code, int) else 1
+  out = capsys.readouterr()
+  return Done(code, out.out, out.err)
+
+
+def _launch(tmp_path, *args, stages="train", capsys=None):
   base = ["--config=" + os.path.join(ROOT, "experiments", "arrays.py"), f"--config.data.path={_data(tmp_path / 'd.npz')}",
           "--config.seeds=(0,)", "--config.train.epochs=1", "--no_progress", f"--stages={stages}"]
+  if capsys is not None:
+    return _in_process([*base, *args], capsys)
   return subprocess.run([sys.executable, LAUNCH, *base, *args], capture_output=True, text=True, cwd=ROOT,
-                        timeout=timeout)
+                        timeout=300)
 
 
 def _one_line_error(proc, prefix="fqjax: error: "):
@@ -58,8 +90,9 @@ def study(tmp_path_factory):
     ("no_layers", "the model has no Dense or Conv layer to quantize"),
     ("with_dropout", "the model needs an RNG stream in training"),
 ])
-def test_a_model_that_cannot_be_studied_is_refused_before_training(tmp_path, factory, message):
-  proc = _launch(tmp_path, f"--workdir={tmp_path / 'wd'}", f"--config.model.name=tests.rough_models:{factory}")
+def test_a_model_that_cannot_be_studied_is_refused_before_training(tmp_path, capsys, factory, message):
+  proc = _launch(tmp_path, f"--workdir={tmp_path / 'wd'}", f"--config.model.name=tests.rough_models:{factory}",
+                 capsys=capsys)
   line = _one_line_error(proc)
   assert message in line and f"tests.rough_models:{factory}" in line
   assert not (tmp_path / "wd").exists()  # refused before the workdir is made
@@ -74,8 +107,10 @@ def test_a_model_that_cannot_be_studied_is_refused_before_training(tmp_path, fac
     (["--config.mitigate.methods=(ptq,qat)"],
      "Strings in a tuple need quotes, and the tuple needs shell quotes: --config.mitigate.methods=\"('ptq','qat')\""),
 ])
-def test_bad_settings_get_one_line(tmp_path, args, message):
-  proc = _launch(tmp_path, *args)  # no --workdir: the default runs/<name> must not be made either
+def test_bad_settings_get_one_line(tmp_path, capsys, monkeypatch, args, message):
+  monkeypatch.chdir(tmp_path)  # no --workdir: the default runs/<name> must not be made either
+  proc = _launch(tmp_path, *args, capsys=capsys)
+  assert not (tmp_path / "runs").exists()
   assert message in _one_line_error(proc)
 
 
@@ -98,10 +133,9 @@ def test_divergence_is_an_fqjax_error_and_logged(tmp_path, monkeypatch):
   assert "stage train: loss became nan at step 1" in (tmp_path / "wd" / "fqjax.log").read_text()
 
 
-def test_config_file_that_is_not_python_is_refused(tmp_path):
+def test_config_file_that_is_not_python_is_refused(tmp_path, capsys):
   (tmp_path / "hostname").write_text("vm\n")
-  proc = subprocess.run([sys.executable, LAUNCH, f"--config={tmp_path / 'hostname'}"], capture_output=True, text=True,
-                        cwd=tmp_path, timeout=120)
+  proc = _in_process([f"--config={tmp_path / 'hostname'}"], capsys)
   assert "not a Python file (.py)" in _one_line_error(proc, "launch.py: error: ")
   (tmp_path / "bad.py").write_text("def get_config():\n  return undefined_name\n")
   proc = subprocess.run([sys.executable, LAUNCH, f"--config={tmp_path / 'bad.py'}"], capture_output=True, text=True,
@@ -110,16 +144,16 @@ def test_config_file_that_is_not_python_is_refused(tmp_path):
   assert "NameError: name 'undefined_name' is not defined" in line and f"{tmp_path / 'bad.py'}:2" in line
 
 
-def test_a_repeated_tuple_flag_keeps_its_last_value(tmp_path):
+def test_a_repeated_tuple_flag_keeps_its_last_value(tmp_path, capsys):
   proc = _launch(tmp_path, f"--workdir={tmp_path / 'wd'}", "--config.ptq.bit_widths=(32,4)",
-                 "--config.ptq.bit_widths=(8,)", "--config.seeds=(3,)")
+                 "--config.ptq.bit_widths=(8,)", "--config.seeds=(3,)", capsys=capsys)
   assert proc.returncode == 0, proc.stderr[-3000:]
   config = json.loads((tmp_path / "wd" / "config.json").read_text())
   assert config["ptq"]["bit_widths"] == [8] and config["seeds"] == [3]
 
 
-def test_a_workdir_that_cannot_be_written_is_one_line(tmp_path):
-  proc = _launch(tmp_path, "--workdir=/proc/1")  # exists, is a folder, and nobody (not even root) writes there
+def test_a_workdir_that_cannot_be_written_is_one_line(tmp_path, capsys):
+  proc = _launch(tmp_path, "--workdir=/proc/1", capsys=capsys)  # exists, is a folder, and nobody (not even root) writes there
   assert "--workdir /proc/1 cannot be" in _one_line_error(proc)
 
 
@@ -138,7 +172,7 @@ def test_ctrl_c_prints_one_line(tmp_path):
   assert "Traceback" not in err and "fqjax: interrupted; rerun the same command to resume" in err, err[-3000:]
 
 
-def test_a_hand_edited_results_file_is_not_trusted(study, tmp_path):
+def test_a_hand_edited_results_file_is_not_trusted(study, tmp_path, capsys):
   wd = tmp_path / "wd"
   os.system(f"cp -r {study / 'wd'} {wd}")
   path = wd / "results.json"
@@ -146,14 +180,14 @@ def test_a_hand_edited_results_file_is_not_trusted(study, tmp_path):
   json.dumps(res)
   path.write_text(json.dumps(res, indent=4))  # reformatted by hand: still fqjax's content
   again = _launch(tmp_path, f"--workdir={wd}", "--config.ptq.bit_widths=(32,4)", "--config.model.kwargs.hidden=(8,)",
-                  stages="train,ptq")
+                  stages="train,ptq", capsys=capsys)
   assert again.returncode == 0, again.stderr[-3000:]
   res = json.loads(path.read_text())
   res["ptq"]["per_seed"]["0"]["4"]["accuracy"] = 0.999  # a number changed by hand
   path.write_text(json.dumps(res))
   before = _files(wd)
   proc = _launch(tmp_path, f"--workdir={wd}", "--config.ptq.bit_widths=(32,4)", "--config.model.kwargs.hidden=(8,)",
-                 stages="train,ptq")
+                 stages="train,ptq", capsys=capsys)
   line = _one_line_error(proc)
   assert "results.json: was changed outside fqjax after fqjax wrote it" in line
   assert _files(wd) == before
@@ -162,7 +196,7 @@ def test_a_hand_edited_results_file_is_not_trusted(study, tmp_path):
   assert "was changed outside fqjax" in _one_line_error(report)
 
 
-def test_a_deleted_or_garbage_config_json_is_named_and_restored_by_a_rerun(study, tmp_path):
+def test_a_deleted_or_garbage_config_json_is_named_and_restored_by_a_rerun(study, tmp_path, capsys):
   wd = tmp_path / "wd"
   os.system(f"cp -r {study / 'wd'} {wd}")
   good = (wd / "config.json").read_text()
@@ -172,21 +206,31 @@ def test_a_deleted_or_garbage_config_json_is_named_and_restored_by_a_rerun(study
   line = _one_line_error(proc, "fqjax.study.allocate: error: ")
   assert f"{wd}/config.json: not a JSON config" in line and "rewrites config.json" in line
   (wd / "config.json").unlink()
-  proc = subprocess.run([sys.executable, "-m", "fqjax.study.allocate", str(wd), "--budget_kb", "1"],
-                        capture_output=True, text=True, timeout=300, cwd=ROOT)
-  assert "no config.json in" in _one_line_error(proc, "fqjax.study.allocate: error: ")
+  assert "no config.json in" in _one_line_error(_allocate([str(wd), "--budget_kb", "1"], capsys),
+                                                "fqjax.study.allocate: error: ")
   rerun = _launch(tmp_path, f"--workdir={wd}", "--config.ptq.bit_widths=(32,4)", "--config.model.kwargs.hidden=(8,)",
-                  stages="train,ptq")
+                  stages="train,ptq", capsys=capsys)
   assert rerun.returncode == 0 and "train skipped" in rerun.stdout and "ptq skipped" in rerun.stdout
   restored, before = json.loads((wd / "config.json").read_text()), json.loads(good)
   restored["data"].pop("path"), before["data"].pop("path")  # this rerun's copy of the same data file
   assert restored == before
 
 
+def _allocate(argv, capsys):
+  """``python -m fqjax.study.allocate argv...`` in this process (its main, argparse's exit 2 included)."""
+  from fqjax.study import allocate
+  capsys.readouterr()
+  try:
+    code = allocate.main(argv)
+  except SystemExit as e:
+    code = e.code
+  out = capsys.readouterr()
+  return Done(code, out.out, out.err)
+
+
 @pytest.mark.parametrize("bits", ["1,33", "100,8", "0"])
-def test_allocate_bits_outside_2_to_8_are_refused(study, bits):
-  proc = subprocess.run([sys.executable, "-m", "fqjax.study.allocate", str(study / "wd"), "--budget_kb", "1",
-                         f"--bits={bits}"], capture_output=True, text=True, timeout=300, cwd=ROOT)
+def test_allocate_bits_outside_2_to_8_are_refused(study, capsys, bits):
+  proc = _allocate([str(study / "wd"), "--budget_kb", "1", f"--bits={bits}"], capsys)
   line = _one_line_error(proc, "python -m fqjax.study.allocate: error: ")
   assert f"--bits={bits}:" in line and "outside 2..8" in line
 
