@@ -19,6 +19,7 @@ RANK = {"fqjax": 0, "fqjax.errors": 0, "fqjax.choices": 0, "fqjax.outputs": 1, "
         "fqjax.explain": 8, "fqjax.study": 9}
 
 ANALYSIS_SIDE = ("fqjax.study.config", "fqjax.study.schemes", "fqjax.analysis.summaries", "fqjax.analysis.claims",
+                 "fqjax.analysis.decisions",
                  "fqjax.analysis.claims_mitigate", "fqjax.analysis.judgements", "fqjax.analysis.stats",
                  "fqjax.analysis.metrics", "fqjax.analysis.tables", "fqjax.outputs.results",
                  "fqjax.outputs.tensorboard", "fqjax.report")
