@@ -316,7 +316,7 @@ def test_a_rerun_with_nothing_to_do_changes_no_file_and_says_skipped(tmp_path, f
 # ----------------------------------------------------------------------------
 
 def _launch(args, cwd, timeout=300):
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env = dict(os.environ)  # with conftest.py's cheap XLA compile settings: the numbers are compared within the run
   return subprocess.run([sys.executable, LAUNCH, *args], cwd=cwd, capture_output=True, text=True,
                         timeout=timeout, env=env)
 
@@ -373,7 +373,7 @@ def test_launch_with_this_sessions_flags_from_a_clean_then_a_stale_workdir(tmp_p
           "--stages=train,ptq,mitigate", "--no_progress"]
   env_path = {"PYTHONPATH": REPO}
   run = lambda args: subprocess.run([sys.executable, LAUNCH, *args], cwd=tmp_path, capture_output=True, text=True,
-                                    timeout=300, env={**{k: v for k, v in os.environ.items() if k != "XLA_FLAGS"},
+                                    timeout=300, env={**os.environ,
                                                       **env_path})
   first = run(base)
   assert first.returncode == 0, first.stderr[-3000:]
